@@ -1,0 +1,1 @@
+"""Orchestration and the `mmdiag` command line. (Prefect flows land here.)"""

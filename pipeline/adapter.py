@@ -1,0 +1,153 @@
+"""The model adapter: everything a stage knows about a model.
+
+A new model costs one adapter: name its modalities, turn raw inputs into continuous tensors
+(`encode`), compute logits from them (`forward`), say how each modality splits into units
+(`units`), and name the layers worth reading (`layers`, `head`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import MmdiagError
+from pipeline.units import UnitSpec, Units
+
+
+class ModelAdapter(ABC):
+    modalities: tuple[str, ...]
+    class_names: list[str]
+    module: nn.Module
+
+    @abstractmethod
+    def encode(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Raw inputs -> one continuous tensor per modality (pixels, token embeddings...)."""
+
+    @abstractmethod
+    def forward(self, encoded: Mapping[str, Tensor]) -> Tensor:
+        """Continuous tensors -> logits (B, C), or a score (B,) for matching models."""
+
+    @abstractmethod
+    def units(self, inputs: Mapping[str, Tensor], encoded: Mapping[str, Tensor]) -> dict[str, Units]:
+        """How each modality of this batch splits into attribution units."""
+
+    def layers(self) -> dict[str, nn.Module]:
+        """Named representation layers, read with forward hooks."""
+        return {}
+
+    def head(self) -> nn.Linear | None:
+        """The final linear layer, when the model has one (exact logit decomposition)."""
+        return None
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        return self.forward(self.encode(inputs))
+
+    def to(self, device: torch.device) -> "ModelAdapter":
+        self.module.to(device)
+        return self
+
+    def eval(self) -> "ModelAdapter":
+        self.module.eval()
+        return self
+
+    def check_inputs(self, inputs: Mapping[str, Tensor]) -> None:
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise MmdiagError(
+                f"inputs: modality {missing[0]!r} is missing; the model takes {', '.join(self.modalities)}"
+            )
+
+    @contextmanager
+    def reading(self, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+        """Within the block, every forward pass stores the outputs of the named layers."""
+        layers = self.layers()
+        unknown = [n for n in names if n not in layers]
+        if unknown:
+            raise MmdiagError(
+                f"layers: the model has no layer {unknown[0]!r}; it has {', '.join(layers) or 'none'}"
+            )
+        seen: dict[str, Tensor] = {}
+
+        def hook(name):
+            def store(_module, _inputs, output):
+                seen[name] = output[0] if isinstance(output, tuple) else output
+
+            return store
+
+        handles = [layers[n].register_forward_hook(hook(n)) for n in names]
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class TorchAdapter(ModelAdapter):
+    """Any `torch.nn.Module` or `LightningModule` whose forward takes a dict of modality tensors.
+
+    Discrete modalities (token ids) name their embedding submodule in `embeddings`: `encode`
+    applies it, and the module's forward must then accept the embedded (float) tensor for that
+    modality as well as the ids. `layers` and `head` name submodules by their dotted path.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        modalities: Sequence[str],
+        units: Mapping[str, UnitSpec],
+        *,
+        embeddings: Mapping[str, str] | None = None,
+        layers: Mapping[str, str] | None = None,
+        head: str | None = None,
+        class_names: Sequence[str] | None = None,
+    ):
+        self.module = module
+        self.modalities = tuple(modalities)
+        self.unit_specs = dict(units)
+        self.embedding_names = dict(embeddings or {})
+        self.layer_names = dict(layers or {})
+        self.head_name = head
+        self.class_names = list(class_names or [])
+        for table, what in ((self.unit_specs, "units"), (self.embedding_names, "embeddings")):
+            for m in table:
+                if m not in self.modalities:
+                    raise MmdiagError(f"{what}: {m!r} is not one of the modalities {', '.join(self.modalities)}")
+        missing = [m for m in self.modalities if m not in self.unit_specs]
+        if missing:
+            raise MmdiagError(f"units: no unit spec for modality {missing[0]!r}; give one per modality")
+        for path in [*self.embedding_names.values(), *self.layer_names.values(), *([head] if head else [])]:
+            self._submodule(path)
+
+    def _submodule(self, path: str) -> nn.Module:
+        try:
+            return self.module.get_submodule(path)
+        except AttributeError:
+            raise MmdiagError(f"layers: the model has no submodule {path!r}; check the dotted path") from None
+
+    def embed(self, modality: str):
+        name = self.embedding_names.get(modality)
+        return self._submodule(name) if name else None
+
+    def encode(self, inputs):
+        self.check_inputs(inputs)
+        out = {}
+        for m in self.modalities:
+            embed = self.embed(m)
+            out[m] = embed(inputs[m]) if embed is not None else inputs[m].float()
+        return out
+
+    def forward(self, encoded):
+        return self.module({m: encoded[m] for m in self.modalities})
+
+    def units(self, inputs, encoded):
+        return {m: self.unit_specs[m].build(inputs[m], encoded[m], self.embed(m)) for m in self.modalities}
+
+    def layers(self):
+        return {name: self._submodule(path) for name, path in self.layer_names.items()}
+
+    def head(self):
+        return self._submodule(self.head_name) if self.head_name else None

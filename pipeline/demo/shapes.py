@@ -1,0 +1,121 @@
+"""Shapes and captions: a data set with a planted cross-modal rule and a planted shortcut.
+
+Each 32x32 image has two different shapes (circle, square, triangle), one per half, each red or
+blue. The caption names one of them: "<filler> the <shape> is [not] red". The label is
+`[named shape is red] XOR [caption says "not"]`: neither modality alone predicts it, the text
+picks the image region that matters and can flip the answer. A black 4x4 mark in the top-left
+corner appears with probability p when y = 1 and 1 - p when y = 0: a shortcut whose strength
+differs between splits (train and iid p = 0.8, ood 0.5, anti 0.2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.data import SampleSet
+from pipeline.demo.vocab import tokenize
+
+SIZE = 32
+MARK = 4  # side of the corner mark, pixels
+SHAPES = ("circle", "square", "triangle")
+FILLERS = ("", "in this image", "in the picture", "look", "here", "apparently")
+SPLITS = {"train": 0.8, "iid": 0.8, "ood": 0.5, "anti": 0.2}
+SPLIT_SEEDS = {"train": 0, "iid": 1, "ood": 2, "anti": 3}
+RED, BLUE = (210, 40, 40), (40, 60, 210)
+CLASS_NAMES = ["false", "true"]
+CONCEPTS = ("named_is_red", "other_is_red", "named_shape", "negation", "watermark", "named_left", "shortcut_agrees")
+
+
+def _shape_masks(kind: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """(N, SIZE, SIZE) bool masks of one shape per sample."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
+    s = size[:, None, None]
+    circle = dx**2 + dy**2 <= s**2
+    square = (np.abs(dx) <= 0.8 * s) & (np.abs(dy) <= 0.8 * s)
+    # apex up: the half-width grows linearly from the top edge to the base
+    triangle = (dy >= -s) & (dy <= 0.8 * s) & (np.abs(dx) <= (dy + s) * 0.6)
+    k = kind[:, None, None]
+    return np.where(k == 0, circle, np.where(k == 1, square, triangle))
+
+
+def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSet:
+    rng = np.random.default_rng(seed)
+    left_kind = rng.integers(0, 3, n)
+    right_kind = (left_kind + rng.integers(1, 3, n)) % 3  # always a different shape
+    left_red, right_red = rng.random(n) < 0.5, rng.random(n) < 0.5
+    named_left = rng.random(n) < 0.5
+    negation = rng.random(n) < 0.5
+    named_is_red = np.where(named_left, left_red, right_red)
+    other_is_red = np.where(named_left, right_red, left_red)
+    label = named_is_red ^ negation
+    watermark = rng.random(n) < np.where(label, p_mark, 1 - p_mark)
+
+    size = rng.uniform(5.0, 6.5, (2, n)).astype(np.float32)
+    cy = rng.uniform(11, 22, (2, n)).astype(np.float32)
+    cx = np.stack([rng.uniform(7.5, 9.5, n), rng.uniform(22.5, 24.5, n)]).astype(np.float32)
+    masks = [_shape_masks(k, cx[i], cy[i], size[i]) for i, k in enumerate((left_kind, right_kind))]
+    corner = np.zeros((SIZE, SIZE), bool)
+    corner[:MARK, :MARK] = True
+    masks = [m & ~corner for m in masks]  # the mark region belongs to the mark alone
+
+    image = rng.uniform(170, 240, (n, 3, 1, 1)) + rng.normal(0, 6, (n, 3, SIZE, SIZE))
+    for mask, red in zip(masks, (left_red, right_red)):
+        colour = np.where(red[:, None], RED, BLUE) + rng.uniform(-25, 25, (n, 3))
+        image = np.where(mask[:, None], colour[:, :, None, None], image)
+    mark = watermark[:, None, None] & corner[None]
+    image = np.where(mark[:, None], 0.0, image)
+    image = np.clip(image, 0, 255).astype(np.float32) / 255.0
+
+    named_kind = np.where(named_left, left_kind, right_kind)
+    fillers = rng.integers(0, len(FILLERS), n)
+    captions = [
+        " ".join(w for w in (FILLERS[f], "the", SHAPES[k], "is", "not" if neg else "", "red") if w)
+        for f, k, neg in zip(fillers, named_kind, negation)
+    ]
+    ids = tokenize(captions)
+    tokens = [["[CLS]", *c.split()] for c in captions]
+    named_mask = np.where(named_left[:, None, None], masks[0], masks[1])
+    other_mask = np.where(named_left[:, None, None], masks[1], masks[0])
+
+    def concept(v):
+        return torch.as_tensor(np.asarray(v), dtype=torch.long)
+
+    return SampleSet(
+        inputs={"image": torch.from_numpy(image), "text": ids},
+        labels=concept(label),
+        meta={
+            "named_is_red": concept(named_is_red),
+            "other_is_red": concept(other_is_red),
+            "named_shape": concept(named_kind),
+            "negation": concept(negation),
+            "watermark": concept(watermark),
+            "named_left": concept(named_left),
+            "shortcut_agrees": concept(watermark == label),
+        },
+        truth={
+            "image": {
+                "named_shape": torch.from_numpy(named_mask),
+                "other_shape": torch.from_numpy(other_mask),
+                "watermark": torch.from_numpy(mark),
+            },
+            "text": {
+                "negation": ids == tokenize(["not"])[0, 1],
+                "shape_word": (ids >= 10) & (ids <= 12),
+            },
+        },
+        display={"text": tokens, "caption": captions},
+        class_names=CLASS_NAMES,
+        name=name,
+    )
+
+
+def split(name: str, n: int | None = None, seed: int = 0) -> SampleSet:
+    """A named split: train (8,000 samples), iid, ood, anti (2,000 each) by default."""
+    if name not in SPLITS:
+        from pipeline.errors import MmdiagError
+
+        raise MmdiagError(f"data.split: unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+    n = n if n is not None else (8000 if name == "train" else 2000)
+    return generate(n, SPLITS[name], seed=1000 * seed + SPLIT_SEEDS[name], name=f"shapes/{name}")

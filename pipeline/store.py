@@ -1,0 +1,156 @@
+"""The run store: the only code that writes a run folder.
+
+Every file is written to a temporary name and renamed into place, so a crash never leaves a
+half-written result; a run folder is built beside its final place and swapped in when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+from pipeline.errors import MmdiagError
+
+SUMMARY_SCHEMA = "mmdiag.summary/1"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` and rename tmp onto `path`; on any failure nothing appears at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_jsonable)
+    return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MmdiagError(f"{path}: file not found; check the run folder") from None
+    except json.JSONDecodeError as e:
+        raise MmdiagError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged, rerun the stage") from None
+
+
+def write_arrays(path: Path, arrays: Mapping[str, Any]) -> Path:
+    """Named arrays as safetensors (never pickle: a run folder must be safe to open)."""
+    data = {k: np.ascontiguousarray(v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in arrays.items()}
+    return atomic_write(path, lambda tmp: save_file(data, str(tmp)))
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise MmdiagError(f"{path}: file not found; check the run folder") from None
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise MmdiagError(f"{path}: damaged array file ({e}); rerun the stage") from None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of named tensors (names, dtypes, shapes and every byte)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """Content hash of a model's weights and buffers: one changed value changes it."""
+    return fingerprint_tensors(module.state_dict())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RunStore:
+    """One run folder: run.json, summary.json, stages/STAGE/, graphs/, report.html."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def write_json(self, rel: str, obj: Any) -> Path:
+        return write_json(self.path(rel), obj)
+
+    def read_json(self, rel: str) -> Any:
+        return read_json(self.path(rel))
+
+    def write_arrays(self, rel: str, arrays: Mapping[str, Any]) -> Path:
+        return write_arrays(self.path(rel), arrays)
+
+    def read_arrays(self, rel: str) -> dict[str, np.ndarray]:
+        return read_arrays(self.path(rel))
+
+
+@contextmanager
+def new_run(out: Path, name: str) -> Iterator[RunStore]:
+    """Build a run folder beside its final place and swap it in only when the block succeeds:
+    a failed or interrupted run leaves the previous folder (or none) untouched."""
+    out = Path(out)
+    final = out / name
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
+    os.chmod(staging, 0o777 & ~_umask())
+    try:
+        yield RunStore(staging)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=out))
+            os.replace(final, old / name)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

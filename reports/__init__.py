@@ -1,0 +1,1 @@
+"""Error analysis, debugging suggestions, figures and the HTML report."""

@@ -1,0 +1,1 @@
+"""The four analysis stages, registered in order as each one lands."""
