@@ -41,6 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     diag.add_argument("--config", type=Path, required=True, help="path of the YAML config")
 
+    rerun = sub.add_parser(
+        "rerun",
+        help="recompute one stage of a run (and the stages that depend on what changed)",
+        description="Recompute STAGE of the run in RUN_DIR, with changed settings if given; stages downstream "
+        "recompute only if the result they read changed. With --model, only STAGE is recomputed, for the new "
+        "checkpoint, and run.json and summary.json say which stages belong to which model.",
+    )
+    rerun.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rerun.add_argument("--stage", required=True, help="the stage to recompute (see `mmdiag stages`)")
+    rerun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a setting of that stage (repeatable)")
+    rerun.add_argument("--model", type=Path, help="a new checkpoint (.safetensors) to compute that stage for")
+
+    compare = sub.add_parser("compare", help="what changed between two runs", description="Print what changed from RUN_A to RUN_B: "
+                             "model accuracy, accuracy per split and slice, and every summary figure that moved.")
+    compare.add_argument("run_a", type=Path, metavar="RUN_A")
+    compare.add_argument("run_b", type=Path, metavar="RUN_B")
+    compare.add_argument("--json", type=Path, help="also write the comparison as JSON")
+
+    sub.add_parser("stages", help="list the analysis stages, what each reads and writes")
+
     bench = sub.add_parser("bench", help="run the benchmarks: print a table and write JSON")
     bench.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the results (default: bench.json)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -49,18 +69,47 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from flows.diagnose import demo_configs, diagnose
+        from flows.flow import demo_configs, run
 
         for config in demo_configs(args.out, device=args.device):
-            log.info("%s: %s", config.run, "training or loading the model, then evaluating")
-            path = diagnose(config)
-            print(path / "summary.json")
+            log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
+            print(run(config) / "summary.json")
         return 0
     if args.command == "diagnose":
-        from flows.diagnose import diagnose
+        from flows.flow import run
         from pipeline.config import load_config
 
-        print(diagnose(load_config(args.config)) / "summary.json")
+        print(run(load_config(args.config)) / "summary.json")
+        return 0
+    if args.command == "rerun":
+        from flows.flow import run, spec_for_new_model
+        from flows.rerun import rerun_config
+
+        config = rerun_config(args.run_dir, args.stage, args.set)
+        if args.model is not None:
+            spec = spec_for_new_model(config, args.model)
+            print(run(config, stage_model={"stage": args.stage, "spec": spec.model_dump_json()}) / "summary.json")
+        else:
+            print(run(config, refresh=(args.stage,)) / "summary.json")
+        return 0
+    if args.command == "compare":
+        from flows.rerun import compare, print_comparison
+        from pipeline.store import write_json
+
+        diff = compare(args.run_a, args.run_b)
+        print_comparison(diff)
+        if args.json:
+            write_json(args.json, diff)
+        return 0
+    if args.command == "stages":
+        from stages import stages
+
+        listed = stages()
+        print("model      evaluation: reads the model and data; writes model.* (accuracy, splits, slices)")
+        for st in listed:
+            print(f"{st.name:<10} reads: {', '.join(st.reads) or 'model'}; writes: {', '.join(st.writes) or st.name + '.*'}")
+        if not listed:
+            print("(no analysis stages registered yet)")
         return 0
     if args.command == "bench":
         from flows.bench import main as bench

@@ -15,6 +15,9 @@
     seed: 0
     batch_size: 256
     out: runs
+    cache: null              # default ~/.cache/mmdiag (or $MMDIAG_CACHE)
+    stages: {}               # per-stage settings: {stage name: {setting: value}}
+    plugins: []              # modules imported first, e.g. to register your own stages
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class DiagConfig(_Strict):
     seed: int = 0
     batch_size: int = Field(default=256, gt=0)
     out: Path = Path("runs")
+    cache: Path | None = None  # results, Prefect cache keys and trained weights; default ~/.cache/mmdiag
+    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-stage settings, by stage name
+    plugins: list[str] = Field(default_factory=list)  # modules imported first (e.g. to register stages)
 
     @field_validator("run")
     @classmethod

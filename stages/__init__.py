@@ -1,1 +1,6 @@
-"""The four analysis stages, registered in order as each one lands."""
+"""The four analysis stages, registered in order as each one lands (see stages/registry.py)."""
+
+from stages.base import Context, Stage, StageConfig, StageResult
+from stages.registry import get, register, stages
+
+__all__ = ["Context", "Stage", "StageConfig", "StageResult", "get", "register", "stages"]

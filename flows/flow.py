@@ -1,0 +1,237 @@
+"""The diagnosis flow: model -> evaluation -> every registered stage -> the run folder.
+
+All file I/O of a run happens here, after the tasks: the run folder is assembled from the
+stages' result references and swapped in whole (pipeline.store.new_run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import signal
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from flows.settings import cache_dir, configure, quiet_user_errors
+from pipeline.config import DiagConfig, ModelSpec, import_callable
+from pipeline.errors import MmdiagError
+from pipeline.store import SUMMARY_SCHEMA, new_run
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mmdiag", "torch", "lightning", "prefect", "captum", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
+    """Every registered stage's settings, validated by its own config class."""
+    from stages import registry
+
+    known = {s.name: s for s in registry.stages()}
+    for name in config.stages:
+        if name not in known:
+            raise MmdiagError(f"stages.{name}: unknown stage; the stages are: {', '.join(known) or 'none registered yet'}")
+    out = {}
+    for name, stage in known.items():
+        try:
+            out[name] = stage.config.model_validate(config.stages.get(name, {})).model_dump(mode="json")
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise MmdiagError(f"stages.{name}.{key}: {err['msg']}") from None
+    return out
+
+
+def load_plugins(config: DiagConfig) -> None:
+    for module in config.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise MmdiagError(f"plugins: cannot import {module!r} ({e})") from None
+
+
+def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], stage_model: dict | None) -> str:
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows import results, tasks
+    from pipeline.device import resolve_device
+    from stages import registry
+
+    config = DiagConfig.model_validate(config_json)
+    cache = cache_dir(config.cache)
+    settings = stage_settings(config)
+    device = resolve_device(config.device).type
+    prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
+    model = {k: prepared[k] for k in ("spec", "fingerprint")}  # what the results depend on
+    common = dict(seed=config.seed, device=device, cache=str(cache))
+    evaluation = tasks.evaluate.with_options(cache_policy=tasks.policy(cache), result_storage=cache / "results" / "prefect")(
+        model, data, config.data.split, config.batch_size, device, str(cache), return_state=True
+    )
+    refs: dict[str, dict] = {"model": evaluation.result()}  # with meta; results.content() for inputs
+    status = {"model": _status(evaluation, refs["model"], model["fingerprint"])}
+    for stage in registry.stages():
+        stage_task = tasks.run_stage.with_options(
+            name=stage.name,
+            cache_policy=tasks.policy(cache),
+            result_storage=cache / "results" / "prefect",
+            refresh_cache=stage.name in refresh,
+        )
+        upstream = {r: results.content(refs[r]) for r in stage.reads}
+        inputs = dict(
+            settings=settings[stage.name],
+            data=data[config.data.split],
+            evaluation=results.content(refs["model"]),
+            upstream=upstream,
+            **common,
+        )
+        state = stage_task(stage.name, model=model, return_state=True, **inputs)
+        refs[stage.name] = state.result()
+        status[stage.name] = _status(state, refs[stage.name], model["fingerprint"])
+        if stage_model and stage.name == stage_model["stage"]:
+            # `rerun --model`: this stage alone is computed again for the new model; the others
+            # keep the results they have for the old one, and the run says so.
+            new = {k: v for k, v in tasks.prepare_model(stage_model["spec"], str(cache), device).items() if k != "weights_from_cache"}
+            state = stage_task(stage.name, model=new, return_state=True, **inputs)
+            refs[stage.name] = state.result()
+            status[stage.name] = _status(state, refs[stage.name], new["fingerprint"])
+
+    loaded = {name: results.load(ref) for name, ref in refs.items()}
+    summary = _summary(config, device, loaded, status)
+    path = _write_run(config, summary, loaded, status, prepared, data)
+    create_markdown_artifact(key=_artifact_key(config.run), markdown=_markdown(summary, path), description="mmdiag run")
+    return str(path)
+
+
+def _status(state, ref: dict, model_fingerprint: str) -> dict:
+    # key: the content hash of the result; equal keys mean the same figures and arrays
+    return {"cached": state.name == "Cached", "key": ref["sha256"][:16], "model": model_fingerprint}
+
+
+def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dict:
+    model_block = loaded["model"][0].summary
+    fingerprints = {s["model"] for s in status.values()}
+    summary = {
+        "schema": SUMMARY_SCHEMA,
+        "run": {"name": config.run, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device},
+        "model": {"name": config.model.name or config.model.factory, "fingerprint": status["model"]["model"], **model_block},
+    }
+    for name, (result, _) in loaded.items():
+        if name != "model":
+            summary[name] = result.summary
+    summary["stages"] = {
+        name: {"seconds": loaded[name][1].get("seconds"), **st} for name, st in status.items()
+    }
+    if len(fingerprints) > 1:
+        summary["run"]["mixed_models"] = (
+            "stages were computed for different models: " + ", ".join(f"{n}: {s['model']}" for n, s in status.items())
+        )
+    return summary
+
+
+def _write_run(config, summary, loaded, status, model, data) -> Path:
+    provenance = {
+        "created": summary["run"]["created"],
+        "config": config.model_dump(mode="json"),
+        "model": {"fingerprint": model["fingerprint"], "weights_from_cache": model.get("weights_from_cache")},
+        "data": {s: {"fingerprint": r["fingerprint"], "n": r["n"]} for s, r in data.items()},
+        "device": summary["run"]["device"],
+        "versions": versions(),
+        "stages": {name: {**st, "seconds": loaded[name][1].get("seconds")} for name, st in status.items()},
+    }
+    with new_run(config.out, config.run) as store:
+        for name, (result, meta) in loaded.items():
+            if result.arrays:
+                store.write_arrays(f"stages/{name}/arrays.safetensors", result.arrays)
+            store.write_json(f"stages/{name}/result.json", {"summary": result.summary, **meta})
+        store.write_json("run.json", provenance)
+        store.write_json("summary.json", summary)
+    return Path(config.out) / config.run
+
+
+def _artifact_key(run: str) -> str:
+    key = "".join(c if c.isalnum() else "-" for c in run.lower()).strip("-")
+    return f"mmdiag-{key or 'run'}"
+
+
+def _markdown(summary: dict, path: Path) -> str:
+    m = summary["model"]
+    lines = [
+        f"# mmdiag: {summary['run']['name']}",
+        f"Model `{m['name']}` on `{m['split']}`: accuracy **{m['accuracy']:.3f}**, {m['n_errors']} errors of {m['n']}.",
+        "",
+        "| stage | seconds | cached |",
+        "|---|---|---|",
+        *[f"| {n} | {s['seconds']} | {s['cached']} |" for n, s in summary["stages"].items()],
+        "",
+        f"Run folder: `{path.resolve()}`",
+    ]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _clean_exit_on_sigterm():
+    """SIGTERM becomes a normal exit, so Prefect's temporary server shuts down with us."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def preflight(config: DiagConfig) -> dict[str, dict]:
+    """Check everything a user can get wrong before Prefect starts (so the error is one line,
+    not a failed flow run): plugins, stage settings, the data, the model's name or files.
+    Returns the data references."""
+    from flows.tasks import data_ref
+    from pipeline.demo.catalog import MODELS
+
+    load_plugins(config)
+    stage_settings(config)
+    spec = config.model
+    if spec.name is not None and spec.name not in MODELS:
+        raise MmdiagError(f"model.name: unknown model {spec.name!r}; choose one of {', '.join(MODELS)} or set model.factory")
+    if spec.weights is not None and not spec.weights.is_file():
+        raise MmdiagError(f"model.weights: no file at {spec.weights}; give the path of a .safetensors state dict")
+    if spec.factory is not None:
+        import_callable(spec.factory, "model.factory")
+    return {s: data_ref(config.data, s, config.seed) for s in config.data.splits}
+
+
+def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | None = None) -> Path:
+    """Run the diagnosis flow for a config; returns the run folder."""
+    configure(cache_dir(config.cache))  # before anything imports Prefect
+    data = preflight(config)
+    from prefect import flow
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    quiet_user_errors()
+
+    diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False)(_flow_body)
+    with _clean_exit_on_sigterm(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
+
+
+def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:
+    """The embedded default: each demo model diagnosed on the shapes data, `ood` analysed."""
+    return [
+        DiagConfig(run=name, model={"name": name}, data={"name": "shapes", "split": "ood"}, device=device, out=out)
+        for name in models
+    ]
+
+
+def spec_for_new_model(config: DiagConfig, weights: Path) -> ModelSpec:
+    if not weights.is_file():
+        raise MmdiagError(f"--model: no file at {weights}; give the new checkpoint (.safetensors)")
+    return config.model.model_copy(update={"weights": weights.resolve()})

@@ -1,0 +1,124 @@
+"""`mmdiag rerun` and `mmdiag compare`: recompute one stage of a finished run, and say what moved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config import DiagConfig
+from pipeline.errors import MmdiagError
+from pipeline.store import read_json
+
+
+def load_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MmdiagError(f"RUN_DIR: no run folder at {run_dir}; give a folder written by `mmdiag diagnose` or `mmdiag demo`")
+    return read_json(run_dir / "run.json")
+
+
+def parse_sets(stage: str, pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs, values read as YAML scalars (3, 0.5, true, [a, b]); each key
+    must be a setting of that stage."""
+    from stages import registry
+
+    fields = registry.get(stage).config.model_fields
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MmdiagError(f"--set: {pair!r} should look like key=value")
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise MmdiagError(f"--set: stage {stage!r} has no setting {key!r}; its settings are: {known}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
+    run = load_run(run_dir)
+    try:
+        config = DiagConfig.model_validate(run["config"])
+    except (ValidationError, KeyError):
+        raise MmdiagError(f"{run_dir}/run.json: its config is not readable by this version; run `mmdiag diagnose` again") from None
+    from flows.flow import load_plugins
+    from stages import registry
+
+    load_plugins(config)
+    registry.get(stage)
+    stages = dict(config.stages)
+    stages[stage] = {**stages.get(stage, {}), **parse_sets(stage, sets)}
+    return config.model_copy(update={"stages": stages, "out": Path(run_dir).parent, "run": Path(run_dir).name})
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a summary, by dotted path (list items by index or by `where`/`id`)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            name = v.get("where") or v.get("id") or i if isinstance(v, dict) else i
+            out.update(_leaves(v, f"{prefix}[{name}]"))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = float(obj)
+    return out
+
+
+IGNORED = ("stages.", "run.")  # timings and provenance move every run; they are not findings
+
+
+def compare(run_a: Path, run_b: Path, tolerance: float = 1e-9) -> dict:
+    """What changed from run A to run B: accuracy, per-slice accuracy, every figure that moved."""
+    load_run(run_a), load_run(run_b)
+    a, b = read_json(Path(run_a) / "summary.json"), read_json(Path(run_b) / "summary.json")
+    la, lb = _leaves(a), _leaves(b)
+    moved = [
+        {"figure": k, "a": la.get(k), "b": lb.get(k), "change": (lb[k] - la[k]) if k in la and k in lb else None}
+        for k in sorted(set(la) | set(lb))
+        if not k.startswith(IGNORED) and (k not in la or k not in lb or abs(lb[k] - la[k]) > tolerance)
+    ]
+    slices_a = {s["where"]: s for s in a["model"].get("slices", [])}
+    slices_b = {s["where"]: s for s in b["model"].get("slices", [])}
+    return {
+        "a": str(run_a),
+        "b": str(run_b),
+        "model": {"a": a["model"]["fingerprint"], "b": b["model"]["fingerprint"], "same": a["model"]["fingerprint"] == b["model"]["fingerprint"]},
+        "accuracy": {"a": a["model"]["accuracy"], "b": b["model"]["accuracy"], "change": round(b["model"]["accuracy"] - a["model"]["accuracy"], 4)},
+        "splits": {
+            s: {"a": a["model"]["splits"].get(s, {}).get("accuracy"), "b": v["accuracy"]} for s, v in b["model"].get("splits", {}).items()
+        },
+        "slices": [
+            {"where": w, "a": slices_a[w]["accuracy"], "b": slices_b[w]["accuracy"], "change": round(slices_b[w]["accuracy"] - slices_a[w]["accuracy"], 4)}
+            for w in slices_b
+            if w in slices_a
+        ],
+        "moved": moved,
+    }
+
+
+def print_comparison(diff: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    same = "same model" if diff["model"]["same"] else f"model {diff['model']['a']} -> {diff['model']['b']}"
+    console.print(f"[bold]{diff['a']}[/] -> [bold]{diff['b']}[/] ({same})")
+    acc = diff["accuracy"]
+    console.print(f"accuracy {acc['a']:.4f} -> {acc['b']:.4f} ({acc['change']:+.4f})")
+    table = Table(title="accuracy per split and slice")
+    for col in ("where", "a", "b", "change"):
+        table.add_column(col)
+    for s, v in diff["splits"].items():
+        change = "" if v["a"] is None else f"{v['b'] - v['a']:+.4f}"
+        table.add_row(f"split {s}", f"{v['a']}", f"{v['b']}", change)
+    for s in diff["slices"]:
+        table.add_row(s["where"], f"{s['a']:.4f}", f"{s['b']:.4f}", f"{s['change']:+.4f}")
+    console.print(table)
+    console.print(f"{len(diff['moved'])} summary figures moved")
+    for m in diff["moved"]:
+        console.print(f"  {m['figure']}: {m['a']} -> {m['b']}")

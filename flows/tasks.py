@@ -1,0 +1,136 @@
+"""The Prefect tasks: preparing the model, evaluating it, and one generic task per stage.
+
+Task inputs are small and hashable (specs, fingerprints, settings, result references); the cache
+key is those inputs plus the source of pipeline/, of this package's task code and of the
+stage's own modules, so a fix to a stage's code recomputes it and, through the changed result
+reference, its dependents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
+
+from flows import results
+from pipeline.config import DataSpec, ModelSpec
+from pipeline.device import resolve_device
+from pipeline.errors import MmdiagError
+from pipeline.evaluate import accuracy, model_summary
+from pipeline.resolve import load_data, load_model, predict
+from pipeline.store import fingerprint_module
+from stages import Context, StageResult, registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CodeVersion(CachePolicy):
+    """Hash of the code a result depends on: pipeline/, flows' task code, the stage's modules."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        files = sorted((ROOT / "pipeline").rglob("*.py")) + [Path(__file__), Path(results.__file__)]
+        stage = (inputs or {}).get("stage")
+        if stage:
+            files += [Path(importlib.import_module(m).__file__) for m in registry.get(stage).modules]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.read_bytes())
+        return h.hexdigest()
+
+
+def policy(cache: Path) -> CachePolicy:
+    return (INPUTS - "cache" + CodeVersion()).configure(key_storage=cache / "keys")
+
+
+@lru_cache(maxsize=4)
+def _model(spec_json: str, fingerprint: str, cache: str):
+    adapter, _ = load_model(ModelSpec.model_validate_json(spec_json), cache=Path(cache))
+    if fingerprint_module(adapter.module) != fingerprint:
+        raise MmdiagError("model: the weights changed while the run was going on; start the run again")
+    return adapter
+
+
+@lru_cache(maxsize=8)
+def _data(spec_json: str, split: str, seed: int, fingerprint: str):
+    data = load_data(DataSpec.model_validate_json(spec_json), split, seed)
+    if data.fingerprint() != fingerprint:
+        raise MmdiagError(f"data: split {split!r} is not the data this run was started with; start the run again")
+    return data
+
+
+def model_ref(spec: ModelSpec, cache: Path, device: str) -> tuple[dict, bool]:
+    adapter, cached = load_model(spec, cache=cache, device=device)
+    ref = {"spec": spec.model_dump_json(), "fingerprint": fingerprint_module(adapter.module)}
+    _model.cache_clear()
+    return ref, cached
+
+
+def data_ref(spec: DataSpec, split: str, seed: int) -> dict:
+    data = load_data(spec, split, seed)
+    return {"spec": spec.model_dump_json(), "split": split, "seed": seed, "n": len(data), "fingerprint": data.fingerprint()}
+
+
+def adapter_for(model: dict, cache: Path):
+    return _model(model["spec"], model["fingerprint"], str(cache))
+
+
+def data_for(ref: dict):
+    return _data(ref["spec"], ref["split"], ref["seed"], ref["fingerprint"])
+
+
+@task(name="prepare-model", cache_policy=NO_CACHE)
+def prepare_model(spec_json: str, cache: str, device: str) -> dict:
+    """Load the model; a built-in demo model is trained here on first use (weights cache)."""
+    ref, cached = model_ref(ModelSpec.model_validate_json(spec_json), Path(cache), device)
+    return {**ref, "weights_from_cache": cached}
+
+
+@task(name="evaluate", tags=["gpu"])
+def evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: str) -> results.Ref:
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    adapter = adapter_for(model, Path(cache))
+    logits = {s: predict(adapter, data_for(ref), dev, batch_size) for s, ref in data.items()}
+    analysed = data_for(data[split])
+    per_split = {s: {"n": len(data_for(ref)), "accuracy": accuracy(logits[s], data_for(ref).labels)} for s, ref in data.items()}
+    summary = model_summary(analysed, logits[split], split, per_split)
+    arrays = {"ids": analysed.ids.numpy(), "labels": analysed.labels.numpy(), "logits": logits[split].numpy()}
+    meta = {"seconds": round(time.perf_counter() - start, 3)}
+    return results.save(Path(cache) / "results", StageResult(summary, arrays), meta)
+
+
+@task(name="stage", tags=["gpu"])
+def run_stage(
+    stage: str,
+    settings: dict[str, Any],
+    model: dict,
+    data: dict,
+    evaluation: results.Ref,
+    upstream: dict[str, results.Ref],
+    seed: int,
+    device: str,
+    cache: str,
+) -> results.Ref:
+    start = time.perf_counter()
+    entry = registry.get(stage)
+    evaluated, _ = results.load(evaluation)
+    ctx = Context(
+        adapter=adapter_for(model, Path(cache)).to(resolve_device(device)),
+        data=data_for(data),
+        device=resolve_device(device),
+        seed=seed,
+        logits=torch.from_numpy(evaluated.arrays["logits"]),
+    )
+    read = {name: results.load(ref)[0] for name, ref in upstream.items()}
+    result = entry.run(ctx, entry.config.model_validate(settings), read)
+    meta = {"seconds": round(time.perf_counter() - start, 3), "model": model["fingerprint"]}
+    return results.save(Path(cache) / "results", result, meta)

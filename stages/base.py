@@ -1,0 +1,51 @@
+"""What every stage shares: its context, its result, and its registry entry.
+
+A stage is a plain function `run(ctx, config, upstream) -> StageResult`: callable from a
+notebook or a test without Prefect. The flow (flows/) wraps each registered stage in a task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.adapter import ModelAdapter
+from pipeline.data import SampleSet
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's settings: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Context:
+    adapter: ModelAdapter
+    data: SampleSet  # the analysed split
+    device: torch.device
+    seed: int = 0
+    logits: torch.Tensor | None = None  # the model's logits on `data`, from evaluation
+    progress: Callable[[str, float], None] = lambda what, fraction: None
+
+
+@dataclass
+class StageResult:
+    """Small JSON-able headline figures, and named arrays for the report."""
+
+    summary: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Context, StageConfig, dict[str, StageResult]], StageResult]
+    config: type[StageConfig] = StageConfig
+    reads: tuple[str, ...] = ()  # names of the earlier stages whose results it reads
+    writes: tuple[str, ...] = ()  # the summary.json keys it fills, for `mmdiag stages`
+    modules: tuple[str, ...] = ()  # modules whose source is part of its cache key

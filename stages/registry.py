@@ -1,0 +1,38 @@
+"""The registered stages, in the order the flow runs them."""
+
+from __future__ import annotations
+
+from stages.base import Stage
+
+_STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage after the ones registered so far. Its `reads` must name earlier stages."""
+    for name in stage.reads:
+        if name not in _STAGES:
+            raise ValueError(f"stage {stage.name!r} reads {name!r}, which is not registered before it")
+    _STAGES[stage.name] = stage
+    return stage
+
+
+def stages() -> list[Stage]:
+    return list(_STAGES.values())
+
+
+def get(name: str) -> Stage:
+    from pipeline.errors import MmdiagError
+
+    if name not in _STAGES:
+        known = ", ".join(_STAGES) or "none registered yet"
+        raise MmdiagError(f"--stage: unknown stage {name!r}; the stages are: {known}")
+    return _STAGES[name]
+
+
+def downstream(name: str) -> list[str]:
+    """The stages that read `name`, directly or through others."""
+    out: list[str] = []
+    for stage in _STAGES.values():
+        if name in stage.reads or any(r in out for r in stage.reads):
+            out.append(stage.name)
+    return out

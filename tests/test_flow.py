@@ -1,0 +1,157 @@
+"""The Prefect flow: caching, rerunning one stage, interruption, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from stages import registry
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def toy(monkeypatch, tmp_path, cache):
+    """Only the toy stages are registered, a fresh log records what computes."""
+    monkeypatch.setattr(registry, "_STAGES", {})
+    import toy_stages
+
+    toy_stages.register_all()
+    log = tmp_path / "computed.log"
+    monkeypatch.setenv("TOY_LOG", str(log))
+    cfg = tmp_path / "diag.yaml"
+    cfg.write_text(
+        f"run: toy\nmodel: {{name: demo-late}}\ndata: {{split: ood, splits: [ood], n: 300}}\n"
+        f"plugins: [toy_stages]\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
+    )
+    os.environ.setdefault("MMDIAG_CACHE", str(cache))
+
+    def computed():
+        text = log.read_text() if log.exists() else ""
+        log.unlink(missing_ok=True)
+        return text.split()
+
+    return cfg, tmp_path / "runs" / "toy", computed
+
+
+def _summary(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_second_run_takes_every_stage_from_cache_and_rerun_recomputes_dependents(toy, tmp_path, capsys):
+    cfg, run, computed = toy
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == ["first", "second", "third"]
+    first = _summary(run)
+    assert not any(s["cached"] for s in first["stages"].values())
+
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == []
+    again = _summary(run)
+    assert all(s["cached"] for s in again["stages"].values())
+    assert {k: again[k] for k in ("first", "second", "third")} == {k: first[k] for k in ("first", "second", "third")}
+
+    # a changed setting: that stage and the ones reading it
+    assert main(["rerun", str(run), "--stage", "second", "--set", "offset=1.5"]) == 0
+    assert computed() == ["second", "third"]
+    moved = _summary(run)
+    assert moved["second"]["shifted"] == pytest.approx(first["second"]["shifted"] + 1.5)
+    assert moved["stages"]["first"]["cached"] and not moved["stages"]["third"]["cached"]
+
+    # forced recompute with the same settings: only that stage; its result is unchanged,
+    # so the stage reading it stays cached
+    assert main(["rerun", str(run), "--stage", "second"]) == 0
+    assert computed() == ["second"]
+
+    # compare: what moved between the two runs
+    other = tmp_path / "runs" / "toy"
+    capsys.readouterr()
+    assert main(["compare", str(run), str(other), "--json", str(tmp_path / "diff.json")]) == 0
+    assert json.loads((tmp_path / "diff.json").read_text())["moved"] == []
+
+
+@pytest.mark.slow
+def test_rerun_with_a_new_model_marks_the_stages_it_did_not_recompute(toy, tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.demo.catalog import load_model
+
+    cfg, run, computed = toy
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    computed()
+    fixed = load_model("demo-late-clean")[0].module
+    weights = tmp_path / "fixed.safetensors"
+    save_file({k: v.contiguous() for k, v in fixed.state_dict().items()}, str(weights))
+    assert main(["rerun", str(run), "--stage", "first", "--model", str(weights)]) == 0
+    assert computed() == ["first"]
+    summary = _summary(run)
+    models = {name: s["model"] for name, s in summary["stages"].items()}
+    assert models["first"] != models["model"] == models["second"] == models["third"]
+    assert "different models" in summary["run"]["mixed_models"]
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["stages"]["first"]["model"] == models["first"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_finished_stages(toy, tmp_path):
+    cfg, run, computed = toy
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while "second" not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not run.exists()
+    assert not run.parent.exists() or not [p for p in run.parent.iterdir() if p.name.startswith(".")]
+    assert computed() == ["first", "second"]
+
+    assert main(["diagnose", "--config", str(cfg)]) == 0  # resume
+    assert computed() == ["second", "third"]
+    resumed = _summary(run)
+    assert resumed["stages"]["first"]["cached"]
+
+    uninterrupted = _summary(run)
+    assert main(["rerun", str(run), "--stage", "first"]) == 0
+    fresh = _summary(run)
+    for stage in ("first", "second", "third"):
+        assert fresh[stage] == uninterrupted[stage] == resumed[stage]
+
+
+def test_bad_rerun_and_compare_input(toy, tmp_path, capsys):
+    cfg, run, computed = toy
+    cases = [
+        (["rerun", str(tmp_path / "nowhere"), "--stage", "first"], "no run folder"),
+        (["compare", str(tmp_path / "a"), str(tmp_path / "b")], "no run folder"),
+    ]
+    run.mkdir(parents=True)
+    config = {"run": "toy", "model": {"name": "demo-late"}, "plugins": ["toy_stages"], "out": str(run.parent)}
+    (run / "run.json").write_text(json.dumps({"config": config}))
+    cases += [
+        (["rerun", str(run), "--stage", "nope"], "--stage: unknown stage 'nope'"),
+        (["rerun", str(run), "--stage", "second", "--set", "offsett=1"], "no setting 'offsett'"),
+        (["rerun", str(run), "--stage", "second", "--set", "offset"], "key=value"),
+    ]
+    (run / "summary.json").write_text('{"schema": "mmdiag.summary/1", "model": {')  # truncated
+    cases.append((["compare", str(run), str(run)], "not valid JSON"))
+    for argv, expected in cases:
+        before = sorted(p.name for p in run.iterdir())
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_stages_lists_what_each_reads(toy, capsys):
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    assert "second     reads: first" in out and "first.mean_margin" in out

@@ -1,0 +1,53 @@
+"""Three small stages that form a chain (first -> second -> third), used to test the flow.
+
+Each computation appends its stage name to $TOY_LOG, an independent record of what ran; with
+$TOY_BLOCK naming a stage, that stage waits forever (to be killed mid-stage).
+"""
+
+import os
+import time
+
+from stages import Stage, StageConfig, StageResult, registry
+
+
+class FirstConfig(StageConfig):
+    scale: float = 1.0
+
+
+class SecondConfig(StageConfig):
+    offset: float = 0.0
+
+
+def _record(name):
+    if os.environ.get("TOY_LOG"):
+        with open(os.environ["TOY_LOG"], "a") as f:
+            f.write(name + "\n")
+    while os.environ.get("TOY_BLOCK") == name:
+        time.sleep(0.05)
+
+
+def first(ctx, config, upstream):
+    _record("first")
+    margin = (ctx.logits[:, 1] - ctx.logits[:, 0]).numpy() * config.scale
+    return StageResult({"mean_margin": round(float(margin.mean()), 6)}, {"margin": margin})
+
+
+def second(ctx, config, upstream):
+    _record("second")
+    value = upstream["first"].summary["mean_margin"] + config.offset
+    return StageResult({"shifted": round(value, 6)})
+
+
+def third(ctx, config, upstream):
+    _record("third")
+    return StageResult({"doubled": round(2 * upstream["second"].summary["shifted"], 6)})
+
+
+def register_all():
+    registry.register(Stage("first", first, FirstConfig, writes=("first.mean_margin",), modules=(__name__,)))
+    registry.register(Stage("second", second, SecondConfig, reads=("first",), modules=(__name__,)))
+    registry.register(Stage("third", third, reads=("second",), modules=(__name__,)))
+
+
+if not any(s.name == "first" for s in registry.stages()):
+    register_all()
