@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flows.settings import cache_dir, configure, quiet_user_errors
-from pipeline.config import DiagConfig, ModelSpec, import_callable
+from flows.settings import configure, quiet_user_errors
+from pipeline.config import DiagConfig, ModelSpec
 from pipeline.errors import MmdiagError
-from pipeline.store import SUMMARY_SCHEMA, new_run
+from pipeline.store import SUMMARY_SCHEMA, cache_root, new_run
 
 
 def versions() -> dict[str, str]:
@@ -70,7 +70,7 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
     from stages import registry
 
     config = DiagConfig.model_validate(config_json)
-    cache = cache_dir(config.cache)
+    cache = cache_root(config.cache)
     settings = stage_settings(config)
     device = resolve_device(config.device).type
     prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
@@ -195,23 +195,17 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
     not a failed flow run): plugins, stage settings, the data, the model's name or files.
     Returns the data references."""
     from flows.tasks import data_ref
-    from pipeline.demo.catalog import MODELS
+    from pipeline.resolve import check_model
 
     load_plugins(config)
     stage_settings(config)
-    spec = config.model
-    if spec.name is not None and spec.name not in MODELS:
-        raise MmdiagError(f"model.name: unknown model {spec.name!r}; choose one of {', '.join(MODELS)} or set model.factory")
-    if spec.weights is not None and not spec.weights.is_file():
-        raise MmdiagError(f"model.weights: no file at {spec.weights}; give the path of a .safetensors state dict")
-    if spec.factory is not None:
-        import_callable(spec.factory, "model.factory")
+    check_model(config.model)
     return {s: data_ref(config.data, s, config.seed) for s in config.data.splits}
 
 
 def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | None = None) -> Path:
     """Run the diagnosis flow for a config; returns the run folder."""
-    configure(cache_dir(config.cache))  # before anything imports Prefect
+    configure(cache_root(config.cache))  # before anything imports Prefect
     data = preflight(config)
     from prefect import flow
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings

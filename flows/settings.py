@@ -21,12 +21,6 @@ QUIET = {
 }
 
 
-def cache_dir(configured: Path | None = None) -> Path:
-    if configured is not None:
-        return Path(configured).expanduser().resolve()
-    return Path(os.environ.get("MMDIAG_CACHE", Path.home() / ".cache" / "mmdiag")).expanduser().resolve()
-
-
 def configure(cache: Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(cache / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,6 @@ def _data(spec_json: str, split: str, seed: int, fingerprint: str):
 def model_ref(spec: ModelSpec, cache: Path, device: str) -> tuple[dict, bool]:
     adapter, cached = load_model(spec, cache=cache, device=device)
     ref = {"spec": spec.model_dump_json(), "fingerprint": fingerprint_module(adapter.module)}
-    _model.cache_clear()
     return ref, cached
 
 

@@ -14,16 +14,21 @@ from pipeline.demo import catalog
 from pipeline.errors import MmdiagError
 
 
-def load_model(spec: ModelSpec, cache: Path | None = None, device: str = "cpu") -> tuple[ModelAdapter, bool]:
-    """(adapter in eval mode, whether built-in weights came from the cache)."""
+def check_model(spec: ModelSpec) -> None:
+    """What can be checked without building the model: the name, the files, the import."""
     if spec.weights is not None and not spec.weights.is_file():
         raise MmdiagError(f"model.weights: no file at {spec.weights}; give the path of a .safetensors state dict")
+    if spec.name is not None and spec.name not in catalog.MODELS:
+        raise MmdiagError(f"model.name: unknown model {spec.name!r}; choose one of {', '.join(catalog.MODELS)} or set model.factory")
+    if spec.factory is not None:
+        import_callable(spec.factory, "model.factory")
+
+
+def load_model(spec: ModelSpec, cache: Path | None = None, device: str = "cpu") -> tuple[ModelAdapter, bool]:
+    """(adapter in eval mode, whether built-in weights came from the cache)."""
+    check_model(spec)
     cached = False
     if spec.name is not None:
-        if spec.name not in catalog.MODELS:
-            raise MmdiagError(
-                f"model.name: unknown model {spec.name!r}; choose one of {', '.join(catalog.MODELS)} or set model.factory"
-            )
         adapter, cached = catalog.load_model(spec.name, cache=cache, device=device)
     else:
         adapter = import_callable(spec.factory, "model.factory")()

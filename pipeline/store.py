@@ -31,6 +31,14 @@ def _umask() -> int:
     return mask
 
 
+def cache_root(configured: Path | None = None) -> Path:
+    """Where trained weights, stage results and cache keys live: the config's `cache`, else
+    $MMDIAG_CACHE, else ~/.cache/mmdiag."""
+    if configured is None:
+        configured = Path(os.environ.get("MMDIAG_CACHE", Path.home() / ".cache" / "mmdiag"))
+    return Path(configured).expanduser().resolve()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` and rename tmp onto `path`; on any failure nothing appears at `path`."""
     path = Path(path)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from pipeline.demo import models, shapes, vocab
-from pipeline.store import atomic_write
+from pipeline.store import atomic_write, cache_root
 
 log = logging.getLogger("mmdiag")
 
@@ -43,12 +43,6 @@ class TrainConfig(BaseModel):
         for module in (shapes, models, vocab, sys.modules[__name__]):
             h.update(Path(module.__file__).read_bytes())
         return h.hexdigest()[:16]
-
-
-def default_cache() -> Path:
-    import os
-
-    return Path(os.environ.get("MMDIAG_CACHE", Path.home() / ".cache" / "mmdiag"))
 
 
 def build(config: TrainConfig) -> torch.nn.Module:
@@ -118,7 +112,7 @@ def _quiet_lightning() -> None:
 def load_or_train(config: TrainConfig, cache: Path | None = None, device: str = "cpu") -> tuple[torch.nn.Module, bool]:
     """The trained model for this config from the weights cache, training it on a miss.
     Returns (model, came_from_cache)."""
-    path = Path(cache or default_cache()) / "models" / f"{config.arch}-{config.key()}.safetensors"
+    path = cache_root(cache) / "models" / f"{config.arch}-{config.key()}.safetensors"
     model = build(config)
     if path.exists():
         model.load_state_dict(load_file(str(path)))
