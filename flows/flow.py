@@ -75,12 +75,12 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
     device = resolve_device(config.device).type
     prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
     model = {k: prepared[k] for k in ("spec", "fingerprint")}  # what the results depend on
-    common = dict(seed=config.seed, device=device, cache=str(cache))
+    common = dict(seed=config.seed, device=device, cache=str(cache), plugins=config.plugins)
     evaluation = tasks.evaluate.with_options(cache_policy=tasks.policy(cache), result_storage=cache / "results" / "prefect")(
         model, data, config.data.split, config.batch_size, device, str(cache), return_state=True
     )
     refs: dict[str, dict] = {"model": evaluation.result()}  # with meta; results.content() for inputs
-    status = {"model": _status(evaluation, refs["model"], model["fingerprint"])}
+    status = {"model": _status(evaluation.name == "Cached", refs["model"], model["fingerprint"])}
     for stage in registry.stages():
         stage_task = tasks.run_stage.with_options(
             name=stage.name,
@@ -96,16 +96,14 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
             upstream=upstream,
             **common,
         )
-        state = stage_task(stage.name, model=model, return_state=True, **inputs)
-        refs[stage.name] = state.result()
-        status[stage.name] = _status(state, refs[stage.name], model["fingerprint"])
+        refs[stage.name], cached = _compute(stage, stage_task, model, inputs, config.runner.shards, cache)
+        status[stage.name] = _status(cached, refs[stage.name], model["fingerprint"])
         if stage_model and stage.name == stage_model["stage"]:
             # `rerun --model`: this stage alone is computed again for the new model; the others
             # keep the results they have for the old one, and the run says so.
             new = {k: v for k, v in tasks.prepare_model(stage_model["spec"], str(cache), device).items() if k != "weights_from_cache"}
-            state = stage_task(stage.name, model=new, return_state=True, **inputs)
-            refs[stage.name] = state.result()
-            status[stage.name] = _status(state, refs[stage.name], new["fingerprint"])
+            refs[stage.name], cached = _compute(stage, stage_task, new, inputs, config.runner.shards, cache)
+            status[stage.name] = _status(cached, refs[stage.name], new["fingerprint"])
 
     loaded = {name: results.load(ref) for name, ref in refs.items()}
     summary = _summary(config, device, loaded, status)
@@ -114,9 +112,25 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
     return str(path)
 
 
-def _status(state, ref: dict, model_fingerprint: str) -> dict:
+def _compute(stage, stage_task, model: dict, inputs: dict, shards: int, cache: Path) -> tuple[dict, bool]:
+    """(result reference, came from cache): one task, or one mapped task per shard of the
+    samples (spread over the task runner's workers) and their merge."""
+    from prefect import unmapped
+
+    from flows.tasks import merge_shards
+
+    if shards == 1 or stage.merge is None:
+        state = stage_task(stage.name, model=model, return_state=True, **inputs)
+        return state.result(), state.name == "Cached"
+    static = {k: unmapped(v) for k, v in inputs.items()}
+    futures = stage_task.map(unmapped(stage.name), model=unmapped(model), shard=[[i, shards] for i in range(shards)], **static)
+    parts = [f.result() for f in futures]
+    return merge_shards(stage.name, parts, cache), all(f.state.name == "Cached" for f in futures)
+
+
+def _status(cached: bool, ref: dict, model_fingerprint: str) -> dict:
     # key: the content hash of the result; equal keys mean the same figures and arrays
-    return {"cached": state.name == "Cached", "key": ref["sha256"][:16], "model": model_fingerprint}
+    return {"cached": cached, "key": ref["sha256"][:16], "model": model_fingerprint}
 
 
 def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dict:
@@ -200,7 +214,34 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
     load_plugins(config)
     stage_settings(config)
     check_model(config.model)
+    task_runner(config)
     return {s: data_ref(config.data, s, config.seed) for s in config.data.splits}
+
+
+def task_runner(config: DiagConfig):
+    """Prefect's thread pool, or a Dask cluster (a running one, or a local one started here)."""
+    import os
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    spec = config.runner
+    if spec.kind == "local":
+        return ThreadPoolTaskRunner(max_workers=max(spec.shards, 1))
+    if not os.environ.get("PREFECT_API_URL"):
+        raise MmdiagError(
+            "runner.kind: dask needs a Prefect server that every worker reports to; run `prefect server start` "
+            "and set PREFECT_API_URL (see README, 'Scale-out')"
+        )
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise MmdiagError("runner.kind: dask needs the prefect-dask package; pip install 'mmdiag[dask]'") from None
+    scratch = cache_root(config.cache) / "dask"
+    os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(scratch))
+    if spec.address:
+        return DaskTaskRunner(address=spec.address)
+    cluster = {"n_workers": spec.workers, "threads_per_worker": 1, "processes": True, "local_directory": str(scratch)}
+    return DaskTaskRunner(cluster_kwargs=cluster)
 
 
 def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | None = None) -> Path:
@@ -212,7 +253,7 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
 
     quiet_user_errors()
 
-    diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False)(_flow_body)
+    diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=task_runner(config))(_flow_body)
     with _clean_exit_on_sigterm(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
 

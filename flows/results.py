@@ -9,12 +9,12 @@ Loading checks the hash: a truncated or edited result is an error naming the fil
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save as save_bytes
 
 from pipeline.errors import MmdiagError
 from pipeline.store import atomic_write, file_sha256, read_arrays
@@ -28,10 +28,9 @@ def save(folder: Path, result: StageResult, meta: dict | None = None) -> Ref:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in result.arrays.items()} or {"_": np.zeros(0)}
     header = {"summary": json.dumps(result.summary, allow_nan=False, sort_keys=True)}
-    staged = atomic_write(folder / f".staged-{os.getpid()}.safetensors", lambda tmp: save_file(arrays, str(tmp), metadata=header))
-    sha = file_sha256(staged)
-    final = folder / f"{sha}.safetensors"
-    os.replace(staged, final)
+    blob = save_bytes(arrays, metadata=header)
+    sha = hashlib.sha256(blob).hexdigest()
+    final = atomic_write(folder / f"{sha}.safetensors", lambda tmp: tmp.write_bytes(blob))
     return {"path": str(final), "sha256": sha, "meta": meta or {}}
 
 

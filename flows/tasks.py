@@ -118,18 +118,36 @@ def run_stage(
     seed: int,
     device: str,
     cache: str,
+    plugins: list[str] = (),
+    shard: list[int] | None = None,
 ) -> results.Ref:
+    """One stage, or shard [i, n] of its samples (a worker on another machine gets here with
+    nothing but these arguments: it imports the plugins and loads model and data itself)."""
     start = time.perf_counter()
+    for module in plugins:
+        importlib.import_module(module)
     entry = registry.get(stage)
     evaluated, _ = results.load(evaluation)
+    samples, logits = data_for(data), torch.from_numpy(evaluated.arrays["logits"])
+    if shard is not None:
+        rows = torch.tensor_split(torch.arange(len(samples)), shard[1])[shard[0]]
+        samples, logits = samples.subset(rows), logits[rows]
     ctx = Context(
         adapter=adapter_for(model, Path(cache)).to(resolve_device(device)),
-        data=data_for(data),
+        data=samples,
         device=resolve_device(device),
         seed=seed,
-        logits=torch.from_numpy(evaluated.arrays["logits"]),
+        logits=logits,
     )
     read = {name: results.load(ref)[0] for name, ref in upstream.items()}
     result = entry.run(ctx, entry.config.model_validate(settings), read)
-    meta = {"seconds": round(time.perf_counter() - start, 3), "model": model["fingerprint"]}
+    meta = {"seconds": round(time.perf_counter() - start, 3), "model": model["fingerprint"], "shard": shard}
     return results.save(Path(cache) / "results", result, meta)
+
+
+def merge_shards(stage: str, parts: list[results.Ref], cache: Path) -> results.Ref:
+    """The shards' results combined by the stage's own `merge` (cheap: no model calls)."""
+    loaded = [results.load(ref) for ref in parts]
+    merged = registry.get(stage).merge([result for result, _ in loaded])
+    meta = {**loaded[0][1], "seconds": round(sum(m["seconds"] for _, m in loaded), 3), "shard": None, "shards": len(parts)}
+    return results.save(cache / "results", merged, meta)

@@ -18,6 +18,11 @@
     cache: null              # default ~/.cache/mmdiag (or $MMDIAG_CACHE)
     stages: {}               # per-stage settings: {stage name: {setting: value}}
     plugins: []              # modules imported first, e.g. to register your own stages
+    runner:                  # where tasks run
+      kind: local            # local (threads) | dask (needs PREFECT_API_URL: a Prefect server)
+      address: null          # a Dask scheduler to use; null starts a local cluster of `workers`
+      workers: 2
+      shards: 1              # split per-sample stages into this many mapped tasks
 """
 
 from __future__ import annotations
@@ -73,6 +78,13 @@ class DataSpec(_Strict):
         return _one_of(self, "data")
 
 
+class RunnerSpec(_Strict):
+    kind: Literal["local", "dask"] = "local"  # local: Prefect's thread pool; dask: a Dask cluster
+    address: str | None = None  # a running Dask scheduler (tcp://host:8786); None starts a local cluster
+    workers: int = Field(default=2, gt=0)  # worker processes of a local Dask cluster
+    shards: int = Field(default=1, gt=0)  # per-sample stages split into this many mapped tasks
+
+
 class DiagConfig(_Strict):
     run: str = "diagnosis"
     model: ModelSpec
@@ -84,6 +96,7 @@ class DiagConfig(_Strict):
     cache: Path | None = None  # results, Prefect cache keys and trained weights; default ~/.cache/mmdiag
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-stage settings, by stage name
     plugins: list[str] = Field(default_factory=list)  # modules imported first (e.g. to register stages)
+    runner: RunnerSpec = Field(default_factory=RunnerSpec)
 
     @field_validator("run")
     @classmethod

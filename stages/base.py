@@ -49,3 +49,6 @@ class Stage:
     reads: tuple[str, ...] = ()  # names of the earlier stages whose results it reads
     writes: tuple[str, ...] = ()  # the summary.json keys it fills, for `mmdiag stages`
     modules: tuple[str, ...] = ()  # modules whose source is part of its cache key
+    # Per-sample stages can be split into shards (`runner.shards`), run as mapped tasks, and
+    # combined by `merge`, which must give what one run over all samples gives.
+    merge: Callable[[list[StageResult]], StageResult] | None = None

@@ -27,7 +27,7 @@ def toy(monkeypatch, tmp_path, cache):
     monkeypatch.setenv("TOY_LOG", str(log))
     cfg = tmp_path / "diag.yaml"
     cfg.write_text(
-        f"run: toy\nmodel: {{name: demo-late}}\ndata: {{split: ood, splits: [ood], n: 300}}\n"
+        f"run: toy\nmodel: {{factory: 'toy_stages:build_model'}}\ndata: {{split: ood, splits: [ood], n: 300}}\n"
         f"plugins: [toy_stages]\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
     )
     os.environ.setdefault("MMDIAG_CACHE", str(cache))
@@ -81,12 +81,12 @@ def test_second_run_takes_every_stage_from_cache_and_rerun_recomputes_dependents
 def test_rerun_with_a_new_model_marks_the_stages_it_did_not_recompute(toy, tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline.demo.catalog import load_model
+    from toy_stages import build_model
 
     cfg, run, computed = toy
     assert main(["diagnose", "--config", str(cfg)]) == 0
     computed()
-    fixed = load_model("demo-late-clean")[0].module
+    fixed = build_model(seed=1).module
     weights = tmp_path / "fixed.safetensors"
     save_file({k: v.contiguous() for k, v in fixed.state_dict().items()}, str(weights))
     assert main(["rerun", str(run), "--stage", "first", "--model", str(weights)]) == 0
@@ -134,7 +134,7 @@ def test_bad_rerun_and_compare_input(toy, tmp_path, capsys):
         (["compare", str(tmp_path / "a"), str(tmp_path / "b")], "no run folder"),
     ]
     run.mkdir(parents=True)
-    config = {"run": "toy", "model": {"name": "demo-late"}, "plugins": ["toy_stages"], "out": str(run.parent)}
+    config = {"run": "toy", "model": {"factory": "toy_stages:build_model"}, "plugins": ["toy_stages"], "out": str(run.parent)}
     (run / "run.json").write_text(json.dumps({"config": config}))
     cases += [
         (["rerun", str(run), "--stage", "nope"], "--stage: unknown stage 'nope'"),
@@ -155,3 +155,96 @@ def test_stages_lists_what_each_reads(toy, capsys):
     assert main(["stages"]) == 0
     out = capsys.readouterr().out
     assert "second     reads: first" in out and "first.mean_margin" in out
+
+
+def _with(cfg, extra):
+    cfg.write_text(cfg.read_text() + extra)
+    return cfg
+
+
+@pytest.mark.slow
+def test_sharded_stage_gives_what_one_task_gives(toy, tmp_path):
+    cfg, run, computed = toy
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    whole = _summary(run)
+    arrays = (run / "stages" / "first" / "arrays.safetensors").read_bytes()
+    computed()
+    _with(cfg, "runner: {shards: 3}\n")
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == ["first"] * 3  # three shards; what reads them stays cached
+    sharded = _summary(run)
+    assert sharded["first"] == whole["first"] and sharded["stages"]["first"]["key"] == whole["stages"]["first"]["key"]
+    assert sharded["stages"]["second"]["cached"] and sharded["stages"]["third"]["cached"]
+    assert (run / "stages" / "first" / "arrays.safetensors").read_bytes() == arrays
+
+
+def test_dask_without_a_server_is_refused(toy, monkeypatch, capsys):
+    cfg, run, computed = toy
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    _with(cfg, "runner: {kind: dask}\n")
+    assert main(["diagnose", "--config", str(cfg)]) == 2
+    assert "runner.kind: dask needs a Prefect server" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real Prefect API server on a loopback port, as the README's scale-out section starts it."""
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    prefect = Path(sys.executable).parent / "prefect"
+    server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "prefect server did not start"
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_server):
+    cfg, run, computed = toy
+    assert main(["diagnose", "--config", str(cfg)]) == 0  # the reference: one task, thread runner
+    whole = _summary(run)
+    computed()
+    dask_cfg = tmp_path / "dask.yaml"
+    dask_cfg.write_text(cfg.read_text().replace("run: toy", "run: toy-dask").replace("cache: ", "cache: ") +
+                        "runner: {kind: dask, workers: 2, shards: 2}\n")
+    pids = tmp_path / "pids.log"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TOY_PIDS": str(pids),
+           "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("PREFECT_HOME", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(dask_cfg)], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ran = [line.split() for line in pids.read_text().splitlines()]
+    workers = {pid for stage, pid in ran if stage == "first"}
+    flow_process = {pid for stage, pid in ran if stage == "second"}  # a direct task call runs in the flow
+    assert len(workers) == 2 and not workers & flow_process  # two shards, two worker processes
+    sharded = _summary(run.parent / "toy-dask")
+    for stage in ("first", "second", "third"):
+        assert sharded[stage] == whole[stage]
+    # the run published its markdown summary to the server, for the Prefect UI
+    import urllib.request
+
+    query = json.dumps({"artifacts": {"key": {"any_": ["mmdiag-toy-dask"]}}}).encode()
+    request = urllib.request.Request(prefect_server + "/artifacts/filter", data=query, headers={"Content-Type": "application/json"})
+    artifacts = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    assert artifacts and "accuracy" in artifacts[0]["data"] and "toy-dask" in artifacts[0]["data"]

@@ -7,6 +7,8 @@ $TOY_BLOCK naming a stage, that stage waits forever (to be killed mid-stage).
 import os
 import time
 
+import numpy as np
+
 from stages import Stage, StageConfig, StageResult, registry
 
 
@@ -22,6 +24,9 @@ def _record(name):
     if os.environ.get("TOY_LOG"):
         with open(os.environ["TOY_LOG"], "a") as f:
             f.write(name + "\n")
+    if os.environ.get("TOY_PIDS"):
+        with open(os.environ["TOY_PIDS"], "a") as f:
+            f.write(f"{name} {os.getpid()}\n")
     while os.environ.get("TOY_BLOCK") == name:
         time.sleep(0.05)
 
@@ -29,6 +34,11 @@ def _record(name):
 def first(ctx, config, upstream):
     _record("first")
     margin = (ctx.logits[:, 1] - ctx.logits[:, 0]).numpy() * config.scale
+    return StageResult({"mean_margin": round(float(margin.mean()), 6)}, {"margin": margin})
+
+
+def merge_first(parts):
+    margin = np.concatenate([p.arrays["margin"] for p in parts])
     return StageResult({"mean_margin": round(float(margin.mean()), 6)}, {"margin": margin})
 
 
@@ -43,8 +53,18 @@ def third(ctx, config, upstream):
     return StageResult({"doubled": round(2 * upstream["second"].summary["shifted"], 6)})
 
 
+def build_model(seed: int = 0):
+    """An untrained demo network with fixed weights: a model in milliseconds."""
+    import torch
+
+    from pipeline.demo.models import LateFusionNet, demo_adapter
+
+    torch.manual_seed(seed)
+    return demo_adapter(LateFusionNet().eval())
+
+
 def register_all():
-    registry.register(Stage("first", first, FirstConfig, writes=("first.mean_margin",), modules=(__name__,)))
+    registry.register(Stage("first", first, FirstConfig, writes=("first.mean_margin",), modules=(__name__,), merge=merge_first))
     registry.register(Stage("second", second, SecondConfig, reads=("first",), modules=(__name__,)))
     registry.register(Stage("third", third, reads=("second",), modules=(__name__,)))
 
