@@ -59,6 +59,10 @@ def test_second_run_takes_every_stage_from_cache_and_rerun_recomputes_dependents
     assert {k: again[k] for k in ("first", "second", "third")} == {k: first[k] for k in ("first", "second", "third")}
 
     # a changed setting: that stage and the ones reading it
+    import shutil
+
+    before = tmp_path / "before"
+    shutil.copytree(run, before)
     assert main(["rerun", str(run), "--stage", "second", "--set", "offset=1.5"]) == 0
     assert computed() == ["second", "third"]
     moved = _summary(run)
@@ -70,10 +74,14 @@ def test_second_run_takes_every_stage_from_cache_and_rerun_recomputes_dependents
     assert main(["rerun", str(run), "--stage", "second"]) == 0
     assert computed() == ["second"]
 
-    # compare: what moved between the two runs
-    other = tmp_path / "runs" / "toy"
+    # compare: what moved between the two runs, and nothing when a run meets itself
     capsys.readouterr()
-    assert main(["compare", str(run), str(other), "--json", str(tmp_path / "diff.json")]) == 0
+    assert main(["compare", str(before), str(run), "--json", str(tmp_path / "diff.json")]) == 0
+    diff = json.loads((tmp_path / "diff.json").read_text())
+    assert {m["figure"] for m in diff["moved"]} == {"second.shifted", "third.doubled"}
+    assert diff["model"]["same"] and diff["accuracy"]["change"] == 0
+    assert "second.shifted" in capsys.readouterr().out
+    assert main(["compare", str(run), str(run), "--json", str(tmp_path / "diff.json")]) == 0
     assert json.loads((tmp_path / "diff.json").read_text())["moved"] == []
 
 
@@ -98,9 +106,16 @@ def test_rerun_with_a_new_model_marks_the_stages_it_did_not_recompute(toy, tmp_p
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["stages"]["first"]["model"] == models["first"]
 
+    # `diagnose` with the new checkpoint: every stage depends on the model, so all recompute
+    cfg.write_text(cfg.read_text().replace("model: {factory: 'toy_stages:build_model'}", f"model: {{factory: 'toy_stages:build_model', weights: {weights}}}"))
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == ["first", "second", "third"]
+    assert "mixed_models" not in _summary(run)["run"]
+
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_finished_stages(toy, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_killed_run_resumes_from_finished_stages(toy, tmp_path, sig):
     cfg, run, computed = toy
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
@@ -108,9 +123,9 @@ def test_killed_run_resumes_from_finished_stages(toy, tmp_path):
     while "second" not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     proc.wait(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.read()
     assert not run.exists()
     assert not run.parent.exists() or not [p for p in run.parent.iterdir() if p.name.startswith(".")]
     assert computed() == ["first", "second"]
@@ -143,6 +158,10 @@ def test_bad_rerun_and_compare_input(toy, tmp_path, capsys):
     ]
     (run / "summary.json").write_text('{"schema": "mmdiag.summary/1", "model": {')  # truncated
     cases.append((["compare", str(run), str(run)], "not valid JSON"))
+    damaged = tmp_path / "runs" / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"config": {"run": "dam')
+    cases.append((["rerun", str(damaged), "--stage", "first"], "not valid JSON"))
     for argv, expected in cases:
         before = sorted(p.name for p in run.iterdir())
         assert main(argv) == 2, argv
@@ -248,3 +267,19 @@ def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_serv
     request = urllib.request.Request(prefect_server + "/artifacts/filter", data=query, headers={"Content-Type": "application/json"})
     artifacts = json.loads(urllib.request.urlopen(request, timeout=10).read())
     assert artifacts and "accuracy" in artifacts[0]["data"] and "toy-dask" in artifacts[0]["data"]
+
+
+def test_editing_a_stages_module_changes_its_cache_key(tmp_path, monkeypatch):
+    from flows.tasks import CodeVersion
+    from stages import Stage, StageResult
+
+    module = tmp_path / "edited_stage.py"
+    module.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_STAGES", {})
+    registry.register(Stage("edited", lambda ctx, config, up: StageResult({}), modules=("edited_stage",)))
+    key = CodeVersion().compute_key(None, {"stage": "edited"}, {})
+    assert CodeVersion().compute_key(None, {"stage": "edited"}, {}) == key
+    module.write_text("VALUE = 2\n")
+    assert CodeVersion().compute_key(None, {"stage": "edited"}, {}) != key
+    assert CodeVersion().compute_key(None, {}, {}) != key  # the evaluation step: pipeline/ and flows only
