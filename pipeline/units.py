@@ -36,6 +36,17 @@ class Units:
     def _index(self, flat: Tensor) -> Tensor:
         return torch.where(flat < 0, torch.full_like(flat, self.n), flat)
 
+    def take(self, rows: slice | Tensor) -> "Units":
+        """The units of some of the batch's samples."""
+        mask = self.mask if self.mask.shape[0] == 1 else self.mask[rows]
+        index = range(len(self.labels))[rows] if isinstance(rows, slice) else rows.tolist()
+        return Units(mask, self.n, self.baseline[rows], [self.labels[i] for i in index])
+
+    @property
+    def elements(self) -> Tensor:
+        """Bool mask of the elements that belong to some unit (False: special tokens, padding)."""
+        return self.mask >= 0
+
     def apply(self, x: Tensor, keep: Tensor) -> Tensor:
         """Keep some units of x and replace the others by the baseline.
 

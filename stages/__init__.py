@@ -2,5 +2,8 @@
 
 from stages.base import Context, Stage, StageConfig, StageResult
 from stages.registry import get, register, stages
+from stages import unimodal
+
+register(unimodal.STAGE)
 
 __all__ = ["Context", "Stage", "StageConfig", "StageResult", "get", "register", "stages"]

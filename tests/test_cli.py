@@ -20,6 +20,8 @@ BAD_CONFIGS = {
     "bad yaml": ("model: {name: [\n", "not valid YAML"),
     "unknown device": ("model: {name: demo-film}\ndevice: tpu\n", "device"),
     "unknown split": ("model: {name: demo-film}\ndata: {split: test}\n", "data.split: unknown split 'test'"),
+    "unknown method": ("model: {name: demo-film}\nstages: {unimodal: {methods: [magic]}}\n", "stages.unimodal.methods.0"),
+    "unknown stage": ("model: {name: demo-film}\nstages: {unimodel: {}}\n", "stages.unimodel: unknown stage"),
     "factory not importable": ("model: {factory: 'no_such_pkg.x:build'}\n", "model.factory: cannot import"),
 }
 

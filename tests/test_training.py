@@ -55,10 +55,14 @@ def test_the_fixed_data_gives_the_rule(demo_models):
 
 
 @pytest.mark.slow
-def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys):
+def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch):
+    import flows.flow
     from flows.cli import main
 
     demo_models("demo-film"), demo_models("demo-late")  # trained into the session's cache
+    quick = {"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0}}
+    demo_configs = flows.flow.demo_configs
+    monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": quick}) for c in demo_configs(*a, **k)])
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     for name in ("demo-film", "demo-late"):
@@ -75,3 +79,5 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys):
         assert agree["n"] + disagree["n"] == 2000 and agree["accuracy"] > disagree["accuracy"]
         assert run["model"]["weights_from_cache"] is True  # trained by the fixtures already
         assert run["data"]["ood"]["n"] == 2000 and run["model"]["fingerprint"] == model["fingerprint"]
+        assert summary["unimodal"]["n_explained"] == 20 and set(summary["unimodal"]["methods"]) == {"grad_x_input", "shapley"}
+        assert (tmp_path / name / "stages" / "unimodal" / "arrays.safetensors").exists()

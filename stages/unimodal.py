@@ -1,0 +1,314 @@
+"""Stage 1, unimodal importance: what each modality, and each unit of it, contributes.
+
+For the samples it explains (every error, up to a cap, and a random sample of correct
+predictions) it computes unit attributions by several methods towards the predicted and the true
+class, the modalities' contributions (MM-SHAP shares, exact modality-level Shapley values and
+their interaction) and how good each method's maps are (deletion and insertion AUC, completeness,
+a weight-randomisation sanity check, and localisation of ground-truth regions).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.errors import MmdiagError
+from stages import attribution as attr
+from stages.base import Context, Stage, StageConfig, StageResult
+
+Method = Literal["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"]
+COMPLETE = ("integrated_gradients", "shapley")  # methods with a completeness identity
+
+
+class UnimodalConfig(StageConfig):
+    methods: list[Method] = ["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"]
+    n_correct: int = Field(default=50, ge=0)  # correct predictions explained beside the errors
+    max_errors: int | None = Field(default=150, gt=0)  # a random subset when there are more errors
+    batch_size: int = Field(default=64, gt=0)  # samples attributed together
+    ig_steps: int = Field(default=32, gt=1)
+    shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample
+    iba_beta: float = 10.0
+    iba_steps: int = Field(default=10, gt=0)
+    iba_copies: int = Field(default=10, gt=0)
+    curve_points: int = Field(default=10, gt=1)  # deletion / insertion curve resolution
+    sanity_samples: int = Field(default=32, ge=0)  # 0 skips the weight-randomisation check
+
+
+def select(ctx: Context, config: UnimodalConfig) -> torch.Tensor:
+    """Row indices of the samples to explain: errors (a seeded subset above the cap) and a
+    seeded random sample of correct predictions."""
+    g = torch.Generator().manual_seed(ctx.seed)
+    wrong = (ctx.logits.argmax(1) != ctx.data.labels).nonzero().flatten()
+    right = (ctx.logits.argmax(1) == ctx.data.labels).nonzero().flatten()
+    if config.max_errors is not None and len(wrong) > config.max_errors:
+        wrong = wrong[torch.randperm(len(wrong), generator=g)[: config.max_errors]]
+    right = right[torch.randperm(len(right), generator=g)[: config.n_correct]]
+    return torch.cat([wrong, right]).sort().values
+
+
+def _randomised(adapter, seed: int):
+    """A copy of the model with every parameter drawn afresh (Adebayo et al. 2018)."""
+    clone = copy.deepcopy(adapter)
+    torch.manual_seed(seed)
+    for module in clone.module.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return clone
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Rank correlation per row over the present players."""
+    out = []
+    for x, y, keep in zip(a, b, present):
+        x, y = x[keep], y[keep]
+        rx, ry = x.argsort().argsort().float(), y.argsort().argsort().float()
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        out.append((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
+    return torch.stack(out)
+
+
+def curves(game: attr.Game, scores: torch.Tensor, points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deletion and insertion AUC per sample: remove (or add) the players in order of
+    attribution and follow the target's probability; the area is over the fraction removed."""
+    present = game.present
+    order = torch.where(present, scores, torch.full_like(scores, -torch.inf)).argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    n = present.sum(1, keepdim=True)
+    fractions = torch.linspace(0, 1, points + 1)
+    cut = (fractions[None, :] * n).round()  # (B, K) players taken at each point
+    top = rank[:, None, :] < cut[:, :, None]  # (B, K, F)
+    deletion = game.value(~top & present[:, None], output="prob")
+    insertion = game.value(top & present[:, None] | ~present[:, None], output="prob")
+    auc = lambda y: torch.trapezoid(y, fractions, dim=1)  # noqa: E731
+    return auc(deletion), auc(insertion)
+
+
+def modality_games(game: attr.Game) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Shapley values of the modalities as players ((B, M)), and the interaction
+    v(all) - sum_m v({m}) + (M - 1) v(none), which for two modalities is
+    f(both) - f(image only) - f(text only) + f(neither)."""
+    m = len(game.modalities)
+    owner = torch.repeat_interleave(torch.arange(m), torch.tensor(game.sizes))
+
+    def value(keep):  # (B, 2^M, M) -> (B, 2^M), each modality kept or removed whole
+        return game.value(keep[:, :, owner])
+
+    b = len(game.target)
+    phi = attr.exact_shapley(value, m, b)
+    eye = torch.eye(m, dtype=torch.bool)
+    singles = game.value(eye[owner].T[None].expand(b, m, -1))
+    ends = game.value(torch.stack([torch.zeros(b, game.n_players, dtype=torch.bool), torch.ones(b, game.n_players, dtype=torch.bool)], 1))
+    interaction = ends[:, 1] - singles.sum(1) + (m - 1) * ends[:, 0]
+    return phi, interaction
+
+
+class _Gathered:
+    """Per-sample tensors gathered batch by batch, joined at the end."""
+
+    def __init__(self):
+        self.parts: dict = {}
+
+    def add(self, key, value: torch.Tensor) -> None:
+        self.parts.setdefault(key, []).append(value.detach().cpu())
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return torch.cat(self.parts[key])
+
+    def __contains__(self, key) -> bool:
+        return key in self.parts
+
+
+def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scores (B, F), completeness residual sum(scores) - (f(x) - f(baseline)) or None)."""
+    if method == "grad_x_input":
+        return attr.grad_x_input(game), None
+    if method == "integrated_gradients":
+        return attr.integrated_gradients(game, config.ig_steps)
+    if method == "occlusion":
+        return attr.occlusion(game), None
+    if method == "shapley":
+        scores = attr.shapley_sampling(game, config.shapley_pairs, generator)
+        return scores, scores.sum(1) - _gap(game)
+    iba = attr.IBAConfig(beta=config.iba_beta, steps=config.iba_steps, copies=config.iba_copies)
+    return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
+
+
+def _gap(game: attr.Game) -> torch.Tensor:
+    """f(all units) - f(no units), per sample."""
+    ends = game.value(torch.stack([torch.zeros_like(game.present), torch.ones_like(game.present)], 1))
+    return ends[:, 1] - ends[:, 0]
+
+
+def _batches(ctx: Context, data, batch_size: int, adapter):
+    for rows, inputs in data.batches(batch_size, ctx.device):
+        with torch.no_grad():
+            encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
+        units = adapter.units(inputs, encoded)
+        for m, u in units.items():
+            empty = ~u.present.any(1)
+            if empty.any():
+                sid = int(data.ids[rows][empty.cpu()][0])
+                raise MmdiagError(f"data: sample {sid} has no units in modality {m!r}; drop it or fix its {m} input")
+        yield rows, encoded, units
+
+
+def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
+    adapter = ctx.adapter.eval()
+    rows = select(ctx, config)
+    if len(rows) == 0:
+        raise MmdiagError("stages.unimodal: no samples to explain; raise n_correct or check the data")
+    data = ctx.data.subset(rows)
+    pred = ctx.logits[rows].argmax(1)
+    regions = [(m, r) for m, rs in data.truth.items() if m in adapter.modalities for r in rs]
+    stats = _stats(ctx, data, adapter) if "iba" in config.methods else None
+    generator = torch.Generator().manual_seed(ctx.seed)
+    got, cost = _Gathered(), {meth: {"seconds": 0.0, "passes": 0} for meth in config.methods}
+    for batch, encoded, units in _batches(ctx, data, config.batch_size, adapter):
+        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device))
+        wrong = (pred[batch] != data.labels[batch]).to(ctx.device)
+        # towards the true class: only errors need it (elsewhere it is the predicted class)
+        towards_truth = attr.Game(adapter, {m: t[wrong] for m, t in encoded.items()}, {m: u.take(wrong) for m, u in units.items()}, data.labels[batch].to(ctx.device)[wrong])
+        for meth in config.methods:
+            start, before = time.perf_counter(), game.passes + towards_truth.passes
+            scores, residual = attribute(meth, game, config, stats, generator)
+            true_scores = scores.clone()
+            if wrong.any():
+                true_scores[wrong] = attribute(meth, towards_truth, config, stats, generator)[0]
+            cost[meth]["seconds"] += time.perf_counter() - start
+            cost[meth]["passes"] += game.passes + towards_truth.passes - before
+            got.add(("map", meth, "pred"), scores)
+            got.add(("map", meth, "true"), true_scores)
+            deletion, insertion = curves(game, scores, config.curve_points)
+            got.add(("deletion", meth), deletion)
+            got.add(("insertion", meth), insertion)
+            if residual is not None:
+                got.add(("residual", meth), residual)
+        got.add("present", game.present)
+        got.add("gap", _gap(game))
+        phi, interaction = modality_games(game)
+        got.add("modality_phi", phi)
+        got.add("interaction", interaction)
+        for m, r in regions:
+            got.add(("coverage", m, r), units[m].coverage(data.truth[m][r][batch].to(ctx.device)))
+        sizes = [u.n for u in units.values()]
+    n_maps = len(rows) + int((pred != data.labels).sum())  # maps computed per method
+    sanity = _sanity(ctx, config, data, pred, got) if config.sanity_samples else {}
+    return _result(config, adapter.modalities, sizes, data, rows, pred, got, cost, regions, sanity, n_maps)
+
+
+def _stats(ctx, data, adapter) -> attr.BottleneckStats:
+    """Per-element mean and std of the encoded inputs over the explained samples (IBA's noise)."""
+    with torch.no_grad():
+        encoded = [adapter.encode(inputs) for _, inputs in data.batches(256, ctx.device)]
+    return attr.BottleneckStats.of({m: torch.cat([e[m] for e in encoded]) for m in adapter.modalities})
+
+
+def _sanity(ctx, config, data, pred, got) -> dict[str, float]:
+    """Mean rank correlation between each method's maps and the maps of a randomised model,
+    over the first `sanity_samples` samples: near 1 means the map does not depend on what the
+    model learnt."""
+    random = _randomised(ctx.adapter, ctx.seed)
+    subset = data.subset(torch.arange(min(config.sanity_samples, len(data))))
+    stats = _stats(ctx, subset, random) if "iba" in config.methods else None
+    generator = torch.Generator().manual_seed(ctx.seed + 1)
+    corr = {meth: [] for meth in config.methods}
+    for batch, encoded, units in _batches(ctx, subset, config.batch_size, random):
+        game = attr.Game(random, encoded, units, pred[batch].to(ctx.device))
+        for meth in config.methods:
+            scores, _ = attribute(meth, game, config, stats, generator)
+            original = got[("map", meth, "pred")][batch]
+            corr[meth].append(_spearman(original, scores.cpu(), game.present.cpu()))
+    return {meth: round(float(torch.cat(c).nanmean()), 4) for meth, c in corr.items()}
+
+
+def localisation(scores: torch.Tensor, coverage: torch.Tensor, present: torch.Tensor) -> dict | None:
+    """How much of the attribution a ground-truth region gets, over the samples where the
+    region exists: mass (share of |attribution|), enrichment (mass / the region's share of
+    the units) and top1_rate (how often the top unit lies mostly inside the region)."""
+    has = coverage.sum(1) > 0
+    if not has.any():
+        return None
+    a, c, p = scores[has].abs() * present[has], coverage[has], present[has]
+    mass = (a * c).sum(1) / a.sum(1).clamp_min(1e-12)
+    area = c.sum(1) / p.sum(1)
+    top = c.gather(1, a.argmax(1, keepdim=True)).squeeze(1) > 0.5
+    return {"n": int(has.sum()), "mass": round(float(mass.mean()), 4), "enrichment": round(float(mass.mean() / area.mean()), 3), "top1_rate": round(float(top.float().mean()), 4)}
+
+
+def _mean(t: torch.Tensor, digits: int = 4) -> float | None:
+    """Mean for the summary; None over no samples (all skipped), never NaN."""
+    return round(float(t.float().mean()), digits) if t.numel() else None
+
+
+def _std(t: torch.Tensor) -> float | None:
+    return round(float(t.float().std()), 4) if t.numel() > 1 else None
+
+
+def _result(config, modalities, sizes, data, rows, pred, got, cost, regions, sanity, n_maps) -> StageResult:
+    n = len(rows)
+    spans = dict(zip(modalities, torch.arange(sum(sizes)).split(sizes)))
+    present = got["present"]
+    finite = torch.stack([torch.isfinite(got[("map", meth, t)]).all(1) for meth in config.methods for t in ("pred", "true")]).all(0)
+    finite &= torch.isfinite(got["modality_phi"]).all(1)
+    skipped = [{"id": int(data.ids[i]), "reason": "non-finite attribution or model output"} for i in (~finite).nonzero().flatten().tolist()]
+    phi, interaction, gap = got["modality_phi"][finite], got["interaction"][finite], got["gap"][finite]
+    summary: dict = {"n_explained": n, "n_errors_explained": int((pred != data.labels).sum()), "skipped": skipped}
+    if "shapley" in config.methods:
+        shap = got[("map", "shapley", "pred")][finite].abs()
+        total = shap.sum(1).clamp_min(1e-12)
+        summary["modality_share"] = {
+            m: {"mean": _mean(share), "std": _std(share)}
+            for m, share in ((m, shap[:, spans[m]].sum(1) / total) for m in modalities)
+        }
+    summary["modality_ablation"] = {
+        **{m: {"shapley": _mean(phi[:, j]), "abs_shapley": _mean(phi[:, j].abs())} for j, m in enumerate(modalities)},
+        "interaction": {"mean": _mean(interaction), "abs_mean": _mean(interaction.abs())},
+    }
+    methods = {}
+    for meth in config.methods:
+        scores = got[("map", meth, "pred")][finite]
+        residual = got[("residual", meth)][finite] if ("residual", meth) in got else None
+        truth = {}
+        for m, r in regions:
+            found = localisation(scores[:, spans[m]], got[("coverage", m, r)][finite], present[finite][:, spans[m]])
+            if found is not None:
+                truth[r if sum(rr == r for _, rr in regions) == 1 else f"{m}.{r}"] = found
+        methods[meth] = {
+            "deletion_auc": _mean(got[("deletion", meth)][finite]),
+            "insertion_auc": _mean(got[("insertion", meth)][finite]),
+            # relative: mean |sum(attr) - (f(x) - f(baseline))| / mean |f(x) - f(baseline)|
+            "completeness_error": None if residual is None or not len(residual) else round(float(residual.abs().mean() / gap.abs().mean().clamp_min(1e-12)), 6),
+            "sanity_rank_corr": sanity.get(meth),
+            "seconds": round(cost[meth]["seconds"], 3),
+            "forward_passes": round(cost[meth]["passes"] / n_maps, 1),  # model inputs per map
+            "truth": truth,
+        }
+    summary["methods"] = methods
+    arrays = {
+        "rows": rows.numpy(),
+        "ids": data.ids.numpy(),
+        "pred": pred.numpy(),
+        "label": data.labels.numpy(),
+        "present": present.numpy(),
+        "sizes": np.array(sizes),
+        "modality_shapley": got["modality_phi"].numpy(),
+        "interaction": got["interaction"].numpy(),
+    }
+    for meth in config.methods:
+        for tgt in ("pred", "true"):
+            arrays[f"attr.{meth}.{tgt}"] = got[("map", meth, tgt)].numpy()
+    return StageResult(summary, arrays)
+
+
+STAGE = Stage(
+    "unimodal",
+    run,
+    UnimodalConfig,
+    writes=("unimodal.modality_share", "unimodal.modality_ablation", "unimodal.methods.<method>"),
+    modules=("stages.unimodal", "stages.attribution"),
+)

@@ -1,0 +1,94 @@
+"""Stage 1 on the demo: the planted shortcut and the negation must show up, and bad input."""
+
+import pytest
+import torch
+
+from pipeline import FeatureGroups, SampleSet, TorchAdapter
+from pipeline.demo import shapes
+from pipeline.errors import MmdiagError
+from pipeline.resolve import predict
+from stages.base import Context
+from stages.unimodal import UnimodalConfig, run
+
+QUICK = dict(methods=["integrated_gradients", "shapley"], n_correct=150, max_errors=50, shapley_pairs=3, ig_steps=64, sanity_samples=0)
+
+
+def _run(adapter, data, **settings):
+    logits = predict(adapter, data, torch.device("cpu"))
+    return run(Context(adapter, data, torch.device("cpu"), 0, logits), UnimodalConfig(**settings), {})
+
+
+@pytest.fixture(scope="module")
+def ood():
+    return shapes.split("ood", n=400)
+
+
+@pytest.mark.slow
+def test_demo_film_attribution_finds_the_mark_and_the_negation(demo_models, ood):
+    film = _run(demo_models("demo-film"), ood, **QUICK).summary
+    clean = _run(demo_models("demo-film-clean"), ood, **QUICK).summary
+    for method in ("integrated_gradients", "shapley"):
+        mark = film["methods"][method]["truth"]["watermark"]
+        assert mark["enrichment"] > 5 and mark["top1_rate"] > 0.8  # the mark is 1 of 64 patches
+        # the model trained without the shortcut puts far less on the mark
+        assert clean["methods"][method]["truth"]["watermark"]["mass"] < 0.25 * mark["mass"]
+        assert film["methods"][method]["truth"]["negation"]["top1_rate"] >= 0.85
+    assert film["methods"]["shapley"]["completeness_error"] < 1e-5
+    assert film["methods"]["integrated_gradients"]["completeness_error"] < 0.05
+    shares = film["modality_share"]
+    assert shares["image"]["mean"] + shares["text"]["mean"] == pytest.approx(1, abs=1e-3)
+    assert film["modality_ablation"]["interaction"]["abs_mean"] > 0.1  # FiLM combines the modalities
+
+
+def test_every_method_runs_and_reports_quality(demo_models_untrained):
+    adapter, data = demo_models_untrained
+    result = _run(adapter, data, n_correct=6, max_errors=6, shapley_pairs=1, ig_steps=4, iba_steps=2, iba_copies=2, sanity_samples=4, batch_size=5)
+    s = result.summary
+    assert set(s["methods"]) == {"grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"}
+    for name, m in s["methods"].items():
+        assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
+        assert m["sanity_rank_corr"] is not None and m["forward_passes"] > 0
+        assert (m["completeness_error"] is None) == (name not in ("integrated_gradients", "shapley"))
+        assert {"named_shape", "other_shape", "negation"} <= set(m["truth"])
+    n = s["n_explained"]
+    assert result.arrays["attr.shapley.true"].shape == (n, 64 + 9)
+
+
+@pytest.fixture(scope="module")
+def demo_models_untrained():
+    from pipeline.demo.models import FiLMNet, demo_adapter
+
+    torch.manual_seed(0)
+    return demo_adapter(FiLMNet().eval()), shapes.split("ood", n=60)
+
+
+class LogSum(torch.nn.Module):
+    def forward(self, x):
+        total = x["a"].sum(1) + x["b"].sum(1)
+        return torch.stack([torch.log(total), -torch.log(total)], 1)
+
+
+def _tabular(n=6, positive=True):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(n, 2, generator=g) + (1 if positive else 0)
+    return SampleSet(inputs={"a": a, "b": torch.rand(n, 2, generator=g) + 1}, labels=torch.tensor([0, 1] * (n // 2)), class_names=["x", "y"])
+
+
+def test_non_finite_outputs_are_skipped_and_reported():
+    # removing every unit makes the sum 0 and log(0) = -inf: Shapley values are not finite
+    adapter = TorchAdapter(LogSum(), ("a", "b"), units={"a": FeatureGroups([0, 1]), "b": FeatureGroups([0, 1])})
+    result = _run(adapter, _tabular(), methods=["shapley", "grad_x_input"], n_correct=6, sanity_samples=0, curve_points=2)
+    skipped = result.summary["skipped"]
+    assert len(skipped) == result.summary["n_explained"] and skipped[0]["reason"].startswith("non-finite")
+    assert result.summary["methods"]["shapley"]["deletion_auc"] is None  # no figure from no samples
+    import json
+
+    json.dumps(result.summary, allow_nan=False)  # what the run store writes
+
+
+def test_bad_settings_and_samples():
+    with pytest.raises(Exception, match="methods"):
+        UnimodalConfig(methods=["saliency_magic"])
+    adapter = TorchAdapter(LogSum(), ("a", "b"), units={"a": FeatureGroups([-1, -1]), "b": FeatureGroups([0, 1])})
+    with pytest.raises(MmdiagError, match="no units in modality 'a'"):
+        _run(adapter, _tabular(), methods=["grad_x_input"], sanity_samples=0)
