@@ -117,7 +117,7 @@ def test_rerun_with_a_new_model_marks_the_stages_it_did_not_recompute(toy, tmp_p
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_killed_run_resumes_from_finished_stages(toy, tmp_path, sig):
     cfg, run, computed = toy
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second"}
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second", "TOY_ONLY": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while "second" not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
@@ -247,7 +247,7 @@ def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_serv
     dask_cfg.write_text(cfg.read_text().replace("run: toy", "run: toy-dask").replace("cache: ", "cache: ") +
                         "runner: {kind: dask, workers: 2, shards: 2}\n")
     pids = tmp_path / "pids.log"
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TOY_PIDS": str(pids),
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TOY_PIDS": str(pids), "TOY_ONLY": "1",
            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("PREFECT_HOME", None)
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(dask_cfg)], env=env,
