@@ -53,6 +53,91 @@ def run(device_name: str = "auto") -> list[dict]:
     _, secs = _timed(lambda: predict(adapter, ood, device))
     row("evaluate demo-film on ood (2,000 samples)", secs, "s", samples_per_s=round(len(ood) / secs))
     rows += _demo_rows(device.type)
+    rows += attribution_rows(adapter, ood, device)
+    return rows
+
+
+def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
+    """Stage 1's methods on the same model and samples: cost per sample, our batched Shapley
+    sampling against the shap package as MM-SHAP runs it, batched IBA against one sample at a
+    time, and every method's wall time over the floor (inputs evaluated x time per input)."""
+    import torch
+
+    from stages import attribution as attr
+    from stages.unimodal import UnimodalConfig, attribute
+
+    rows = []
+
+    def row(name, value, unit, **extra):
+        rows.append({"benchmark": name, "value": None if value is None else round(value, 4), "unit": unit, "device": device.type, **extra})
+
+    subset = data.subset(torch.arange(n))
+    inputs = {m: x.to(device) for m, x in subset.inputs.items()}
+    adapter.to(device).eval()
+    with torch.no_grad():
+        encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
+        target = adapter.forward(encoded).argmax(1)
+    units = adapter.units(inputs, encoded)
+
+    def game():
+        return attr.Game(adapter, encoded, units, target)
+
+    # the floor: seconds per model input in a full batch of perturbed inputs
+    g = game()
+    keep = torch.rand(n, 2048 // n, g.n_players, generator=torch.Generator().manual_seed(0)) > 0.5
+    g.value(keep.to(device))
+    (_, per_input) = _timed(lambda: g.value(keep.to(device)))
+    per_input /= keep.shape[0] * keep.shape[1]
+    row("model input in a batch of 2,048 perturbations (the floor)", per_input * 1e6, "us")
+
+    config = UnimodalConfig(shapley_pairs=10)
+    stats = attr.BottleneckStats.of(encoded)
+    for method in ("grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"):
+        g = game()
+        generator = torch.Generator().manual_seed(0)
+        (scores, _), secs = _timed(lambda: attribute(method, g, config, stats, generator))
+        passes = g.passes / n
+        row(f"{method}: seconds per sample", secs / n, "s", inputs_per_sample=round(passes), over_floor=round(secs / (g.passes * per_input), 2))
+        if method == "shapley":
+            ours, ours_secs = scores, secs / n
+
+    try:
+        import numpy as np
+        import shap
+    except ImportError:
+        row("shap permutation explainer (not installed: pip install shap)", None, "s")
+        return rows
+    k = 2  # shap runs one input per forward pass (~40 s a sample here): two samples time it
+    values, start = [], time.perf_counter()
+    for i in range(k):
+        one = attr.Game(adapter, {m: t[i : i + 1] for m, t in encoded.items()}, {m: u.take(slice(i, i + 1)) for m, u in units.items()}, target[i : i + 1])
+
+        def f(masks):  # MM-SHAP's setup: each masked input through the model on its own
+            return np.array([float(one.value(torch.as_tensor(mk[None, None] > 0.5, device=device))[0, 0]) for mk in masks])
+
+        def masker(mask, x):
+            return (x * mask).reshape(1, -1)
+
+        masker.shape = (1, one.n_players)
+        explainer = shap.explainers.Permutation(f, masker)
+        evals = 10 * (2 * one.n_players + 1)  # 10 permutations, each forward and reversed
+        values.append(explainer(np.ones((1, one.n_players)), max_evals=evals, batch_size=1, silent=True).values[0])
+    shap_secs = (time.perf_counter() - start) / k
+    corr = float(np.corrcoef(np.concatenate(values), ours[:k].cpu().numpy().ravel())[0, 1])
+    row("shap Permutation (MM-SHAP setup, 10 antithetic permutations): seconds per sample", shap_secs, "s",
+        speedup_of_ours=round(shap_secs / ours_secs, 1), correlation_with_ours=round(corr, 3))
+
+    g = game()
+    iba_config = attr.IBAConfig()
+    _, batched = _timed(lambda: attr.iba(g, "image", stats, iba_config, torch.Generator().manual_seed(0)))
+
+    def one_at_a_time():
+        for i in range(n):
+            single = attr.Game(adapter, {m: t[i : i + 1] for m, t in encoded.items()}, {m: u.take(slice(i, i + 1)) for m, u in units.items()}, target[i : i + 1])
+            attr.iba(single, "image", stats, iba_config, torch.Generator().manual_seed(0))
+
+    _, looped = _timed(one_at_a_time)
+    row("IBA, image, 10 steps x 10 noise draws: seconds per sample, batched", batched / n, "s", speedup_over_one_at_a_time=round(looped / batched, 1))
     return rows
 
 
@@ -79,6 +164,10 @@ def _demo_rows(device: str) -> list[dict]:
     return rows
 
 
+def _cell(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
 def main(json_path: Path = Path("bench.json"), device: str = "auto") -> int:
     from rich.console import Console
     from rich.table import Table
@@ -89,7 +178,7 @@ def main(json_path: Path = Path("bench.json"), device: str = "auto") -> int:
         table.add_column(col, justify="right" if col == "value" else "left")
     for r in rows:
         notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("benchmark", "value", "unit", "device"))
-        table.add_row(r["benchmark"], f"{r['value']:.3f}", r["unit"], r["device"], notes)
+        table.add_row(r["benchmark"], _cell(r["value"]), r["unit"], r["device"], notes)
     Console().print(table)
     write_json(json_path, {"rows": rows})
     print(json.dumps({"written": str(json_path), "rows": len(rows)}))
