@@ -82,13 +82,22 @@ def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
     def game():
         return attr.Game(adapter, encoded, units, target)
 
-    # the floor: seconds per model input in a full batch of perturbed inputs
+    # the floors: seconds per model input in a full batch, forward only and forward + backward
     g = game()
     keep = torch.rand(n, 2048 // n, g.n_players, generator=torch.Generator().manual_seed(0)) > 0.5
     g.value(keep.to(device))
     (_, per_input) = _timed(lambda: g.value(keep.to(device)))
     per_input /= keep.shape[0] * keep.shape[1]
-    row("model input in a batch of 2,048 perturbations (the floor)", per_input * 1e6, "us")
+    row("forward, per model input in batches of perturbations (floor)", per_input * 1e6, "us")
+    big = {m: t.repeat_interleave(512 // n, 0).requires_grad_(True) for m, t in encoded.items()}
+
+    def forward_backward():
+        adapter.forward(big).sum().backward()
+
+    forward_backward()
+    (_, per_grad) = _timed(forward_backward)
+    per_grad /= 512
+    row("forward + backward, per model input in a batch of 512 (floor)", per_grad * 1e6, "us")
 
     config = UnimodalConfig(shapley_pairs=10)
     stats = attr.BottleneckStats.of(encoded)
@@ -96,8 +105,8 @@ def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
         g = game()
         generator = torch.Generator().manual_seed(0)
         (scores, _), secs = _timed(lambda: attribute(method, g, config, stats, generator))
-        passes = g.passes / n
-        row(f"{method}: seconds per sample", secs / n, "s", inputs_per_sample=round(passes), over_floor=round(secs / (g.passes * per_input), 2))
+        floor = (g.passes - g.backward) * per_input + g.backward * per_grad  # differentiated inputs cost a backward too
+        row(f"{method}: seconds per sample", secs / n, "s", forward_inputs=round(g.passes / n), backward_inputs=round(g.backward / n), over_floor=round(secs / floor, 2))
         if method == "shapley":
             ours, ours_secs = scores, secs / n
 
