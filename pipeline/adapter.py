@@ -43,6 +43,15 @@ class ModelAdapter(ABC):
         """The final linear layer, when the model has one (exact logit decomposition)."""
         return None
 
+    def shared_embeddings(self, encoded: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """For models with a shared embedding space (CLIP-like): each modality's embedding in
+        that space, computed from that modality alone, (B, D) each. Enables M2IB."""
+        raise MmdiagError("methods: m2ib needs a model with a shared embedding space (an adapter with shared_embeddings)")
+
+    @property
+    def has_shared_space(self) -> bool:
+        return type(self).shared_embeddings is not ModelAdapter.shared_embeddings
+
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         return self.forward(self.encode(inputs))
 

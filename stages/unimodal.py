@@ -21,7 +21,7 @@ from pipeline.errors import MmdiagError
 from stages import attribution as attr
 from stages.base import Context, Stage, StageConfig, StageResult
 
-Method = Literal["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"]
+Method = Literal["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba", "m2ib"]
 COMPLETE = ("integrated_gradients", "shapley")  # methods with a completeness identity
 
 
@@ -34,6 +34,7 @@ class UnimodalConfig(StageConfig):
     ig_steps: int = Field(default=32, gt=1)
     shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample
     iba_beta: float = 10.0
+    m2ib_beta: float = 0.1
     iba_steps: int = Field(default=10, gt=0)
     iba_copies: int = Field(default=10, gt=0)
     curve_points: int = Field(default=10, gt=1)  # deletion / insertion curve resolution
@@ -134,8 +135,11 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
     if method == "shapley":
         scores = attr.shapley_sampling(game, config.shapley_pairs, generator)
         return scores, scores.sum(1) - _gap(game)
-    iba = attr.IBAConfig(beta=config.iba_beta, steps=config.iba_steps, copies=config.iba_copies)
-    return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
+    if method == "iba":
+        iba = attr.IBAConfig(beta=config.iba_beta, steps=config.iba_steps, copies=config.iba_copies)
+        return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
+    m2ib = attr.IBAConfig(beta=config.m2ib_beta, steps=config.iba_steps, copies=config.iba_copies, smooth=0.0)
+    return torch.cat([attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
 
 
 def _gap(game: attr.Game) -> torch.Tensor:
@@ -165,7 +169,9 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
     data = ctx.data.subset(rows)
     pred = ctx.logits[rows].argmax(1)
     regions = [(m, r) for m, rs in data.truth.items() if m in adapter.modalities for r in rs]
-    stats = _stats(ctx, data, adapter) if "iba" in config.methods else None
+    if "m2ib" in config.methods and not adapter.has_shared_space:
+        raise MmdiagError("stages.unimodal.methods: m2ib needs a model with a shared embedding space (e.g. CLIP); remove it for this model")
+    stats = _stats(ctx, data, adapter) if {"iba", "m2ib"} & set(config.methods) else None
     generator = torch.Generator().manual_seed(ctx.seed)
     got, cost = _Gathered(), {meth: {"seconds": 0.0, "passes": 0} for meth in config.methods}
     for batch, encoded, units in _batches(ctx, data, config.batch_size, adapter):
@@ -218,7 +224,7 @@ def _sanity(ctx, config, data, pred, got) -> dict[str, float]:
     model learnt."""
     random = _randomised(ctx.adapter, ctx.seed)
     subset = data.subset(torch.arange(min(config.sanity_samples, len(data))))
-    stats = _stats(ctx, subset, random) if "iba" in config.methods else None
+    stats = _stats(ctx, subset, random) if {"iba", "m2ib"} & set(config.methods) else None
     generator = torch.Generator().manual_seed(ctx.seed + 1)
     corr = {meth: [] for meth in config.methods}
     for batch, encoded, units in _batches(ctx, subset, config.batch_size, random):

@@ -109,3 +109,71 @@ def test_localisation_by_hand():
     assert out["n"] == 2 and out["mass"] == pytest.approx((0.8 + 0.25) / 2)
     assert out["enrichment"] == pytest.approx(((0.8 + 0.25) / 2) / 0.25, rel=1e-3)
     assert out["top1_rate"] == 0.5  # first sample's top unit is inside; the tie in the second is not
+
+
+class TwoTowers(torch.nn.Module):
+    """A tiny CLIP-like model: each modality has its own tower into a shared 4-d space, the
+    output is the match score as two logits (match, no match)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.left = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        self.right = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def embed(self, x):
+        return {"left": self.left(x["left"]), "right": self.right(x["right"])}
+
+    def forward(self, x):
+        e = self.embed(x)
+        cos = torch.nn.functional.cosine_similarity(e["left"], e["right"], dim=-1)
+        return torch.stack([cos, -cos], 1)
+
+
+class SharedSpaceAdapter(TorchAdapter):
+    def shared_embeddings(self, encoded):
+        return self.module.embed(encoded)
+
+
+def _towers_game(seed=0, b=6):
+    model = TwoTowers(seed).eval()
+    adapter = SharedSpaceAdapter(model, ("left", "right"), units={m: FeatureGroups([0, 0, 1, 1, 2, 2]) for m in ("left", "right")})
+    g = torch.Generator().manual_seed(3)
+    x = {"left": torch.randn(b, 6, generator=g), "right": torch.randn(b, 6, generator=g)}
+    encoded = adapter.encode(x)
+    return attr.Game(adapter, encoded, adapter.units(x, encoded), torch.zeros(b, dtype=torch.long)), encoded
+
+
+def test_m2ib_maps_per_modality_and_their_sanity():
+    game, encoded = _towers_game()
+    stats = attr.BottleneckStats.of(encoded)
+    config = attr.IBAConfig(beta=0.1, smooth=0.0, steps=10, copies=10)
+    maps = {m: attr.m2ib(game, m, stats, config, torch.Generator().manual_seed(0)) for m in ("left", "right")}
+    assert maps["left"].shape == (6, 3) and (maps["left"] >= 0).all() and maps["left"].sum() > 0
+    # the same inputs through a model with other weights give other maps (Adebayo's check)
+    other, _ = _towers_game(seed=1)
+    redrawn = attr.m2ib(other, "left", stats, config, torch.Generator().manual_seed(0))
+    assert not torch.allclose(redrawn, maps["left"], rtol=0.05)
+    # no shared space, no M2IB
+    from pipeline.errors import MmdiagError
+
+    with pytest.raises(MmdiagError, match="shared embedding space"):
+        attr.m2ib(game_for(Mixer()), "left", stats, config)
+
+
+def test_unimodal_stage_runs_m2ib_only_where_there_is_a_shared_space():
+    from pipeline import SampleSet
+    from pipeline.errors import MmdiagError
+    from stages.base import Context
+    from stages.unimodal import UnimodalConfig, run
+
+    game, encoded = _towers_game(b=8)
+    data = SampleSet(inputs={m: t.detach() for m, t in encoded.items()}, labels=torch.zeros(8, dtype=torch.long), class_names=["match", "no"])
+    logits = game.adapter.forward(encoded).detach()
+    config = UnimodalConfig(methods=["m2ib", "shapley"], n_correct=8, sanity_samples=4, shapley_pairs=2)
+    summary = run(Context(game.adapter, data, torch.device("cpu"), 0, logits), config, {}).summary
+    assert summary["methods"]["m2ib"]["sanity_rank_corr"] is not None
+    plain = game_for(Mixer(), b=8)
+    data2 = SampleSet(inputs={m: t.detach() for m, t in plain.encoded.items()}, labels=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(MmdiagError, match="m2ib needs"):
+        run(Context(plain.adapter, data2, torch.device("cpu"), 0, plain.adapter.forward(plain.encoded).detach()), config, {})
