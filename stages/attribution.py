@@ -52,6 +52,12 @@ class Game:
         """(..., F) -> {modality: (..., n_m)}."""
         return dict(zip(self.modalities, per_player.split(self.sizes, dim=-1)))
 
+    def sample(self, i: int) -> "Game":
+        """The game of one sample of the batch."""
+        rows = slice(i, i + 1)
+        units = {m: u.take(rows) for m, u in self.units.items()}
+        return Game(self.adapter, {m: t[rows] for m, t in self.encoded.items()}, units, self.target[rows], self.batch_size)
+
     def removed(self) -> dict[str, Tensor]:
         """The input with every unit removed (special tokens kept): the baseline of IG."""
         b = len(self.target)

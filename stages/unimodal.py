@@ -168,7 +168,10 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
         raise MmdiagError("stages.unimodal: no samples to explain; raise n_correct or check the data")
     data = ctx.data.subset(rows)
     pred = ctx.logits[rows].argmax(1)
-    regions = [(m, r) for m, rs in data.truth.items() if m in adapter.modalities for r in rs]
+    unknown = [m for m in data.truth if m not in adapter.modalities]
+    if unknown:
+        raise MmdiagError(f"data.truth: modality {unknown[0]!r} is not one of the model's ({', '.join(adapter.modalities)}); rename or drop those masks")
+    regions = [(m, r) for m, rs in data.truth.items() for r in rs]
     if "m2ib" in config.methods and not adapter.has_shared_space:
         raise MmdiagError("stages.unimodal.methods: m2ib needs a model with a shared embedding space (e.g. CLIP); remove it for this model")
     stats = _stats(ctx, data, adapter) if {"iba", "m2ib"} & set(config.methods) else None

@@ -92,3 +92,8 @@ def test_bad_settings_and_samples():
     adapter = TorchAdapter(LogSum(), ("a", "b"), units={"a": FeatureGroups([-1, -1]), "b": FeatureGroups([0, 1])})
     with pytest.raises(MmdiagError, match="no units in modality 'a'"):
         _run(adapter, _tabular(), methods=["grad_x_input"], sanity_samples=0)
+    data = _tabular()
+    data.truth = {"audio": {"voice": torch.ones(6, 2, dtype=torch.bool)}}
+    good = TorchAdapter(LogSum(), ("a", "b"), units={"a": FeatureGroups([0, 1]), "b": FeatureGroups([0, 1])})
+    with pytest.raises(MmdiagError, match="data.truth: modality 'audio'"):
+        _run(good, data, methods=["grad_x_input"], sanity_samples=0)
