@@ -6,7 +6,6 @@ stages' result references and swapped in whole (pipeline.store.new_run).
 
 from __future__ import annotations
 
-import importlib
 import platform
 import signal
 import sys
@@ -21,6 +20,7 @@ from flows.settings import configure, quiet_user_errors
 from pipeline.config import DiagConfig, ModelSpec
 from pipeline.errors import MmdiagError
 from pipeline.store import SUMMARY_SCHEMA, cache_root, new_run
+from stages import registry
 
 
 def versions() -> dict[str, str]:
@@ -37,8 +37,6 @@ def versions() -> dict[str, str]:
 
 def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
     """Every registered stage's settings, validated by its own config class."""
-    from stages import registry
-
     known = {s.name: s for s in registry.stages()}
     for name in config.stages:
         if name not in known:
@@ -54,20 +52,11 @@ def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_plugins(config: DiagConfig) -> None:
-    for module in config.plugins:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise MmdiagError(f"plugins: cannot import {module!r} ({e})") from None
-
-
 def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], stage_model: dict | None) -> str:
     from prefect.artifacts import create_markdown_artifact
 
     from flows import results, tasks
     from pipeline.device import resolve_device
-    from stages import registry
 
     config = DiagConfig.model_validate(config_json)
     cache = cache_root(config.cache)
@@ -211,7 +200,7 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
     from flows.tasks import data_ref
     from pipeline.resolve import check_model
 
-    load_plugins(config)
+    registry.load_plugins(config.plugins)
     stage_settings(config)
     check_model(config.model)
     task_runner(config)

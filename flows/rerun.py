@@ -44,10 +44,9 @@ def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
         config = DiagConfig.model_validate(run["config"])
     except (ValidationError, KeyError):
         raise MmdiagError(f"{run_dir}/run.json: its config is not readable by this version; run `mmdiag diagnose` again") from None
-    from flows.flow import load_plugins
     from stages import registry
 
-    load_plugins(config)
+    registry.load_plugins(config.plugins)
     registry.get(stage)
     stages = dict(config.stages)
     stages[stage] = {**stages.get(stage, {}), **parse_sets(stage, sets)}

@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,39 +50,40 @@ def policy(cache: Path) -> CachePolicy:
     return (INPUTS - "cache" + CodeVersion()).configure(key_storage=cache / "keys")
 
 
-@lru_cache(maxsize=4)
-def _model(spec_json: str, fingerprint: str, cache: str):
-    adapter, _ = load_model(ModelSpec.model_validate_json(spec_json), cache=Path(cache))
-    if fingerprint_module(adapter.module) != fingerprint:
-        raise MmdiagError("model: the weights changed while the run was going on; start the run again")
-    return adapter
-
-
-@lru_cache(maxsize=8)
-def _data(spec_json: str, split: str, seed: int, fingerprint: str):
-    data = load_data(DataSpec.model_validate_json(spec_json), split, seed)
-    if data.fingerprint() != fingerprint:
-        raise MmdiagError(f"data: split {split!r} is not the data this run was started with; start the run again")
-    return data
+# What this process has loaded, by reference: the flow loads the model and data once to
+# fingerprint them, and its tasks reuse them; a worker elsewhere loads them on first use.
+_loaded: dict[tuple, Any] = {}
 
 
 def model_ref(spec: ModelSpec, cache: Path, device: str) -> tuple[dict, bool]:
     adapter, cached = load_model(spec, cache=cache, device=device)
     ref = {"spec": spec.model_dump_json(), "fingerprint": fingerprint_module(adapter.module)}
+    _loaded[("model", ref["spec"], ref["fingerprint"])] = adapter
     return ref, cached
 
 
 def data_ref(spec: DataSpec, split: str, seed: int) -> dict:
     data = load_data(spec, split, seed)
-    return {"spec": spec.model_dump_json(), "split": split, "seed": seed, "n": len(data), "fingerprint": data.fingerprint()}
+    ref = {"spec": spec.model_dump_json(), "split": split, "seed": seed, "n": len(data), "fingerprint": data.fingerprint()}
+    _loaded[("data", ref["spec"], split, seed, ref["fingerprint"])] = data
+    return ref
 
 
 def adapter_for(model: dict, cache: Path):
-    return _model(model["spec"], model["fingerprint"], str(cache))
+    key = ("model", model["spec"], model["fingerprint"])
+    if key not in _loaded:
+        ref, _ = model_ref(ModelSpec.model_validate_json(model["spec"]), cache, "cpu")
+        if ref["fingerprint"] != model["fingerprint"]:
+            raise MmdiagError("model: the weights changed while the run was going on; start the run again")
+    return _loaded[key]
 
 
 def data_for(ref: dict):
-    return _data(ref["spec"], ref["split"], ref["seed"], ref["fingerprint"])
+    key = ("data", ref["spec"], ref["split"], ref["seed"], ref["fingerprint"])
+    if key not in _loaded:
+        if data_ref(DataSpec.model_validate_json(ref["spec"]), ref["split"], ref["seed"])["fingerprint"] != ref["fingerprint"]:
+            raise MmdiagError(f"data: split {ref['split']!r} is not the data this run was started with; start the run again")
+    return _loaded[key]
 
 
 @task(name="prepare-model", cache_policy=NO_CACHE)
@@ -124,8 +124,7 @@ def run_stage(
     """One stage, or shard [i, n] of its samples (a worker on another machine gets here with
     nothing but these arguments: it imports the plugins and loads model and data itself)."""
     start = time.perf_counter()
-    for module in plugins:
-        importlib.import_module(module)
+    registry.load_plugins(plugins)
     entry = registry.get(stage)
     evaluated, _ = results.load(evaluation)
     samples, logits = data_for(data), torch.from_numpy(evaluated.arrays["logits"])

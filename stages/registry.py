@@ -16,6 +16,19 @@ def register(stage: Stage) -> Stage:
     return stage
 
 
+def load_plugins(modules: list[str]) -> None:
+    """Import the modules a config names under `plugins` (they register their stages)."""
+    import importlib
+
+    from pipeline.errors import MmdiagError
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise MmdiagError(f"plugins: cannot import {module!r} ({e})") from None
+
+
 def stages() -> list[Stage]:
     return list(_STAGES.values())
 
