@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from flows.settings import configure, quiet_user_errors
 from pipeline.config import DiagConfig, ModelSpec
 from pipeline.errors import MmdiagError
-from pipeline.store import SUMMARY_SCHEMA, cache_root, new_run
+from pipeline.store import SUMMARY_SCHEMA, atomic_write, cache_root, new_run
 from stages import registry
 
 
@@ -157,7 +157,10 @@ def _write_run(config, summary, loaded, status, model, data) -> Path:
         for name, (result, meta) in loaded.items():
             if result.arrays:
                 store.write_arrays(f"stages/{name}/arrays.safetensors", result.arrays)
-            store.write_json(f"stages/{name}/result.json", {"summary": result.summary, **meta})
+            store.write_json(f"stages/{name}/result.json", {"summary": result.summary, "details": result.details, **meta})
+            stage = registry.get(name) if name != "model" else None
+            for rel, text in (stage.files(result) if stage and stage.files else {}).items():
+                atomic_write(store.path(rel), lambda tmp, text=text: tmp.write_text(text))
         store.write_json("run.json", provenance)
         store.write_json("summary.json", summary)
     return Path(config.out) / config.run

@@ -35,10 +35,13 @@ class Context:
 
 @dataclass
 class StageResult:
-    """Small JSON-able headline figures, and named arrays for the report."""
+    """Small JSON-able headline figures (they go to summary.json), named arrays, and JSON-able
+    details that are too big or too fine for summary.json (per-sample graphs, unit labels):
+    the report reads those from stages/STAGE/result.json."""
 
     summary: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,6 @@ class Stage:
     # Per-sample stages can be split into shards (`runner.shards`), run as mapped tasks, and
     # combined by `merge`, which must give what one run over all samples gives.
     merge: Callable[[list[StageResult]], StageResult] | None = None
+    # Extra files the result adds to the run folder ({relative path: text}, e.g. GraphML under
+    # graphs/); the flow writes them, so the stage itself stays free of I/O.
+    files: Callable[[StageResult], dict[str, str]] | None = None
