@@ -54,6 +54,7 @@ def run(device_name: str = "auto") -> list[dict]:
     row("evaluate demo-film on ood (2,000 samples)", secs, "s", samples_per_s=round(len(ood) / secs))
     rows += _demo_rows(device.type)
     rows += attribution_rows(adapter, ood, device)
+    rows += crossmodal_rows(adapter, ood, device)
     return rows
 
 
@@ -148,6 +149,72 @@ def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
     _, looped = _timed(one_at_a_time)
     row("IBA, image, 10 steps x 10 noise draws: seconds per sample, batched", batched / n, "s", speedup_over_one_at_a_time=round(looped / batched, 1))
     return rows
+
+
+def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) -> list[dict]:
+    """Stage 2's methods on the same model: EMAP's N^2 recombined inputs in large batches
+    against one input per forward pass (MultiViz), and the mixed-gradient block by torch.func
+    against loops of double backward passes (over units, batched over samples; and MultiViz's
+    one sample at a time). The loops are timed on a part of the work and scaled up."""
+    import torch
+
+    from stages import attribution as attr
+    from stages import interaction as inter
+
+    rows = []
+
+    def row(name, value, unit, **extra):
+        rows.append({"benchmark": name, "value": round(value, 4), "unit": unit, "device": device.type, **extra})
+
+    adapter.to(device).eval()
+    ref = data.subset(torch.arange(n_reference))
+    with torch.no_grad():
+        encoded = {m: t.detach() for m, t in adapter.encode({m: x.to(device) for m, x in ref.inputs.items()}).items()}
+    batch = 8192 if device.type == "cuda" else 512
+    inter.recombination_table(adapter.forward, {m: t[:20] for m, t in encoded.items()}, batch)  # warm-up
+    (_, passes), batched = _timed(lambda: inter.recombination_table(adapter.forward, encoded, batch))
+    sample = 400
+
+    def one_at_a_time():
+        with torch.no_grad():
+            for k in range(sample):
+                adapter.forward({"image": encoded["image"][k % n_reference : k % n_reference + 1], "text": encoded["text"][k // n_reference : k // n_reference + 1]})
+
+    _, looped = _timed(one_at_a_time)
+    looped *= passes / sample
+    row(f"EMAP, {n_reference} x {n_reference} recombined inputs, batched", batched, "s", inputs=passes,
+        speedup_over_one_per_pass=round(looped / batched, 1), one_per_pass_s=round(looped, 2))
+
+    inputs = {m: x[:n].to(device) for m, x in ref.inputs.items()}
+    enc = {m: t[:n] for m, t in encoded.items()}
+    units = adapter.units(inputs, enc)
+    with torch.no_grad():
+        target = adapter.forward(enc).argmax(1)
+    game = lambda: attr.Game(adapter, enc, units, target)  # noqa: E731
+    inter.mixed_gradients(game(), "image", "text")  # warm-up
+    g = game()
+    _, ours = _timed(lambda: inter.mixed_gradients(g, "image", "text"))
+    per_grad = _per_input_gradient(adapter, enc)
+    floor = g.backward * per_grad
+    _, loop_units = _timed(lambda: inter.mixed_gradients_looped(game(), "image", "text"))
+    k = 4
+    _, loop_samples = _timed(lambda: [inter.mixed_gradients_looped(game().sample(i), "image", "text") for i in range(k)])
+    loop_samples *= n / k
+    row(f"mixed-gradient image x text block, torch.func: seconds per sample ({n} samples)", ours / n, "s",
+        speedup_over_unit_loop=round(loop_units / ours, 1), speedup_over_per_sample_unit_loop=round(loop_samples / ours, 1),
+        over_floor=round(ours / floor, 2))
+    return rows
+
+
+def _per_input_gradient(adapter, encoded) -> float:
+    """Seconds of forward + backward per model input in a batch of 512."""
+    big = {m: t.repeat_interleave(512 // len(t) + 1, 0)[:512].detach().requires_grad_(True) for m, t in encoded.items()}
+
+    def forward_backward():
+        adapter.forward(big).sum().backward()
+
+    forward_backward()
+    return _timed(forward_backward)[1] / 512
 
 
 def _demo_rows(device: str) -> list[dict]:

@@ -2,8 +2,9 @@
 
 from stages.base import Context, Stage, StageConfig, StageResult
 from stages.registry import get, register, stages
-from stages import unimodal
+from stages import crossmodal, unimodal
 
 register(unimodal.STAGE)
+register(crossmodal.STAGE)
 
 __all__ = ["Context", "Stage", "StageConfig", "StageResult", "get", "register", "stages"]

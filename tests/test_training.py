@@ -60,7 +60,8 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
     from flows.cli import main
 
     demo_models("demo-film"), demo_models("demo-late")  # trained into the session's cache
-    quick = {"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0}}
+    quick = {"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0},
+             "crossmodal": {"n_reference": 40, "shapley_draws": 4}}
     demo_configs = flows.flow.demo_configs
     monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": quick}) for c in demo_configs(*a, **k)])
 
@@ -81,3 +82,7 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
         assert run["data"]["ood"]["n"] == 2000 and run["model"]["fingerprint"] == model["fingerprint"]
         assert summary["unimodal"]["n_explained"] == 20 and set(summary["unimodal"]["methods"]) == {"grad_x_input", "shapley"}
         assert (tmp_path / name / "stages" / "unimodal" / "arrays.safetensors").exists()
+        cross = summary["crossmodal"]
+        assert cross["n_reference"] == 40 and cross["n_explained"] == 20
+        assert len(list((tmp_path / name / "graphs").glob("*.graphml"))) == 20
+        assert "graphs" in json.loads((tmp_path / name / "stages" / "crossmodal" / "result.json").read_text())["details"]

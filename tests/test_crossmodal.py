@@ -1,0 +1,197 @@
+"""Stage 2 against independent truths: EMAP's reference example, additive models, finite
+differences, exact Shapley interaction by enumeration, and the demo's planted interaction."""
+
+import networkx as nx
+import pytest
+import torch
+
+from pipeline import FeatureGroups, SampleSet, TorchAdapter
+from pipeline.demo import shapes
+from pipeline.errors import MmdiagError
+from pipeline.resolve import predict
+from stages import attribution as attr
+from stages import crossmodal
+from stages import interaction as inter
+from stages.base import Context
+from stages.unimodal import UnimodalConfig
+from stages.unimodal import run as run_unimodal
+
+
+def test_emap_reference_example():
+    table = torch.tensor([[-1.3, 0.3, -0.2], [0.8, 3.0, 1.1], [1.1, -0.1, 0.7]])[..., None]
+    assert torch.allclose(inter.additive_projection(table)[:, 0], torch.tensor([-0.8, 2.1, 0.5]), atol=1e-6)
+
+
+class Sum(torch.nn.Module):
+    """Logits = a sum of one nonlinear function per modality (or a product when told)."""
+
+    def __init__(self, mods=("a", "b"), product=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mods, self.product = mods, product
+        self.parts = torch.nn.ModuleDict({m: torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)) for m in mods})
+
+    def forward(self, x):
+        outs = [self.parts[m](x[m]) for m in self.mods]
+        if self.product:
+            return outs[0] * outs[1] + outs[0]
+        return torch.stack(outs).sum(0)
+
+
+def adapter_for(model, mods=("a", "b")):
+    return TorchAdapter(model.eval(), mods, units={m: FeatureGroups([0, 1, 2]) for m in mods}, class_names=["no", "yes"])
+
+
+def samples(n=40, mods=("a", "b"), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {m: torch.randn(n, 3, generator=g) for m in mods}
+    return SampleSet(inputs, torch.randint(0, 2, (n,), generator=g), meta={"c": torch.randint(0, 2, (n,), generator=g)}, class_names=["no", "yes"])
+
+
+@pytest.mark.parametrize("mods", [("a", "b"), ("a", "b", "c")])
+def test_emap_reproduces_an_additive_model_exactly(mods):
+    adapter = adapter_for(Sum(mods), mods)
+    data = samples(12, mods)
+    encoded = adapter.encode(data.inputs)
+    table, passes = inter.recombination_table(adapter.forward, encoded, batch_size=100)
+    assert passes == 12 ** len(mods) and table.shape == (12,) * len(mods) + (2,)
+    full, additive = inter.diagonal(table), inter.additive_projection(table)
+    assert torch.allclose(full, adapter.forward(encoded), atol=1e-5)
+    assert torch.allclose(additive, full, atol=1e-5)
+    assert inter.interaction_share(full, additive) < 1e-8
+    if len(mods) == 3:  # subtracting the grand mean once (MultiViz) is wrong for M > 2
+        once = additive + table.mean(dim=(0, 1, 2))
+        assert not torch.allclose(once, full, atol=1e-3)
+
+
+def test_emap_finds_the_interaction_of_a_product_model():
+    adapter = adapter_for(Sum(product=True))
+    encoded = adapter.encode(samples(30).inputs)
+    table, _ = inter.recombination_table(adapter.forward, encoded, batch_size=64)
+    assert inter.interaction_share(inter.diagonal(table), inter.additive_projection(table)) > 0.05
+
+
+def game(model, n=5, mods=("a", "b")):
+    adapter = adapter_for(model, mods)
+    data = samples(n, mods)
+    encoded = adapter.encode(data.inputs)
+    return attr.Game(adapter, encoded, adapter.units(data.inputs, encoded), torch.tensor([0, 1, 1, 0, 1])[:n])
+
+
+def test_mixed_gradients_match_finite_differences_and_the_loop():
+    g = game(Sum(product=True))
+    block = inter.mixed_gradients(g, "a", "b")  # (B, 3, 3)
+    assert torch.allclose(block, inter.mixed_gradients_looped(g, "a", "b"), atol=1e-5)
+    value = inter.gated_value(g)
+    h = 1e-2
+    ones = {m: torch.ones(5, 3, dtype=torch.float64) for m in ("a", "b")}
+    g.adapter.module.double()
+    g.encoded = {m: t.double() for m, t in g.encoded.items()}
+    g.units = {m: u.__class__(u.mask, u.n, u.baseline.double(), u.labels) for m, u in g.units.items()}
+    for u in range(3):
+        for v in range(3):
+            def at(da, db):
+                gates = {m: t.clone() for m, t in ones.items()}
+                gates["a"][:, u] += da
+                gates["b"][:, v] += db
+                return value(gates)
+            fd = (at(h, h) - at(h, -h) - at(-h, h) + at(-h, -h)) / (4 * h * h)
+            assert torch.allclose(block[:, u, v].double(), fd.detach(), atol=1e-3, rtol=1e-3)
+    additive = inter.mixed_gradients(game(Sum()), "a", "b")
+    assert additive.abs().max() < 1e-6  # no cross-modal second derivative in a sum
+
+
+def test_shapley_interaction_matches_enumeration():
+    g = game(Sum(product=True))
+    pairs = torch.tensor([[0, 3], [1, 5], [2, 4]]).expand(5, 3, 2)
+    sampled = inter.shapley_interaction(g, pairs, draws=3000, generator=torch.Generator().manual_seed(0))
+    for p, (i, j) in enumerate(pairs[0].tolist()):
+        exact = inter.exact_shapley_interaction(g.value, 6, i, j, 5)
+        assert torch.allclose(sampled[:, p], exact, atol=0.05 * exact.abs().max() + 0.02)
+    # a pure product pays only together: the index is the full interaction
+    both = lambda keep: (keep[..., 0] & keep[..., 1]).float()  # noqa: E731
+    assert torch.allclose(inter.exact_shapley_interaction(both, 4, 0, 1, 2), torch.ones(2))
+
+
+def context(model, data, mods=("a", "b")):
+    adapter = adapter_for(model, mods)
+    logits = predict(adapter, data, torch.device("cpu"))
+    return Context(adapter, data, torch.device("cpu"), 0, logits)
+
+
+def stage1(ctx):
+    return run_unimodal(ctx, UnimodalConfig(methods=["grad_x_input"], n_correct=10, max_errors=10, sanity_samples=0), {})
+
+
+def test_stage_on_a_small_model_writes_graphs():
+    ctx = context(Sum(product=True), samples(60))
+    result = crossmodal.run(ctx, crossmodal.CrossmodalConfig(n_reference=20, edges=4, shapley_draws=8), {"unimodal": stage1(ctx)})
+    s = result.summary
+    assert s["n_reference"] == 20 and 0 <= s["additive_accuracy"] <= 1 and s["interaction_share"] > 0
+    assert result.arrays["mixed.a.b"].shape == (s["n_explained"], 3, 3)
+    assert s["top_pairs"] and set(s["top_pairs"][0]["modalities"]) == {"a", "b"}
+    files = crossmodal.files(result)
+    assert len(files) == s["n_explained"]
+    text = next(iter(files.values()))
+    graph = nx.parse_graphml(text)
+    assert graph.number_of_edges() == 4
+    assert {d["modality"] for _, d in graph.nodes(data=True)} == {"a", "b"}
+    assert all(d["sign"] in (-1, 1) for *_, d in graph.edges(data=True))
+    assert 0.5 <= s["shapley_interaction"]["sign_agreement"] <= 1
+
+
+class BatchStats(torch.nn.Module):
+    def forward(self, x):
+        h = torch.cat([x["a"], x["b"]], 1)
+        return (h - h.mean(0)) @ torch.ones(6, 2)
+
+
+def test_bad_input():
+    data = samples(30)
+    ctx = context(Sum(), data)
+    with pytest.raises(MmdiagError, match="n_reference"):
+        crossmodal.check_inputs(ctx, crossmodal.CrossmodalConfig(n_reference=31))
+    one = context(Sum(("a",)), samples(30, ("a",)), ("a",))
+    with pytest.raises(MmdiagError, match="two or more"):
+        crossmodal.check_inputs(one, crossmodal.CrossmodalConfig(n_reference=10))
+    same = SampleSet(data.inputs, torch.zeros(30, dtype=torch.long), class_names=["no", "yes"])
+    with pytest.raises(MmdiagError, match="same label"):
+        crossmodal.check_inputs(context(Sum(), same), crossmodal.CrossmodalConfig(n_reference=10))
+    batchy = context(BatchStats(), data)
+    with pytest.raises(MmdiagError, match="depends on the other samples"):
+        crossmodal.emap(batchy, crossmodal.CrossmodalConfig(n_reference=10))
+
+
+@pytest.fixture(scope="module")
+def ood():
+    return shapes.split("ood", n=600)
+
+
+@pytest.mark.slow
+def test_demo_emap_film_is_interaction_late_is_additive(demo_models, ood):
+    quick = crossmodal.CrossmodalConfig(n_reference=150)
+    film = crossmodal.emap(Context(demo_models("demo-film"), ood, torch.device("cpu"), 0), quick)
+    acc = lambda x, y: float((x.argmax(1) == y).float().mean())  # noqa: E731
+    assert acc(film["full"], film["labels"]) > 0.7 and acc(film["additive"], film["labels"]) < 0.6
+    # the additive part of the FiLM model is the shortcut: it follows the corner mark
+    assert crossmodal.additive_follows(film["additive"].argmax(1), film["meta"], 2)["watermark"] > 0.85
+    assert inter.interaction_share(film["full"], film["additive"]) > 0.5
+    late = crossmodal.emap(Context(demo_models("demo-late"), ood, torch.device("cpu"), 0), quick)
+    assert inter.interaction_share(late["full"], late["additive"]) < 0.05
+    assert abs(acc(late["full"], late["labels"]) - acc(late["additive"], late["labels"])) < 0.03
+
+
+@pytest.mark.slow
+def test_demo_not_interacts_with_the_named_shape(demo_models, ood):
+    """On negated captions, the mixed derivative between "not" and the image falls on the named
+    shape's patches more than on the other shape's (and hardly on the corner mark)."""
+    negated = ood.subset((ood.meta["negation"] == 1).nonzero().flatten()[:150])
+    for name, margin in (("demo-film", 1.1), ("demo-film-clean", 1.3)):
+        adapter = demo_models(name)
+        encoded = {m: t.detach() for m, t in adapter.encode(negated.inputs).items()}
+        units = adapter.units(negated.inputs, encoded)
+        g = attr.Game(adapter, encoded, units, adapter.forward(encoded).argmax(1))
+        with_not = (inter.mixed_gradients(g, "image", "text").abs() * negated.truth["text"]["negation"][:, None, :]).sum(2)
+        mass = {r: float(((with_not * units["image"].coverage(negated.truth["image"][r])).sum(1) / with_not.sum(1)).mean()) for r in ("named_shape", "other_shape", "watermark")}
+        assert mass["named_shape"] > margin * mass["other_shape"], (name, mass)
+        assert mass["watermark"] < 0.05
