@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from flows import bench_composition, bench_representation
 from pipeline.device import resolve_device
 from pipeline.store import write_json
 
@@ -55,6 +56,8 @@ def run(device_name: str = "auto") -> list[dict]:
     rows += _demo_rows(device.type)
     rows += attribution_rows(adapter, ood, device)
     rows += crossmodal_rows(adapter, ood, device)
+    rows += bench_representation.bench_rows(adapter, ood, device)
+    rows += bench_composition.composition_rows(adapter, ood, device)
     return rows
 
 

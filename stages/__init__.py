@@ -2,9 +2,11 @@
 
 from stages.base import Context, Stage, StageConfig, StageResult
 from stages.registry import get, register, stages
-from stages import crossmodal, unimodal
+from stages import composition, crossmodal, representation, unimodal
 
 register(unimodal.STAGE)
 register(crossmodal.STAGE)
+register(representation.STAGE)
+register(composition.STAGE)
 
 __all__ = ["Context", "Stage", "StageConfig", "StageResult", "get", "register", "stages"]

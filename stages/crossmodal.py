@@ -26,7 +26,7 @@ from stages.base import Context, Stage, StageConfig, StageResult
 
 
 class CrossmodalConfig(StageConfig):
-    n_reference: int = Field(default=200, gt=1)  # EMAP's reference set: n^M model inputs
+    n_reference: int | None = Field(default=None, gt=1)  # EMAP's reference set (n^M model inputs); None: 200, or all samples if fewer
     batch_size: int = Field(default=32, gt=0)  # samples differentiated together
     eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 512 on CPU, 8192 on CUDA
     edges: int = Field(default=12, gt=0)  # strongest unit pairs kept in each sample's graph
@@ -44,7 +44,7 @@ def check_inputs(ctx: Context, config: CrossmodalConfig) -> None:
     mods = ctx.adapter.modalities
     if len(mods) < 2:
         raise MmdiagError(f"stages.crossmodal: the model has one modality ({mods[0]}); cross-modal interaction needs two or more, drop the stage")
-    if config.n_reference > len(ctx.data):
+    if config.n_reference is not None and config.n_reference > len(ctx.data):
         raise MmdiagError(f"stages.crossmodal.n_reference: {config.n_reference} reference samples asked for, the data has {len(ctx.data)}; lower it")
     if len(ctx.data.labels.unique()) < 2:
         raise MmdiagError("data: every sample has the same label; cross-modal analysis needs at least two classes")
@@ -67,7 +67,7 @@ def check_batch_independence(adapter, encoded: dict[str, torch.Tensor]) -> None:
 def emap(ctx: Context, config: CrossmodalConfig) -> dict:
     """EMAP and DIME over a seeded reference set of the analysed split."""
     g = torch.Generator().manual_seed(ctx.seed)
-    rows = torch.randperm(len(ctx.data), generator=g)[: config.n_reference].sort().values
+    rows = torch.randperm(len(ctx.data), generator=g)[: config.n_reference or 200].sort().values
     ref = ctx.data.subset(rows)
     inputs = {m: x.to(ctx.device) for m, x in ref.inputs.items()}
     with torch.no_grad():

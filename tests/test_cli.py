@@ -118,4 +118,9 @@ def test_diagnose_a_users_own_model_and_data(tmp_path, monkeypatch, capsys):
     assert main(["diagnose", "--config", str(cfg)]) == 0
     summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
     assert summary["model"]["n"] == 40 and summary["model"]["split"] == "test"
+    # a model that names no layers: stages 3 and 4 say why they skipped; the others run
+    assert "names no layers" in summary["representation"]["skipped"]
+    assert "representation" in summary["composition"]["skipped"]
+    assert summary["crossmodal"]["n_reference"] == 40
     assert {s["where"] for s in summary["model"]["slices"]} == {"loud=0", "loud=1"}
+
