@@ -240,6 +240,10 @@ def _demo_rows(device: str) -> list[dict]:
             computed = sum(s["seconds"] or 0 for st in stages for s in st.values() if not s["cached"])
             rows.append({"benchmark": f"mmdiag demo, {label}", "value": round(secs, 3), "unit": "s", "device": device,
                          "stage_compute_s": round(computed, 3)})
+        for r in ("demo-film", "demo-late"):
+            report = json.loads((Path(tmp) / "runs" / r / "run.json").read_text())["report"]
+            rows.append({"benchmark": f"error analysis + report.html for {r} (2,000 samples)", "value": report["seconds"], "unit": "s",
+                         "device": device, "html_mb": round(report["bytes"] / 1e6, 2)})
     return rows
 
 

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folders (default: ./runs)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
+    demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
+                      "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
 
     diag = sub.add_parser(
         "diagnose",
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
     compare.add_argument("run_b", type=Path, metavar="RUN_B")
     compare.add_argument("--json", type=Path, help="also write the comparison as JSON")
+    compare.add_argument("--html", type=Path, help="also write the before/after page as HTML")
 
     sub.add_parser("stages", help="list the analysis stages, what each reads and writes")
 
@@ -67,19 +70,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_run(path: Path) -> None:
+    """The run's summary and report, one per line (for scripts and for people)."""
+    print(path / "summary.json")
+    print(path / "report.html")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from flows.flow import demo_configs, run
 
         for config in demo_configs(args.out, device=args.device):
             log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
-            print(run(config) / "summary.json")
+            _print_run(run(config))
+        if args.fix:
+            from flows.fix import fix_demo
+
+            log.info("demo-film: applying the top suggestion and diagnosing the retrained model")
+            print(fix_demo(args.out, args.device))
         return 0
     if args.command == "diagnose":
         from flows.flow import run
         from pipeline.config import load_config
 
-        print(run(load_config(args.config)) / "summary.json")
+        _print_run(run(load_config(args.config)))
         return 0
     if args.command == "rerun":
         from flows.flow import run, spec_for_new_model
@@ -88,9 +102,9 @@ def _run(args: argparse.Namespace) -> int:
         config = rerun_config(args.run_dir, args.stage, args.set)
         if args.model is not None:
             spec = spec_for_new_model(config, args.model)
-            print(run(config, stage_model={"stage": args.stage, "spec": spec.model_dump_json()}) / "summary.json")
+            _print_run(run(config, stage_model={"stage": args.stage, "spec": spec.model_dump_json()}))
         else:
-            print(run(config, refresh=(args.stage,)) / "summary.json")
+            _print_run(run(config, refresh=(args.stage,)))
         return 0
     if args.command == "compare":
         from flows.rerun import compare, print_comparison
@@ -100,6 +114,13 @@ def _run(args: argparse.Namespace) -> int:
         print_comparison(diff)
         if args.json:
             write_json(args.json, diff)
+        if args.html:
+            import reports
+            from pipeline.store import atomic_write, read_json
+
+            html = reports.render_compare(read_json(args.run_a / "summary.json"), read_json(args.run_b / "summary.json"), diff)
+            atomic_write(args.html, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+            print(args.html)
         return 0
     if args.command == "stages":
         from stages import stages

@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,7 +97,7 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
 
     loaded = {name: results.load(ref) for name, ref in refs.items()}
     summary = _summary(config, device, loaded, status)
-    path = _write_run(config, summary, loaded, status, prepared, data)
+    path = _write_run(config, summary, loaded, status, prepared, data, tasks.data_for(data[config.data.split]))
     create_markdown_artifact(key=_artifact_key(config.run), markdown=_markdown(summary, path), description="mmdiag run")
     return str(path)
 
@@ -143,7 +144,11 @@ def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dic
     return summary
 
 
-def _write_run(config, summary, loaded, status, model, data) -> Path:
+def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
+    """The run folder: every stage's result, the error analysis and suggestions (into
+    summary.json), errors.json (one evidence card per error) and report.html."""
+    import reports
+
     provenance = {
         "created": summary["run"]["created"],
         "config": config.model_dump(mode="json"),
@@ -153,6 +158,13 @@ def _write_run(config, summary, loaded, status, model, data) -> Path:
         "versions": versions(),
         "stages": {name: {**st, "seconds": loaded[name][1].get("seconds")} for name, st in status.items()},
     }
+    start = time.perf_counter()
+    stage_results = {name: result for name, (result, _) in loaded.items()}
+    analysis = reports.analyse(summary, stage_results, analysed, seed=config.seed)
+    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
+    summary["suggestions"] = analysis["suggestions"]
+    html = reports.render(summary, stage_results, analysed, analysis, provenance)
+    provenance["report"] = {"seconds": round(time.perf_counter() - start, 3), "bytes": len(html.encode())}
     with new_run(config.out, config.run) as store:
         for name, (result, meta) in loaded.items():
             if result.arrays:
@@ -161,6 +173,8 @@ def _write_run(config, summary, loaded, status, model, data) -> Path:
             stage = registry.get(name) if name != "model" else None
             for rel, text in (stage.files(result) if stage and stage.files else {}).items():
                 atomic_write(store.path(rel), lambda tmp, text=text: tmp.write_text(text))
+        store.write_json("errors.json", {"cards": analysis["errors"]["cards"]})
+        atomic_write(store.path("report.html"), lambda tmp: tmp.write_text(html, encoding="utf-8"))
         store.write_json("run.json", provenance)
         store.write_json("summary.json", summary)
     return Path(config.out) / config.run
@@ -181,7 +195,8 @@ def _markdown(summary: dict, path: Path) -> str:
         "|---|---|---|",
         *[f"| {n} | {s['seconds']} | {s['cached']} |" for n, s in summary["stages"].items()],
         "",
-        f"Run folder: `{path.resolve()}`",
+        *([f"Top suggestion: **{summary['suggestions'][0]['title']}**", ""] if summary.get("suggestions") else []),
+        f"Run folder: `{path.resolve()}`; report: `{(path / 'report.html').resolve()}`",
     ]
     return "\n".join(lines)
 

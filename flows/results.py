@@ -27,10 +27,9 @@ def save(folder: Path, result: StageResult, meta: dict | None = None) -> Ref:
     """Write a result under `folder/<sha256>.safetensors` and return its reference."""
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in result.arrays.items()} or {"_": np.zeros(0)}
-    header = {
-        "summary": json.dumps(result.summary, allow_nan=False, sort_keys=True),
-        "details": json.dumps(result.details, allow_nan=False, sort_keys=True),
-    }
+    # one metadata entry: safetensors writes several in a per-process random order, which would
+    # change the hash of equal content
+    header = {"content": json.dumps({"summary": result.summary, "details": result.details}, allow_nan=False, sort_keys=True)}
     blob = save_bytes(arrays, metadata=header)
     sha = hashlib.sha256(blob).hexdigest()
     final = atomic_write(folder / f"{sha}.safetensors", lambda tmp: tmp.write_bytes(blob))
@@ -54,4 +53,5 @@ def load(ref: Ref) -> tuple[StageResult, dict]:
     with safe_open(str(path), framework="numpy") as f:
         header = f.metadata()
     arrays = {k: v for k, v in read_arrays(path).items() if k != "_"}
-    return StageResult(json.loads(header["summary"]), arrays, json.loads(header.get("details", "{}"))), ref.get("meta", {})
+    content = json.loads(header["content"])
+    return StageResult(content["summary"], arrays, content["details"]), ref.get("meta", {})

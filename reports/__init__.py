@@ -1,1 +1,14 @@
-"""Error analysis, debugging suggestions, figures and the HTML report."""
+"""Error analysis, debugging suggestions, figures and the HTML report.
+
+- `analyse(summary, results, data)`: error slices, a categorised evidence card per error, and
+  ranked debugging suggestions;
+- `render(summary, results, data, analysis, provenance)`: the self-contained HTML report;
+- `render_compare(summary_a, summary_b, diff)`: the before/after page of two runs.
+
+Pure functions of stage results: no file I/O, no model calls.
+"""
+
+from reports.analysis import analyse
+from reports.html import render, render_compare
+
+__all__ = ["analyse", "render", "render_compare"]

@@ -235,7 +235,7 @@ def exact_decomposition(ctx: Context, a: torch.Tensor, logits: torch.Tensor) -> 
 
 
 def run(ctx: Context, config: CompositionConfig, upstream: dict) -> StageResult:
-    if "skipped" in upstream.get("representation", StageResult({})).summary:
+    if isinstance(upstream.get("representation", StageResult({})).summary.get("skipped"), str):  # the whole stage, not some concepts
         return StageResult({"skipped": "stage 'representation' was skipped, so there are no decision-level features to compose"})
     a, concept = decision_features(ctx, upstream)
     logits = ctx.logits.float().cpu()

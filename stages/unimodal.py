@@ -315,7 +315,7 @@ def _result(config, modalities, sizes, data, rows, pred, got, cost, regions, san
     for meth in config.methods:
         for tgt in ("pred", "true"):
             arrays[f"attr.{meth}.{tgt}"] = got[("map", meth, tgt)].numpy()
-    return StageResult(summary, arrays)
+    return StageResult(summary, arrays, {"modalities": list(modalities)})
 
 
 STAGE = Stage(

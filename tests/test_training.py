@@ -86,3 +86,12 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
         assert cross["n_reference"] == 40 and cross["n_explained"] == 20
         assert len(list((tmp_path / name / "graphs").glob("*.graphml"))) == 20
         assert "graphs" in json.loads((tmp_path / name / "stages" / "crossmodal" / "result.json").read_text())["details"]
+        assert summary["representation"]["probes"]["negation"]["text"]["accuracy"] > 0.95
+        assert summary["composition"]["fidelity"] > 0.9
+        assert summary["errors"]["n"] == model["n_errors"] and sum(summary["errors"]["categories"].values()) == model["n_errors"]
+        html = (tmp_path / name / "report.html").read_text()
+        assert html.startswith("<!DOCTYPE html>") and "demo" in html
+    # the top suggestion names each model's bug
+    top = {name: json.loads((tmp_path / name / "summary.json").read_text())["suggestions"][0] for name in ("demo-film", "demo-late")}
+    assert top["demo-film"]["action"]["kind"] == "decorrelate" and top["demo-film"]["action"]["concept"] == "watermark"
+    assert top["demo-late"]["action"]["kind"] == "interaction_fusion"

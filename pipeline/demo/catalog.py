@@ -29,3 +29,17 @@ def load_model(name: str, cache: Path | None = None, device: str = "cpu") -> tup
 
 def load_data(name: str, split: str, n: int | None, seed: int) -> SampleSet:
     return DATA[name](split, n=n, seed=seed)
+
+
+def apply_fix(name: str, action: dict) -> str:
+    """The built-in model that a suggestion's action gives when applied to model `name`: the
+    same architecture and seed, retrained on data changed as the action says. The demo can
+    apply one change: decorrelating the corner mark from the label (p = 0.5)."""
+    from pipeline.errors import MmdiagError
+
+    if name not in MODELS:
+        raise MmdiagError(f"--fix: {name!r} is not a built-in demo model")
+    if action.get("kind") != "decorrelate" or action.get("concept") != "watermark":
+        raise MmdiagError(f"--fix: the demo can retrain only with the corner mark decorrelated from the label; the top suggestion asks for {action}")
+    fixed = MODELS[name].model_copy(update={"p_mark": 0.5})
+    return next(other for other, config in MODELS.items() if config == fixed)

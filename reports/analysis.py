@@ -1,0 +1,71 @@
+"""`analyse`: error slices, per-error evidence cards and categories, and ranked suggestions,
+from a run's summary, its stage results and the analysed data. Reads results; recomputes none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data import SampleSet
+from reports import evidence, findings, suggest
+from reports import slices as sl
+from reports.samples import Evaluated, binary_concepts, evaluated
+from reports.thresholds import DEFAULT, Thresholds
+from stages.base import StageResult
+
+
+def slice_columns(results: dict[str, StageResult], ev: Evaluated, t: Thresholds, seed: int) -> dict[str, sl.Column]:
+    """The concepts to slice on: the data's meta, the label, and (with stage 3) clusters of the
+    decision-level features."""
+    meta = {k: v.numpy() for k, v in ev.data.meta.items()}
+    cols = sl.columns(meta, ev.labels, ev.data.class_names, t.max_values)
+    rep = results.get("representation")
+    decision = ev.in_data_order(rep, "decision") if rep is not None and "decision" in rep.arrays else None
+    if decision is not None:
+        cols["cluster"] = sl.cluster_column(decision, t, seed)
+    return cols
+
+
+def disagreement(ev: Evaluated) -> list[dict]:
+    """Accuracy where each binary concept disagrees with a binary label: the slice a shortcut
+    fails on, kept for every run so that `compare` can show it before and after a fix."""
+    if len(np.unique(ev.labels)) != 2:
+        return []
+    out = []
+    for concept, values in binary_concepts(ev.data).items():
+        rows = (values >= 0) & (values != ev.labels)
+        if rows.any():
+            out.append({"where": f"{concept}≠label", "concept": concept, "n": int(rows.sum()), "accuracy": round(float(1 - ev.errors[rows].mean()), 4)})
+    return out
+
+
+def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thresholds: Thresholds = DEFAULT, seed: int = 0) -> dict:
+    """{"errors": {n, error_rate, slices, categories, disagreement, cards}, "suggestions": [...]}"""
+    ev = evaluated(results, data)
+    cols = slice_columns(results, ev, thresholds, seed)
+    found = sl.find(ev.errors, cols, thresholds)
+    named = [(f"s{i}", s) for i, s in enumerate(found, 1)]
+    detected = findings.detect(summary, results, ev, found, thresholds)
+    shortcut_regions = {f.subject for f in detected if f.rule == "shortcut"}
+    src = evidence.Sources(ev, summary, results, named, shortcut_regions, evidence.readings(summary, results, ev))
+    cards = evidence.cards(src, thresholds)
+    categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
+    for c in cards:
+        categories[c["category"]] += 1
+    records = []
+    for i, s in named:
+        record = s.record(int(i[1:]))
+        if s.kind == "cluster":
+            record["profile"] = sl.profile(s.mask, cols)
+        records.append(record)
+    return {
+        "errors": {
+            "n": int(ev.errors.sum()),
+            "error_rate": round(ev.error_rate, 4),
+            "slices": records,
+            "categories": categories,
+            "disagreement": disagreement(ev),
+            "cards": cards,
+        },
+        "suggestions": suggest.suggestions(detected, thresholds),
+    }

@@ -1,0 +1,123 @@
+"""What each stage's section of the report shows: its tables and figures, from its summary and
+arrays. A stage that did not run has no section."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reports import figures, graphs
+from reports import samples as sp
+from stages.base import StageResult
+
+
+def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict:
+    s = summary["unimodal"]
+    shares = s.get("modality_share") or {}
+    ablation = {m: v for m, v in (s.get("modality_ablation") or {}).items() if m != "interaction"}
+    methods = s.get("methods") or {}
+    regions = sorted({r for m in methods.values() for r in (m.get("truth") or {})})
+    out = {
+        "headline": {k: s.get(k) for k in ("n_explained", "n_errors_explained")},
+        "skipped": s.get("skipped") or [],
+        "shares": [{"modality": m, **v} for m, v in shares.items()],
+        "ablation": [{"modality": m, **v} for m, v in ablation.items()],
+        "interaction": (s.get("modality_ablation") or {}).get("interaction"),
+        "methods": [{"name": n, **{k: v for k, v in m.items() if k != "truth"}} for n, m in methods.items()],
+        "regions": regions,
+        "truth": [{"method": n, "regions": {r: (m.get("truth") or {}).get(r) for r in regions}} for n, m in methods.items()],
+        "figures": [],
+    }
+    if shares:
+        out["figures"].append({"title": "Modality shares (MM-SHAP)", "uri": figures.bars(list(shares), [v["mean"] or 0 for v in shares.values()], [v["std"] or 0 for v in shares.values()], "share of |attribution|")})
+    if regions:
+        series = {n: [((m.get("truth") or {}).get(r) or {}).get("enrichment") for r in regions] for n, m in methods.items()}
+        out["figures"].append({"title": "Attribution on the truth regions", "uri": figures.grouped(regions, series, "enrichment (mass / area)", reference=1.0)})
+    out["figures"] += mean_maps(results, ev)
+    return out
+
+
+def mean_maps(results: dict[str, StageResult], ev: sp.Evaluated) -> list[dict]:
+    """Where the attribution falls on average, per image modality (each map normalised first)."""
+    uni = results.get("unimodal")
+    method = next((m for m in sp.METHODS if uni is not None and f"attr.{m}.pred" in uni.arrays), None)
+    if method is None:
+        return []
+    out = []
+    for modality, cols in sp.spans(ev.data, results).items():
+        attr = np.abs(np.asarray(uni.arrays[f"attr.{method}.pred"][:, cols], np.float64))
+        grid = sp.image_grid(ev.data, modality, attr.shape[1])
+        if grid:
+            mean = (attr / np.maximum(attr.sum(1, keepdims=True), 1e-12)).mean(0).reshape(grid)
+            out.append({"title": f"Mean |attribution| on {modality} ({method})", "uri": figures.grid_map(mean, f"{modality}: mean share per unit")})
+    return out
+
+
+def crossmodal(summary: dict, results: dict[str, StageResult]) -> dict:
+    s = summary["crossmodal"]
+    out = {
+        "headline": {k: s.get(k) for k in ("full_accuracy", "additive_accuracy", "interaction_share", "n_reference", "modality_interaction")},
+        "pairs": s.get("top_pairs") or [],
+        "follows": sorted((s.get("additive_follows") or {}).items(), key=lambda kv: -kv[1]),
+        "graph": graphs.layout(graphs.from_pairs(s.get("top_pairs") or []), max_edges=12),
+        "figures": [],
+    }
+    if s.get("full_accuracy") is not None and s.get("additive_accuracy") is not None:
+        out["figures"].append({"title": "EMAP: the model and its additive projection", "uri": figures.bars(["full model", "additive projection"], [s["full_accuracy"], s["additive_accuracy"]], xlabel="accuracy")})
+    arrays = results["crossmodal"].arrays
+    if {"dime.unimodal", "dime.interaction"} <= set(arrays):
+        out["figures"].append({"title": "DIME per reference sample", "uri": figures.scatter(arrays["dime.unimodal"], arrays["dime.interaction"], "unimodal contribution", "interaction")})
+    return out
+
+
+def representation(summary: dict) -> dict:
+    s = summary["representation"]
+    probes = s.get("probes") or {}
+    layers = list(dict.fromkeys(layer for by_layer in probes.values() for layer in by_layer))
+    table = [{"concept": c, "layers": {layer: by_layer.get(layer) for layer in layers}} for c, by_layer in probes.items()]
+    features = sorted(s.get("features") or [], key=lambda f: -abs((f.get("auroc") or 0.5) - 0.5))
+    skipped = s.get("skipped") or []
+    out = {"layers": layers, "probes": table, "features": features[:15], "n_features": len(s.get("features") or []), "unassigned_share": s.get("unassigned_share"),
+           "skipped": [] if isinstance(skipped, str) else skipped, "stage_skipped": skipped if isinstance(skipped, str) else None, "figures": []}
+    if probes and layers:
+        values = np.array([[(by_layer.get(layer) or {}).get("selectivity", np.nan) for layer in layers] for by_layer in probes.values()], float)
+        out["figures"].append({"title": "Probe selectivity (accuracy minus control task)", "uri": figures.matrix(list(probes), layers, values, "selectivity", vmin=min(0.0, float(np.nanmin(values))), vmax=max(0.5, float(np.nanmax(values))))})
+    return out
+
+
+def composition(summary: dict) -> dict:
+    s = summary["composition"]
+    path = s.get("path") or {}
+    out = {
+        "stage_skipped": s.get("skipped"),
+        "headline": {"fidelity": s.get("fidelity"), **{f"features_{k}": v for k, v in (s.get("n_features") or {}).items()}, **{f"simulation_{k}": v for k, v in (s.get("simulation") or {}).items()}},
+        "per_class": [{"name": c, "features": f} for c, f in (s.get("per_class") or {}).items()],
+        "figures": [],
+    }
+    if path.get("n_features"):
+        out["figures"].append({"title": "Sparsity path: held-out fidelity against the number of features", "uri": figures.line(path["n_features"], path["fidelity"], "features used", "fidelity")})
+    return out
+
+
+def errors(analysis: dict) -> dict:
+    e = analysis["errors"]
+    base = e["error_rate"]
+    out = {"slices": e["slices"], "categories": e["categories"], "disagreement": e.get("disagreement") or [], "n": e["n"], "error_rate": base, "figures": []}
+    if e["slices"]:
+        s = e["slices"][:12]
+        out["figures"].append({"title": "Error slices", "uri": figures.slice_rates([x["where"] for x in s], [x["error_rate"] for x in s], [x["ci"][0] for x in s], [x["ci"][1] for x in s], base)})
+    if e["n"]:
+        out["figures"].append({"title": "Error categories", "uri": figures.bars(list(e["categories"]), list(e["categories"].values()), xlabel="errors")})
+    return out
+
+
+BUILDERS = {
+    "unimodal": lambda summary, results, ev: unimodal(summary, results, ev),
+    "crossmodal": lambda summary, results, ev: crossmodal(summary, results),
+    "representation": lambda summary, results, ev: representation(summary),
+    "composition": lambda summary, results, ev: composition(summary),
+}
+
+
+def stages(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict[str, dict]:
+    """The section of every stage that ran."""
+    return {name: build(summary, results, ev) for name, build in BUILDERS.items() if name in results and summary.get(name) is not None}

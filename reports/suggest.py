@@ -1,0 +1,124 @@
+"""Ranked debugging suggestions: each finding becomes a title, the evidence behind it (figures
+with links to the report's sections), the concrete change, a machine-readable `action` and a
+priority.
+
+Priority = the finding's strength (share of samples at stake). One precedence rule: when the
+model is additive and the data needs interaction, a shortcut is a symptom, since decorrelating
+the data cannot teach an additive model the rule; its priority is scaled by
+`additive_shortcut_discount`.
+"""
+
+from __future__ import annotations
+
+from reports.findings import Finding
+from reports.thresholds import DEFAULT, Thresholds
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def shortcut(f: Finding) -> dict:
+    c, g = f.subject, f.figures
+    attributed = (
+        f"its region gets {_num(g['enrichment'], 1)}x its share of the attribution ({g['method']})"
+        if g["enrichment"] is not None
+        else f"features assigned to it carry {_pct(g['weight_share'])} of the composition's weights"
+    )
+    return {
+        "title": f"Shortcut: the model follows {c} instead of the label; decorrelate {c} from the label",
+        "finding": f"Where {c} disagrees with the label the error rate is {_pct(g['error_rate_disagree'])} ({g['n_disagree']} samples), against {_pct(g['error_rate_agree'])} where it agrees; {attributed}.",
+        "evidence": [
+            {"label": f"error rate where {c}≠label", "value": g["error_rate_disagree"], "section": "errors"},
+            {"label": f"error rate where {c}=label", "value": g["error_rate_agree"], "section": "errors"},
+            {"label": f"prediction equals {c}", "value": g["follows"], "section": "errors"},
+            {"label": f"attribution enrichment of {c}", "value": g["enrichment"], "section": "unimodal"},
+            {"label": f"composition weight share of {c}", "value": g["weight_share"], "section": "composition"},
+        ],
+        "change": (
+            f"Counterfactual data augmentation: add training samples with {c} flipped (added or removed) independently of the label, "
+            f"or reweight the training data so that the {c}≠label slice counts as much as the {c}=label slice (P(label | {c}) = P(label)). "
+            f"Retrain, then check accuracy where {c}≠label and that the attribution on {c} falls."
+        ),
+    }
+
+
+def ignored_modality(f: Finding) -> dict:
+    m, g = f.subject, f.figures
+    return {
+        "title": f"The model ignores {m}: train with modality dropout or balanced losses",
+        "finding": f"{m} gets {_pct(g['modality_share'])} of the attribution (MM-SHAP share) and {_pct(g['ablation_share'])} of the modality-level Shapley values, while {_pct(g['error_rate'])} of the predictions are wrong.",
+        "evidence": [
+            {"label": f"MM-SHAP share of {m}", "value": g["modality_share"], "section": "unimodal"},
+            {"label": f"share of |modality Shapley| of {m}", "value": g["ablation_share"], "section": "unimodal"},
+        ],
+        "change": (
+            f"Modality dropout: remove the other modalities for a fraction of the training batches (e.g. 30%) so the model must use {m}; "
+            f"or balance the losses (an auxiliary head on {m} alone, gradient blending / on-the-fly gradient modulation). Check that the share of {m} rises."
+        ),
+    }
+
+
+def missing_interaction(f: Finding) -> dict:
+    g = f.figures
+    pair = " and ".join(g["pair"] or []) or "two concepts"
+    follows = g.get("additive_follows")
+    return {
+        "title": "Missing cross-modal interaction: use a fusion that can combine the modalities (FiLM, cross-attention)",
+        "finding": (
+            f"The additive projection of the model (EMAP) is as accurate as the model itself ({_num(g['additive_accuracy'])} vs {_num(g['full_accuracy'])}), "
+            f"but the label needs {pair} together ({_pct(g['label_from_two_concepts'])} predictable from the pair, {_pct(g['label_from_one_concept'])} from any one concept); "
+            f"{_pct(g['error_rate'])} of the predictions are wrong."
+            + (f" The additive part follows {follows['concept']} ({_pct(follows['rate'])})." if follows else "")
+        ),
+        "evidence": [
+            {"label": "full accuracy", "value": g["full_accuracy"], "section": "crossmodal"},
+            {"label": "additive (EMAP) accuracy", "value": g["additive_accuracy"], "section": "crossmodal"},
+            {"label": "full model right where the additive part is wrong", "value": g["rescued"], "section": "crossmodal"},
+            {"label": "label from the best pair of concepts", "value": g["label_from_two_concepts"], "section": "errors"},
+        ],
+        "change": (
+            "Replace the additive (late, concatenation) fusion by one that can bind units across modalities: FiLM conditioning of the image "
+            "encoder on the text, or cross-attention between tokens and image patches. Retrain and check that the gap between full and "
+            "additive accuracy opens and that accuracy rises on the error slices."
+        ),
+    }
+
+
+def concept_not_encoded(f: Finding) -> dict:
+    c, g = f.subject, f.figures
+    return {
+        "title": f"The model does not encode {c}: add data or supervision for it",
+        "finding": f"Errors concentrate in {g['slice']} ({_pct(g['slice_error_rate'])} against {_pct(g['base_error_rate'])} overall, {g['n']} samples), and a linear probe reads {c} at the decision layer with selectivity {_num(g['selectivity'], 2)}.",
+        "evidence": [
+            {"label": f"probe selectivity of {c}", "value": g["selectivity"], "section": "representation"},
+            {"label": f"error rate in {g['slice']}", "value": g["slice_error_rate"], "section": "slices"},
+        ],
+        "change": f"Collect or generate more samples that vary {c}, balanced over the label, or add an auxiliary loss that predicts {c} from the fused features; check that its probe selectivity rises.",
+    }
+
+
+WRITERS = {"shortcut": shortcut, "ignored_modality": ignored_modality, "missing_interaction": missing_interaction, "concept_not_encoded": concept_not_encoded}
+
+
+def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> float:
+    additive = any(g.rule == "missing_interaction" for g in findings)
+    scale = t.additive_shortcut_discount if f.rule == "shortcut" and additive else 1.0
+    return round(max(f.strength, 0.0) * scale, 4)
+
+
+def suggestions(findings: list[Finding], t: Thresholds = DEFAULT) -> list[dict]:
+    """One suggestion per finding, highest priority first."""
+    out = []
+    for f in findings:
+        text = WRITERS[f.rule](f)
+        text["evidence"] = [e for e in text["evidence"] if e["value"] is not None]
+        out.append({"id": f"{f.rule}:{f.subject}", "rule": f.rule, "subject": f.subject, **text, "action": f.action, "figures": f.figures, "priority": priority(f, findings, t)})
+    out.sort(key=lambda s: -s["priority"])
+    for rank, s in enumerate(out, 1):
+        s["rank"] = rank
+    return out

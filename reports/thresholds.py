@@ -1,0 +1,52 @@
+"""Every threshold of the error analysis, in one place (README, "The report" documents them).
+
+The category and suggestion rules read these and nothing else, so a change here changes what
+the report says, and a card or a suggestion always records the figures it compared with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # --- slices ---
+    confidence: float = 0.95  # familywise level of the Wilson intervals (Bonferroni over the slices tried)
+    min_support: int = 20  # smallest slice considered
+    max_values: int = 10  # concepts with more distinct values are not sliced
+    clusters: int = 8  # k-means clusters of the decision-level features
+    max_slices: int = 20  # slices kept, best first
+
+    # --- error categories (per error, first rule that fires, in this order) ---
+    # perception: the attribution on the relevant truth regions of a modality is no higher
+    # than their share of the units (enrichment <= this): the model did not look at them
+    perception_enrichment: float = 1.0
+    # interaction: the needed cross-modal pairs (relevant units x relevant units) carry no more
+    # than their share of the |mixed interaction| (enrichment <= this)
+    interaction_enrichment: float = 1.0
+    # ...or the modalities hardly combine at all: stage 1's exact modality-level interaction is at
+    # most this share of f(all) - f(none)
+    interaction_share: float = 0.1
+    # representation: a concept that defines an error slice holding this error is not
+    # decodable at the decision layer (probe selectivity below this) or its features misread it
+    representation_selectivity: float = 0.1
+    # composition: one concept's features give at least this share of the push towards the
+    # wrong class (sum of positive contributions pred - true)
+    composition_push_share: float = 0.25
+
+    # --- suggestions ---
+    shortcut_enrichment: float = 3.0  # attribution enrichment of the concept's region
+    shortcut_weight_share: float = 0.2  # or: share of the composition weights on its features
+    shortcut_gap: float = 0.2  # error rate where it disagrees with the label minus where it agrees
+    ignored_share: float = 0.05  # MM-SHAP share (or share of |modality Shapley|) below this
+    additive_gap: float = 0.05  # full accuracy - additive accuracy at most this: the model is additive
+    interaction_gain: float = 0.15  # a pair of concepts predicts the label this much better than any one
+    min_error_rate: float = 0.05  # below this error rate a model-wide suggestion is not worth making
+    probe_selectivity: float = 0.1  # decision-layer selectivity below this: the concept is not encoded
+    # an additive model cannot learn the rule even from decorrelated data: its shortcut fix
+    # counts this much of its evidence
+    additive_shortcut_discount: float = 0.5
+
+
+DEFAULT = Thresholds()

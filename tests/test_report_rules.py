@@ -1,0 +1,159 @@
+"""Suggestion rules fire on a constructed finding and not on a clean model; category rules
+fire in order, record their figures, and skip what has no evidence."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+import report_fixtures as fx
+from reports import analyse, evidence, findings
+from reports.samples import evaluated
+from reports.thresholds import DEFAULT
+
+
+def _ids(analysis):
+    return [s["id"] for s in analysis["suggestions"]]
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return analyse(*fx.run("clean"))
+
+
+def test_shortcut_is_the_top_suggestion_with_a_decorrelate_action():
+    suggestions = analyse(*fx.run("shortcut"))["suggestions"]
+    top = suggestions[0]
+    assert top["id"] == "shortcut:mark" and top["rank"] == 1
+    assert top["action"] == {"kind": "decorrelate", "concept": "mark", "region": "mark", "modality": "image"}
+    assert top["figures"]["error_rate_disagree"] > 0.4 and top["figures"]["error_rate_agree"] < 0.05
+    assert {e["section"] for e in top["evidence"]} >= {"errors", "unimodal"}
+    assert "missing_interaction:fusion" not in _ids({"suggestions": suggestions})  # far from additive
+
+
+def test_missing_interaction_outranks_the_shortcut_of_an_additive_model():
+    suggestions = analyse(*fx.run("additive"))["suggestions"]
+    assert suggestions[0]["id"] == "missing_interaction:fusion"
+    assert suggestions[0]["action"]["kind"] == "interaction_fusion"
+    assert suggestions[0]["figures"]["label_from_two_concepts"] == 1.0
+    shortcut = next(s for s in suggestions if s["id"] == "shortcut:mark")
+    assert shortcut["priority"] < suggestions[0]["priority"]
+
+
+def test_missing_interaction_needs_data_that_needs_interaction():
+    summary, results, data = fx.run("additive")
+    data.meta = {k: v for k, v in data.meta.items() if k != "negation"}  # no pair predicts the label any more
+    assert findings.missing_interaction(summary, results, evaluated(results, data)) == []
+
+
+def test_ignored_modality_fires_on_a_near_zero_share():
+    summary, results, data = fx.run("shortcut")
+    summary = copy.deepcopy(summary)
+    summary["unimodal"]["modality_share"] = {"image": {"mean": 0.99, "std": 0.01}, "text": {"mean": 0.01, "std": 0.01}}
+    found = findings.ignored_modalities(summary, evaluated(results, data))
+    assert [(f.subject, f.action["kind"]) for f in found] == [("text", "modality_dropout")]
+    assert "ignored_modality:text" in _ids(analyse(summary, results, data))
+
+
+def test_concept_not_encoded_fires_for_an_error_slice_concept_with_low_selectivity():
+    data = fx.make_data(n=400)
+    summary, results, _ = fx.run("clean", data=data, colour_selectivity=0.02)
+    # plant errors where colour = 1
+    logits = results["model"].arrays["logits"]
+    wrong = (data.meta["colour"].numpy() == 1) & (np.arange(len(data)) % 2 == 0)
+    logits[wrong] = -logits[wrong]
+    analysis = analyse(summary, results, data)
+    hit = next(s for s in analysis["suggestions"] if s["rule"] == "concept_not_encoded")
+    assert hit["subject"] == "colour" and hit["action"] == {"kind": "concept_data", "concept": "colour"}
+    summary["representation"]["probes"]["colour"]["decision"]["selectivity"] = 0.4
+    assert not any(s["rule"] == "concept_not_encoded" for s in analyse(summary, results, data)["suggestions"])
+
+
+def test_no_rule_fires_on_the_clean_model(clean):
+    assert clean["suggestions"] == []
+    assert clean["errors"]["slices"] == []
+
+
+def test_every_error_has_a_categorised_card_and_the_analysis_is_json(clean):
+    analysis = analyse(*fx.run("shortcut"))
+    cards, counts = analysis["errors"]["cards"], analysis["errors"]["categories"]
+    assert len(cards) == analysis["errors"]["n"] == sum(counts.values())
+    for card in cards:
+        assert card["category"] in counts
+        assert [c["rule"] for c in card["checked"]][: len(card["checked"])] == list(evidence.RULES)[: len(card["checked"])]
+        if card["category"] != "undetermined":
+            assert card["rule"]["name"] == card["category"] and "threshold" in card["rule"]["figures"]
+    json.dumps(analysis, allow_nan=False)
+    json.dumps(clean, allow_nan=False)
+
+
+def test_shortcut_disagreement_is_reported_for_compare():
+    analysis = analyse(*fx.run("shortcut"))
+    mark = next(d for d in analysis["errors"]["disagreement"] if d["concept"] == "mark")
+    assert mark["where"] == "mark≠label" and mark["accuracy"] < 0.6
+
+
+# --- category rules on constructed cards ---
+
+
+def _card(**parts):
+    return {"id": 1, **parts}
+
+
+PERCEIVED = {"method": "shapley", "modalities": {"image": {"relevant": {"regions": ["shape"], "mass": 0.6, "area": 0.2, "enrichment": 3.0}}}}
+MISSED = {"method": "shapley", "modalities": {"image": {"relevant": {"regions": ["shape"], "mass": 0.1, "area": 0.2, "enrichment": 0.5}}}}
+BOUND = {"pairs": [], "needed": {"image×text": {"regions": [], "mass": 0.5, "area": 0.1, "enrichment": 5.0}}}
+UNBOUND = {"pairs": [], "needed": {"image×text": {"regions": [], "mass": 0.05, "area": 0.1, "enrichment": 0.5}}}
+ENCODED = {"concepts": [{"concept": "colour", "value": 1, "read": 1, "selectivity": 0.4}]}
+MISREAD = {"concepts": [{"concept": "colour", "value": 1, "read": 0, "selectivity": 0.4}]}
+PUSHED = {"top": [{"feature": 0, "concept": "mark", "push": 2.0}], "by_concept": [{"concept": "mark", "share": 0.8}, {"concept": None, "share": 0.2}]}
+
+
+@pytest.mark.parametrize(
+    "parts, category",
+    [
+        ({"perception": MISSED, "interaction": UNBOUND}, "perception"),
+        ({"perception": PERCEIVED, "interaction": UNBOUND}, "interaction"),
+        ({"perception": PERCEIVED, "interaction": BOUND, "representation": MISREAD}, "representation"),
+        ({"perception": PERCEIVED, "interaction": BOUND, "representation": ENCODED, "composition": PUSHED}, "composition"),
+        ({"perception": PERCEIVED, "interaction": BOUND, "representation": ENCODED}, "undetermined"),
+        ({"composition": PUSHED}, "composition"),
+        ({}, "undetermined"),
+    ],
+)
+def test_category_rules_fire_in_pipeline_order(parts, category):
+    card = evidence.categorise(_card(**copy.deepcopy(parts)))
+    assert card["category"] == category
+    skipped = [c["rule"] for c in card["checked"] if "skipped" in c]
+    assert set(skipped) == {r for r in evidence.RULES if r not in parts} & {c["rule"] for c in card["checked"]}
+
+
+def test_category_rule_records_its_figures_and_threshold():
+    card = evidence.categorise(_card(perception=copy.deepcopy(MISSED)))
+    assert card["rule"] == {"name": "perception", "figures": {"modality": "image", "method": "shapley", "regions": ["shape"], "mass": 0.1, "area": 0.2, "enrichment": 0.5, "threshold": DEFAULT.perception_enrichment}}
+
+
+def test_low_selectivity_alone_makes_a_representation_error():
+    weak = {"concepts": [{"concept": "colour", "value": 1, "read": None, "selectivity": 0.02}]}
+    assert evidence.categorise(_card(representation=weak))["category"] == "representation"
+
+
+def test_a_sample_stage_1_skipped_has_no_perception_evidence():
+    summary, results, data = fx.run("shortcut")
+    uni = results["unimodal"].arrays
+    k = int(np.nonzero(uni["pred"] != uni["label"])[0][0])
+    uni["attr.shapley.pred"][k, 0] = np.nan  # stage 1 lists such samples under `skipped`
+    analysis = analyse(summary, results, data)
+    card = next(c for c in analysis["errors"]["cards"] if c["id"] == int(uni["ids"][k]))
+    assert "perception" not in card and card["checked"][0]["rule"] == "perception" and "skipped" in card["checked"][0]
+    json.dumps(analysis, allow_nan=False)
+
+
+def test_a_concept_derived_from_the_label_is_no_evidence_of_interaction():
+    summary, results, data = fx.run("additive")
+    meta = {k: v.numpy() for k, v in data.meta.items()}
+    labels = data.labels.numpy()
+    meta["agrees"] = (meta["mark"] == labels).astype(int)
+    assert findings.label_derived(meta, labels) == {"agrees", "mark"}
+    assert findings.label_needs_pairs(meta, labels)["pair_concepts"] == ["colour", "negation"]
