@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", type=Path, help="also write the comparison as JSON")
     compare.add_argument("--html", type=Path, help="also write the before/after page as HTML")
 
+    example = sub.add_parser("example", help="run a real example: easyvqa (needs `pip install easy-vqa`)",
+                             description="Train a small model on a published data set that ships in a pip package (cached "
+                             "after the first run) and run the full diagnosis: OUT/NAME.")
+    example.add_argument("name", choices=("easyvqa",), help="the example")
+    example.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folder (default: ./runs)")
+    example.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
     sub.add_parser("stages", help="list the analysis stages, what each reads and writes")
 
     bench = sub.add_parser("bench", help="run the benchmarks: print a table and write JSON")
@@ -121,6 +128,12 @@ def _run(args: argparse.Namespace) -> int:
             html = reports.render_compare(read_json(args.run_a / "summary.json"), read_json(args.run_b / "summary.json"), diff)
             atomic_write(args.html, lambda tmp: tmp.write_text(html, encoding="utf-8"))
             print(args.html)
+        return 0
+    if args.command == "example":
+        from flows.flow import run
+        from pipeline.examples.easyvqa import config
+
+        _print_run(run(config(args.out, device=args.device)))
         return 0
     if args.command == "stages":
         from stages import stages

@@ -35,6 +35,9 @@ class UnimodalConfig(StageConfig):
     shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample
     iba_beta: float = 10.0
     m2ib_beta: float = 0.1
+    # m2ib's bottleneck: None on the encoded inputs; "auto" after the adapter's default hidden
+    # layer of each tower (CLIP: layer 9 of 12, as the paper); or {modality: layer name}
+    m2ib_layers: dict[str, str] | Literal["auto"] | None = None
     iba_steps: int = Field(default=10, gt=0)
     iba_copies: int = Field(default=10, gt=0)
     curve_points: int = Field(default=10, gt=1)  # deletion / insertion curve resolution
@@ -139,6 +142,13 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
         iba = attr.IBAConfig(beta=config.iba_beta, steps=config.iba_steps, copies=config.iba_copies)
         return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
     m2ib = attr.IBAConfig(beta=config.m2ib_beta, steps=config.iba_steps, copies=config.iba_copies, smooth=0.0)
+    if config.m2ib_layers is not None:
+        from stages.m2ib_layer import m2ib_layer
+
+        layers = getattr(game.adapter, "m2ib_layers", None) if config.m2ib_layers == "auto" else config.m2ib_layers
+        if layers is None:
+            raise MmdiagError("stages.unimodal.m2ib_layers: this model's adapter names no default M2IB layers; give {modality: layer} or leave it unset")
+        return torch.cat([m2ib_layer(game, m, layers[m], m2ib, generator) if m in layers else attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
     return torch.cat([attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
 
 
@@ -323,5 +333,5 @@ STAGE = Stage(
     run,
     UnimodalConfig,
     writes=("unimodal.modality_share", "unimodal.modality_ablation", "unimodal.methods.<method>"),
-    modules=("stages.unimodal", "stages.attribution"),
+    modules=("stages.unimodal", "stages.attribution", "stages.m2ib_layer"),
 )
