@@ -197,7 +197,8 @@ def fit_probes(acts: dict[str, Tensor], targets: dict[str, Tensor], config: Repr
     for a in acts.values():
         x = F.pad(standardise(a).to(device), (0, 1), value=1.0)  # the constant column is the intercept
         penalty = torch.diag(torch.cat([torch.full((a.shape[1],), config.ridge), torch.zeros(1)])).to(device)
-        weights = torch.linalg.solve(torch.einsum("cn,ni,nj->cij", train, x, x) + penalty, x.T @ (onehot * train[..., None]))
+        gram = (train[:, :, None] * x).transpose(1, 2) @ x  # (C, D+1, D+1): each concept's own training rows
+        weights = torch.linalg.solve(gram + penalty, x.T @ (onehot * train[..., None]))
         scores = (x @ weights).reshape(c, n, 2, widest).masked_fill(~valid[:, None, None], -torch.inf)
         right = (scores.argmax(-1).transpose(1, 2) == y).float()  # (C, 2, N)
         accuracy.append((right * test[:, None]).sum(-1) / test.sum(-1, keepdim=True))

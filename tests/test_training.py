@@ -65,7 +65,7 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
     demo_configs = flows.flow.demo_configs
     monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": quick}) for c in demo_configs(*a, **k)])
 
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--fix"]) == 0
     for name in ("demo-film", "demo-late"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         run = json.loads((tmp_path / name / "run.json").read_text())
@@ -95,3 +95,13 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
     top = {name: json.loads((tmp_path / name / "summary.json").read_text())["suggestions"][0] for name in ("demo-film", "demo-late")}
     assert top["demo-film"]["action"]["kind"] == "decorrelate" and top["demo-film"]["action"]["concept"] == "watermark"
     assert top["demo-late"]["action"]["kind"] == "interaction_fusion"
+    # --fix: demo-film retrained with the mark decorrelated, diagnosed again, and compared
+    before, after = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("demo-film", "demo-film-fixed"))
+    assert after["model"]["name"] == "demo-film-clean"
+    assert after["model"]["splits"]["anti"]["accuracy"] > before["model"]["splits"]["anti"]["accuracy"] + 0.2
+    disagree = lambda s: next(d["accuracy"] for d in s["errors"]["disagreement"] if d["concept"] == "watermark")  # noqa: E731
+    assert disagree(after) > disagree(before) + 0.2
+    mark = lambda s: s["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["mass"]  # noqa: E731
+    assert mark(after) < 0.5 * mark(before)
+    page = (tmp_path / "demo-film-fix.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "demo-film-fixed" in page
