@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from stages.composition import CompositionConfig, choose, cpu_threads, fit_path, heldout_split, standardise
+from stages.composition import CompositionConfig, choose, fit_path, heldout_split, standardise
 
 
 def _timed(fn):
@@ -106,11 +106,10 @@ def bench_rows(features: torch.Tensor, predictions: torch.Tensor, device: torch.
 
     timed(lambda: fit_path(z_fit, y_fit, z_held, y_held, len(classes), config.model_copy(update={"n_lambdas": 2})))  # warm-up
     path, ours = timed(lambda: fit_path(z_fit, y_fit, z_held, y_held, len(classes), config))
-    with cpu_threads(device, z_fit.numel() * len(classes)):  # the same threads as ours
-        if reference == "glm-saga":
-            (lambdas, points, unconverged), theirs = timed(lambda: _glm_saga(z_fit, y_fit, len(classes), config, device))
-        else:
-            (lambdas, points, unconverged), theirs = timed(lambda: _sklearn(z_fit, y_fit, path.lambdas, config))
+    if reference == "glm-saga":
+        (lambdas, points, unconverged), theirs = timed(lambda: _glm_saga(z_fit, y_fit, len(classes), config, device))
+    else:
+        (lambdas, points, unconverged), theirs = timed(lambda: _sklearn(z_fit, y_fit, path.lambdas, config))
     fidelity, n_features = _scores(points, z_held, y_held)
     chosen = choose(path, config.margin)
     k = int(path.n_features[chosen])

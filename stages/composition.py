@@ -18,7 +18,6 @@ centred weights of one class are the negatives of the other's.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,19 +116,6 @@ def fit_point(problem: _Problem, theta: torch.Tensor, lipschitz: float, config: 
     return theta, step
 
 
-@contextmanager
-def cpu_threads(device: torch.device, size: int):
-    """One CPU thread for a small problem: handing tiny reductions to a pool costs more than
-    the work, and stalls for milliseconds on a busy machine."""
-    before = torch.get_num_threads()
-    if device.type == "cpu" and size < 2**22:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit_path(z_fit, y_fit, z_held, y_held, n_classes: int, config: CompositionConfig) -> Path:
     """The elastic-net path, warm-started from lambda_max down to lambda_max * eps."""
     za = _with_ones(z_fit)
@@ -140,11 +126,10 @@ def fit_path(z_fit, y_fit, z_held, y_held, n_classes: int, config: CompositionCo
     lipschitz = 0.5 * float(torch.linalg.matrix_norm(za, ord=2)) ** 2 / len(za)
     theta = torch.cat([za.new_zeros(n_classes, za.shape[1] - 1), onehot.mean(0).log()[:, None]], 1)
     thetas, steps = [], 0
-    with cpu_threads(za.device, za.numel() * n_classes):
-        for lam in lambdas.tolist():
-            theta, taken = fit_point(_Problem(za, onehot, lam, config.alpha), theta, lipschitz, config)
-            thetas.append(theta)
-            steps += taken
+    for lam in lambdas.tolist():
+        theta, taken = fit_point(_Problem(za, onehot, lam, config.alpha), theta, lipschitz, config)
+        thetas.append(theta)
+        steps += taken
     thetas = torch.stack(thetas)
     fidelity = ((_with_ones(z_held) @ thetas.transpose(1, 2)).argmax(2) == y_held).double().mean(1)
     weights, bias = thetas[:, :, :-1].cpu(), thetas[:, :, -1].cpu()
