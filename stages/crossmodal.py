@@ -23,6 +23,7 @@ from pipeline.errors import MmdiagError
 from stages import attribution as attr
 from stages import interaction as inter
 from stages.base import Context, Stage, StageConfig, StageResult
+from stages.unimodal import _eval_batch
 
 
 class CrossmodalConfig(StageConfig):
@@ -34,10 +35,6 @@ class CrossmodalConfig(StageConfig):
     shapley_draws: int = Field(default=24, gt=0)  # coalitions sampled per pair
     pairs_per_sample: int = Field(default=3, gt=0)  # a sample's strongest pairs counted in top_pairs
     top_pairs: int = Field(default=10, gt=0)  # pairs listed in summary.json
-
-
-def _eval_batch(ctx: Context, config: CrossmodalConfig) -> int:
-    return config.eval_batch or (8192 if ctx.device.type == "cuda" else 512)
 
 
 def check_inputs(ctx: Context, config: CrossmodalConfig) -> None:

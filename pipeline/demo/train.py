@@ -39,10 +39,15 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
     def key(self) -> str:
-        h = hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode())
-        for module in (shapes, models, vocab, sys.modules[__name__]):
-            h.update(Path(module.__file__).read_bytes())
-        return h.hexdigest()[:16]
+        return source_key(self, (shapes, models, vocab, sys.modules[__name__]))
+
+
+def source_key(config: BaseModel, modules) -> str:
+    """A weights-cache key: the training config and the source of the modules that train."""
+    h = hashlib.sha256(json.dumps(config.model_dump(), sort_keys=True).encode())
+    for module in modules:
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def build(config: TrainConfig) -> torch.nn.Module:

@@ -17,8 +17,6 @@ that `mmdiag example easyvqa` runs; `model()` and `data(split, n, seed)` are its
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import re
 import sys
@@ -36,6 +34,7 @@ from pipeline.adapter import TorchAdapter
 from pipeline.config import DiagConfig
 from pipeline.data import SampleSet
 from pipeline.demo.models import EMBED_DIM, FiLMNet
+from pipeline.demo.train import source_key
 from pipeline.errors import MmdiagError
 from pipeline.store import atomic_write, cache_root
 from pipeline.units import PatchGrid, Tokens
@@ -258,10 +257,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
     def key(self) -> str:
-        h = hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode())
-        for module in (sys.modules[__name__], sys.modules[FiLMNet.__module__]):
-            h.update(Path(module.__file__).read_bytes())
-        return h.hexdigest()[:16]
+        return source_key(self, (sys.modules[__name__], sys.modules[FiLMNet.__module__]))
 
 
 def train(config: TrainConfig) -> EasyVQANet:
