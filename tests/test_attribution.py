@@ -90,6 +90,13 @@ def test_iba_optimises_each_sample_on_its_own():
     assert (a >= 0).all() and a.shape == (3,)
 
 
+def test_bottleneck_leaves_the_models_gradients_alone():
+    game = game_for(Mixer())
+    stats = attr.BottleneckStats.of(game.encoded)
+    attr.iba(game, "left", stats, attr.IBAConfig(steps=2, copies=2), torch.Generator().manual_seed(0))
+    assert all(p.grad is None for p in game.adapter.module.parameters())
+
+
 def test_modality_values_of_an_additive_model():
     game = game_for(Mixer(additive=True))
     phi, interaction = modality_games(game)
