@@ -62,10 +62,11 @@ def run(device_name: str = "auto") -> list[dict]:
     return rows
 
 
-def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
-    """Stage 1's methods on the same model and samples: cost per sample, our batched Shapley
-    sampling against the shap package as MM-SHAP runs it, batched IBA against one sample at a
-    time, and every method's wall time over the floor (inputs evaluated x time per input)."""
+def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
+    """Stage 1's methods on the same model and samples (n = the stage's default batch of samples):
+    cost per sample, our batched Shapley sampling against the shap package as MM-SHAP runs it,
+    batched IBA against one sample at a time, and every method's wall time over the floor
+    (inputs evaluated x time per input)."""
     import torch
 
     from stages import attribution as attr
@@ -85,13 +86,14 @@ def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
     units = adapter.units(inputs, encoded)
 
     def game():
-        return attr.Game(adapter, encoded, units, target)
+        return attr.Game(adapter, encoded, units, target, attr.default_batch(device))
 
     # the floors: seconds per model input in a full batch, forward only and forward + backward
-    per_input = _per_input_forward(adapter, encoded)
-    row("forward, per model input in a batch of 512 (floor)", per_input * 1e6, "us")
-    per_grad = _per_input_gradient(adapter, encoded)
-    row("forward + backward, per model input in a batch of 512 (floor)", per_grad * 1e6, "us")
+    batch = game().batch_size  # the stage's forward batch on this device
+    per_input = _per_input_forward(adapter, encoded, batch)
+    row(f"forward, per model input in a batch of {batch} (floor)", per_input * 1e6, "us")
+    per_grad = _per_input_gradient(adapter, encoded, batch)
+    row(f"forward + backward, per model input in a batch of {batch} (floor)", per_grad * 1e6, "us")
 
     config = UnimodalConfig(shapley_pairs=10)
     stats = attr.BottleneckStats.of(encoded)
@@ -144,9 +146,10 @@ def attribution_rows(adapter, data, device, n: int = 16) -> list[dict]:
     _, looped = _timed(one_at_a_time)
     # what batching can save at most when the model's arithmetic dominates: the cost per input of a
     # forward + backward at the loop's batch (the noise copies of one sample) over the batched run's
-    ceiling = _per_input_gradient(adapter, encoded, iba_config.copies) / _per_input_gradient(adapter, encoded, n * iba_config.copies)
+    step_batch = iba_config.samples_per_step(g.batch_size) * iba_config.copies
+    ceiling = _per_input_gradient(adapter, encoded, iba_config.copies) / _per_input_gradient(adapter, encoded, step_batch)
     row("IBA, image, 10 steps x 10 noise draws: seconds per sample, batched", batched / n, "s", speedup_over_one_at_a_time=round(looped / batched, 1),
-        compute_ratio_batch10_over_batched=round(ceiling, 2))
+        inputs_per_step=step_batch, compute_ratio_one_over_batched=round(ceiling, 2))
     return rows
 
 
@@ -169,7 +172,7 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     ref = data.subset(torch.arange(n_reference))
     with torch.no_grad():
         encoded = {m: t.detach() for m, t in adapter.encode({m: x.to(device) for m, x in ref.inputs.items()}).items()}
-    batch = 8192 if device.type == "cuda" else 512
+    batch = attr.default_batch(device)
     inter.recombination_table(adapter.forward, {m: t[:20] for m, t in encoded.items()}, batch)  # warm-up
     (_, passes), batched = _timed(lambda: inter.recombination_table(adapter.forward, encoded, batch))
     sample = 400
@@ -189,11 +192,11 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     units = adapter.units(inputs, enc)
     with torch.no_grad():
         target = adapter.forward(enc).argmax(1)
-    game = lambda: attr.Game(adapter, enc, units, target)  # noqa: E731
+    game = lambda: attr.Game(adapter, enc, units, target, batch)  # noqa: E731
     inter.mixed_gradients(game(), "image", "text")  # warm-up
     g = game()
     _, ours = _timed(lambda: inter.mixed_gradients(g, "image", "text"))
-    per_grad = _per_input_gradient(adapter, enc)
+    per_grad = _per_input_gradient(adapter, enc, batch)
     floor = g.backward * per_grad
     _, loop_units = _timed(lambda: inter.mixed_gradients_looped(game(), "image", "text"))
     k = 4
@@ -205,7 +208,7 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     return rows
 
 
-def _per_input_forward(adapter, encoded, batch: int = 512, repeats: int = 3) -> float:
+def _per_input_forward(adapter, encoded, batch: int, repeats: int = 3) -> float:
     """Seconds of a forward pass per model input in a batch of `batch` (best of `repeats`)."""
     import torch
 
@@ -215,7 +218,7 @@ def _per_input_forward(adapter, encoded, batch: int = 512, repeats: int = 3) -> 
         return min(_timed(lambda: adapter.forward(big))[1] for _ in range(repeats)) / batch
 
 
-def _per_input_gradient(adapter, encoded, batch: int = 512, repeats: int = 3) -> float:
+def _per_input_gradient(adapter, encoded, batch: int, repeats: int = 3) -> float:
     """Seconds of forward + backward per model input in a batch of `batch` (best of `repeats`):
     gradients w.r.t. the inputs only, as the attribution methods take them."""
     import torch

@@ -29,7 +29,7 @@ from stages.unimodal import _eval_batch
 class CrossmodalConfig(StageConfig):
     n_reference: int | None = Field(default=None, gt=1)  # EMAP's reference set (n^M model inputs); None: 200, or all samples if fewer
     batch_size: int = Field(default=32, gt=0)  # samples differentiated together
-    eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 512 on CPU, 8192 on CUDA
+    eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 128 on CPU, 8192 on CUDA
     edges: int = Field(default=12, gt=0)  # strongest unit pairs kept in each sample's graph
     shapley_pairs: int = Field(default=3, ge=0)  # strongest pairs per sample given a Shapley interaction index
     shapley_draws: int = Field(default=24, gt=0)  # coalitions sampled per pair

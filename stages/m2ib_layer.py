@@ -22,16 +22,20 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import MmdiagError
-from stages.attribution import Game, IBAConfig
+from stages.attribution import Game, IBAConfig, default_batch
 
 M2IB = IBAConfig(beta=0.1, steps=10, lr=1.0, copies=10, smooth=0.0)  # the paper's code
 
 
 def m2ib_layer(game: Game, modality: str, layer: str, config: IBAConfig = M2IB, generator: torch.Generator | None = None) -> Tensor:
     """Capacity per unit of `modality`, in bits, (B, n), with the bottleneck after `layer`."""
-    adapter = game.adapter
-    if not hasattr(adapter, "bottleneck_site"):
+    if not hasattr(game.adapter, "bottleneck_site"):
         raise MmdiagError("stages.unimodal.m2ib_layers: this model's adapter exposes no hidden layers for M2IB; leave m2ib_layers unset (the bottleneck then sits on the inputs)")
+    return game.in_chunks(config.samples_per_step(game.batch_size), lambda part: _m2ib_layer(part, modality, layer, config, generator))
+
+
+def _m2ib_layer(game: Game, modality: str, layer: str, config: IBAConfig, generator: torch.Generator | None) -> Tensor:
+    adapter = game.adapter
     encoded = {m: t.detach() for m, t in game.encoded.items()}
     with torch.no_grad():
         clean = adapter.shared_embeddings(encoded)
@@ -93,7 +97,8 @@ def m2ib_maps(adapter, inputs: dict[str, Tensor], layers: dict[str, str] | None 
     (B, rows, cols) and "image_pixels" upsampled to the image's own size (B, H, W), in bits."""
     encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
     units = adapter.units(inputs, encoded)
-    game = Game(adapter, encoded, units, torch.zeros(len(next(iter(encoded.values()))), dtype=torch.long, device=encoded["image"].device))
+    device = encoded["image"].device
+    game = Game(adapter, encoded, units, torch.zeros(len(next(iter(encoded.values()))), dtype=torch.long, device=device), default_batch(device))
     generator = torch.Generator().manual_seed(seed)
     layers = layers or adapter.m2ib_layers
     out = {m: m2ib_layer(game, m, layers[m], config, generator) for m in adapter.modalities}

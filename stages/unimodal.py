@@ -30,7 +30,7 @@ class UnimodalConfig(StageConfig):
     n_correct: int = Field(default=50, ge=0)  # correct predictions explained beside the errors
     max_errors: int | None = Field(default=150, gt=0)  # a random subset when there are more errors
     batch_size: int = Field(default=64, gt=0)  # samples attributed together
-    eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 512 on CPU, 8192 on CUDA
+    eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 128 on CPU, 8192 on CUDA
     ig_steps: int = Field(default=32, gt=1)
     shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample
     iba_beta: float = 10.0
@@ -221,7 +221,7 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
 
 
 def _eval_batch(ctx: Context, config: UnimodalConfig) -> int:
-    return config.eval_batch or (8192 if ctx.device.type == "cuda" else 512)
+    return config.eval_batch or attr.default_batch(ctx.device)
 
 
 def _stats(ctx, data, adapter) -> attr.BottleneckStats:
