@@ -6,9 +6,11 @@ stages' result references and swapped in whole (pipeline.store.new_run).
 
 from __future__ import annotations
 
+import os
 import platform
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -201,14 +203,44 @@ def _markdown(summary: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
+FORCED_EXIT_AFTER_S = 30
+
+
 @contextmanager
-def _clean_exit_on_sigterm():
-    """SIGTERM becomes a normal exit, so Prefect's temporary server shuts down with us."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+def _clean_exit_on_signals():
+    """SIGTERM becomes a normal exit, so Prefect's temporary server shuts down with us; SIGINT
+    stays a KeyboardInterrupt. If that clean-up has not ended FORCED_EXIT_AFTER_S later (once
+    in a CI run, Prefect's crash reporting after SIGINT never returned), the process exits
+    anyway: results are written atomically, so nothing half-written is left."""
+
+    def exit_now(code: int) -> None:
+        try:  # Prefect's temporary API server is our child: it would outlive a forced exit
+            from prefect.server.api.server import SubprocessASGIServer
+
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+        finally:
+            os._exit(code)
+
+    def exit_later(code: int) -> None:
+        timer = threading.Timer(FORCED_EXIT_AFTER_S, exit_now, args=(code,))
+        timer.daemon = True
+        timer.start()
+
+    def on_term(*_):
+        exit_later(143)
+        sys.exit(143)
+
+    def on_int(*_):
+        exit_later(130)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def preflight(config: DiagConfig) -> dict[str, dict]:
@@ -227,8 +259,6 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
 
 def task_runner(config: DiagConfig):
     """Prefect's thread pool, or a Dask cluster (a running one, or a local one started here)."""
-    import os
-
     from prefect.task_runners import ThreadPoolTaskRunner
 
     spec = config.runner
@@ -261,7 +291,7 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     quiet_user_errors()
 
     diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=task_runner(config))(_flow_body)
-    with _clean_exit_on_sigterm(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with _clean_exit_on_signals(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
 
 

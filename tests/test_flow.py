@@ -142,6 +142,23 @@ def test_killed_run_resumes_from_finished_stages(toy, tmp_path, sig):
         assert fresh[stage] == uninterrupted[stage] == resumed[stage]
 
 
+@pytest.mark.slow
+def test_interrupt_ends_the_process_even_when_a_stage_does_not_stop(toy, tmp_path):
+    from flows.flow import FORCED_EXIT_AFTER_S
+
+    cfg, run, computed = toy
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second", "TOY_DEAF": "1", "TOY_ONLY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while "second" not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=FORCED_EXIT_AFTER_S + 30)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr.read()
+    assert not run.exists()
+
+
 def test_bad_rerun_and_compare_input(toy, tmp_path, capsys):
     cfg, run, computed = toy
     cases = [

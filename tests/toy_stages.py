@@ -1,7 +1,8 @@
 """Three small stages that form a chain (first -> second -> third), used to test the flow.
 
 Each computation appends its stage name to $TOY_LOG, an independent record of what ran; with
-$TOY_BLOCK naming a stage, that stage waits forever (to be killed mid-stage).
+$TOY_BLOCK naming a stage, that stage waits forever (to be killed mid-stage); with
+$TOY_DEAF as well, it ignores the interrupt too (a computation that cannot be stopped).
 """
 
 import os
@@ -28,7 +29,11 @@ def _record(name):
         with open(os.environ["TOY_PIDS"], "a") as f:
             f.write(f"{name} {os.getpid()}\n")
     while os.environ.get("TOY_BLOCK") == name:
-        time.sleep(0.05)
+        try:
+            time.sleep(0.05)
+        except (KeyboardInterrupt, SystemExit):
+            if not os.environ.get("TOY_DEAF"):
+                raise
 
 
 def first(ctx, config, upstream):
