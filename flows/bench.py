@@ -208,11 +208,16 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     return rows
 
 
+def _tiled(encoded, batch: int) -> dict:
+    """A batch of `batch` model inputs made of the given ones, repeated."""
+    return {m: t.repeat_interleave(batch // len(t) + 1, 0)[:batch].detach() for m, t in encoded.items()}
+
+
 def _per_input_forward(adapter, encoded, batch: int, repeats: int = 3) -> float:
     """Seconds of a forward pass per model input in a batch of `batch` (best of `repeats`)."""
     import torch
 
-    big = {m: t.repeat_interleave(batch // len(t) + 1, 0)[:batch].detach() for m, t in encoded.items()}
+    big = _tiled(encoded, batch)
     with torch.no_grad():
         adapter.forward(big)
         return min(_timed(lambda: adapter.forward(big))[1] for _ in range(repeats)) / batch
@@ -223,7 +228,7 @@ def _per_input_gradient(adapter, encoded, batch: int, repeats: int = 3) -> float
     gradients w.r.t. the inputs only, as the attribution methods take them."""
     import torch
 
-    big = {m: t.repeat_interleave(batch // len(t) + 1, 0)[:batch].detach().requires_grad_(True) for m, t in encoded.items()}
+    big = {m: t.requires_grad_(True) for m, t in _tiled(encoded, batch).items()}
 
     def forward_backward():
         torch.autograd.grad(adapter.forward(big).sum(), list(big.values()))

@@ -209,9 +209,10 @@ FORCED_EXIT_AFTER_S = 30
 @contextmanager
 def _clean_exit_on_signals():
     """SIGTERM becomes a normal exit, so Prefect's temporary server shuts down with us; SIGINT
-    stays a KeyboardInterrupt. If that clean-up has not ended FORCED_EXIT_AFTER_S later (once
-    in a CI run, Prefect's crash reporting after SIGINT never returned), the process exits
-    anyway: results are written atomically, so nothing half-written is left."""
+    a KeyboardInterrupt, also when the process inherited it ignored (a background job of a
+    shell without job control: Python then installs no handler, and Ctrl-C did nothing). If
+    that clean-up has not ended FORCED_EXIT_AFTER_S later (a stage stuck in native code), the
+    process exits anyway: results are written atomically, so nothing half-written is left."""
 
     def exit_now(code: int) -> None:
         try:  # Prefect's temporary API server is our child: it would outlive a forced exit

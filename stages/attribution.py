@@ -33,7 +33,7 @@ class Game:
     encoded: dict[str, Tensor]
     units: dict[str, Units]
     target: Tensor  # (B,) class index per sample
-    batch_size: int = 128  # model inputs per forward pass (the stages pass their own; this is the CPU one)
+    batch_size: int = 128  # model inputs per forward pass: default_batch on a CPU (the stages pass the device's)
     passes: int = 0  # model inputs evaluated (forward), for the cost accounting
     backward: int = 0  # model inputs differentiated
 
