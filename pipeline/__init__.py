@@ -2,7 +2,7 @@
 the one user-facing error type, and the embedded demo."""
 
 from pipeline.adapter import ModelAdapter, TorchAdapter
-from pipeline.data import SampleSet
+from pipeline.data import Counterfactual, SampleSet
 from pipeline.errors import MmdiagError
 from pipeline.units import FeatureGroups, PatchGrid, Tokens, Units
 
@@ -11,6 +11,7 @@ __all__ = [
     "MmdiagError",
     "ModelAdapter",
     "PatchGrid",
+    "Counterfactual",
     "SampleSet",
     "Tokens",
     "TorchAdapter",

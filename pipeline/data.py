@@ -6,6 +6,12 @@ Sample `i` is the dict
 where `meta` holds named concepts (for probing and slicing; -1 = unknown), `truth` holds
 ground-truth relevance masks over each modality's own grid (pixels, token positions), and
 `display` what the report shows (token strings; images are shown from the inputs).
+
+Links the diagnosis needs are declared, never guessed: `truth_concepts` says which concept a
+truth region shows ({modality: {region: concept}}; a region named like a concept is linked to
+it), `class_concepts` which concepts take class values (value k points to class k), and
+`counterfactuals` holds, per concept, the inputs with that concept flipped (and, where known,
+the label the flipped sample has).
 """
 
 from __future__ import annotations
@@ -21,6 +27,24 @@ from pipeline.store import fingerprint_tensors
 
 
 @dataclass
+class Counterfactual:
+    """The samples with one concept flipped: the raw inputs of the modalities that change
+    (all rows), the labels the flipped samples have (None: unknown) and which rows have a
+    counterfactual at all (None: every row)."""
+
+    inputs: dict[str, Tensor]
+    labels: Tensor | None = None
+    valid: Tensor | None = None
+
+    def subset(self, index: Tensor) -> "Counterfactual":
+        return Counterfactual(
+            {m: x[index] for m, x in self.inputs.items()},
+            None if self.labels is None else self.labels[index],
+            None if self.valid is None else self.valid[index],
+        )
+
+
+@dataclass
 class SampleSet(torch.utils.data.Dataset):
     inputs: dict[str, Tensor]
     labels: Tensor
@@ -30,6 +54,9 @@ class SampleSet(torch.utils.data.Dataset):
     class_names: list[str] = field(default_factory=list)
     ids: Tensor | None = None
     name: str = "data"
+    truth_concepts: dict[str, dict[str, str]] = field(default_factory=dict)
+    class_concepts: list[str] | None = None  # None: not declared
+    counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.ids is None:
@@ -71,6 +98,40 @@ class SampleSet(torch.utils.data.Dataset):
         n_classes = len(self.class_names)
         if n_classes and (self.labels.min() < 0 or self.labels.max() >= n_classes):
             raise MmdiagError(f"data ({self.name}): labels must lie in 0..{n_classes - 1} (class_names)")
+        self._validate_links(n)
+
+    def _validate_links(self, n: int) -> None:
+        where = f"data ({self.name})"
+        for m, regions in self.truth_concepts.items():
+            for r, c in regions.items():
+                if r not in self.truth.get(m, {}):
+                    raise MmdiagError(f"{where}: truth_concepts.{m}.{r} names no truth region; add truth[{m!r}][{r!r}] or drop the link")
+                if c not in self.meta:
+                    raise MmdiagError(f"{where}: truth_concepts.{m}.{r} links to {c!r}, which is not a meta concept; add meta[{c!r}] or fix the name")
+        n_classes = len(self.class_names) or int(self.labels.max()) + 1
+        for c in self.class_concepts or ():
+            if c not in self.meta:
+                raise MmdiagError(f"{where}: class_concepts names {c!r}, which is not a meta concept; add it to meta or drop it")
+            if int(self.meta[c].max()) >= n_classes or int(self.meta[c].min()) < -1:
+                raise MmdiagError(f"{where}: class_concepts: {c!r} takes values outside -1..{n_classes - 1}; a class concept's value is a class index (-1 unknown)")
+        for c, cf in self.counterfactuals.items():
+            if c not in self.meta:
+                raise MmdiagError(f"{where}: counterfactuals.{c} is not a meta concept; name the concept the counterfactual flips")
+            for m, x in cf.inputs.items():
+                if m not in self.inputs:
+                    raise MmdiagError(f"{where}: counterfactuals.{c}.inputs.{m} is not an input modality ({', '.join(self.inputs)})")
+                if len(x) != n or x.shape[1:] != self.inputs[m].shape[1:] or x.dtype != self.inputs[m].dtype:
+                    raise MmdiagError(f"{where}: counterfactuals.{c}.inputs.{m} must match inputs.{m} in rows, shape and dtype; got {tuple(x.shape)} {x.dtype}")
+            for part in ("labels", "valid"):
+                v = getattr(cf, part)
+                if v is not None and len(v) != n:
+                    raise MmdiagError(f"{where}: counterfactuals.{c}.{part} has {len(v)} values for {n} samples")
+
+    def concept_of(self, modality: str, region: str) -> str | None:
+        """The concept a truth region shows: declared in `truth_concepts`, or the concept of the
+        same name."""
+        declared = self.truth_concepts.get(modality, {}).get(region)
+        return declared or (region if region in self.meta else None)
 
     def subset(self, index: Tensor) -> "SampleSet":
         index = torch.as_tensor(index, dtype=torch.long)
@@ -84,6 +145,9 @@ class SampleSet(torch.utils.data.Dataset):
             class_names=self.class_names,
             ids=self.ids[index],
             name=self.name,
+            truth_concepts=self.truth_concepts,
+            class_concepts=self.class_concepts,
+            counterfactuals={c: cf.subset(index) for c, cf in self.counterfactuals.items()},
         )
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[slice, dict[str, Tensor]]]:
@@ -94,4 +158,7 @@ class SampleSet(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """Content hash of the inputs, labels and ids: same data, same fingerprint."""
         named = {f"inputs.{m}": x for m, x in self.inputs.items()}
+        for c, cf in self.counterfactuals.items():
+            named.update({f"counterfactuals.{c}.{m}": x for m, x in cf.inputs.items()})
+            named.update({f"counterfactuals.{c}.{p}": getattr(cf, p) for p in ("labels", "valid") if getattr(cf, p) is not None})
         return fingerprint_tensors({**named, "labels": self.labels, "ids": self.ids})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data import SampleSet
-from reports import evidence, findings, suggest
+from reports import evidence, findings, reliance, suggest
 from reports import slices as sl
 from reports.samples import Evaluated, binary_concepts, evaluated
 from reports.thresholds import DEFAULT, Thresholds
@@ -40,14 +40,17 @@ def disagreement(ev: Evaluated) -> list[dict]:
 
 
 def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thresholds: Thresholds = DEFAULT, seed: int = 0) -> dict:
-    """{"errors": {n, error_rate, slices, categories, disagreement, cards}, "suggestions": [...]}"""
+    """{"errors": {n, error_rate, slices, categories, disagreement, cards, notes}, "suggestions": [...]};
+    `notes` holds one line for every rule that lacked a link it needed (README, "Declared links")."""
     ev = evaluated(results, data)
     cols = slice_columns(results, ev, thresholds, seed)
     found = sl.find(ev.errors, cols, thresholds)
     named = [(f"s{i}", s) for i, s in enumerate(found, 1)]
-    detected = findings.detect(summary, results, ev, found, thresholds)
-    shortcut_regions = {f.subject for f in detected if f.rule == "shortcut"}
-    src = evidence.Sources(ev, summary, results, named, shortcut_regions, evidence.readings(summary, results, ev))
+    notes: list[str] = []
+    detected = findings.detect(summary, results, ev, found, thresholds, notes)
+    # a shortcut's own regions are not "relevant" evidence for the other rules
+    shortcut_regions = {r for f in detected if f.rule == "shortcut" for _, r in reliance.linked_regions(ev, f.subject)} | {f.subject for f in detected if f.rule == "shortcut"}
+    src = evidence.Sources(ev, summary, results, named, shortcut_regions, evidence.readings(summary, results, ev), detected)
     cards = evidence.cards(src, thresholds)
     categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
     for c in cards:
@@ -66,6 +69,7 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
             "categories": categories,
             "disagreement": disagreement(ev),
             "cards": cards,
+            "notes": notes,
         },
         "suggestions": suggest.suggestions(detected, thresholds),
     }

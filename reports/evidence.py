@@ -1,19 +1,26 @@
-"""Per-error evidence cards and their categories.
+"""Per-error evidence cards and their causes.
 
-A card gathers, for one error, what each stage says about it: where each modality's attribution
-pointed (and how much of it fell on the truth regions), the strongest cross-modal unit pairs, the
+A card gathers, for one error, what the interventions and each stage say about it: what removing
+each truth region (or flipping a concept) did to this prediction against removing as many random
+units, where each modality's attribution pointed, the strongest cross-modal unit pairs, the
 concepts the error's slices involve and whether the decision layer reads them, and the features
 (with their concepts) that pushed the prediction to the wrong class.
 
-The category is the first of four rules that fires, in the order of the pipeline (an earlier
-failure makes later evidence moot); each rule is a function of the card and the thresholds:
+The cause is the first of six rules that fires; each rule is a function of the card and the
+thresholds:
 
-- perception: in some modality, the attribution on the relevant truth regions is no higher than
-  their share of the units (enrichment <= `perception_enrichment`);
+- shortcut: a shortcut finding's concept points to the predicted class against the label, and
+  removing its region (or flipping it) makes this prediction right, or moves it towards the
+  true class more than every one of its null removals; where no intervention applies to this
+  sample (the region is absent, no counterfactual), following the concept is the evidence;
+- ignored_modality: a modality the findings call ignored shows what this sample needs (its
+  relevant truth regions) and removing it does not change this prediction;
+- perception: in some modality, removing the relevant truth regions lowers the predicted class's
+  margin no more than the median of as many random units (without interventions: their
+  attribution is no higher than their share of the units, enrichment <= `perception_enrichment`);
 - interaction: the modalities hardly combine for this sample (stage 1's exact modality-level
   interaction <= `interaction_share` of the logit change), or the needed cross-modal pairs
-  (relevant units of one modality x relevant units of the other) carry no more than their share
-  of the |mixed interaction| (`interaction_enrichment`);
+  carry no more than their share of the |mixed interaction| (`interaction_enrichment`);
 - representation: a concept defining an error slice that holds this error is not decodable at
   the decision layer (probe selectivity < `representation_selectivity`) or its features read
   the wrong value for this sample;
@@ -21,8 +28,8 @@ failure makes later evidence moot); each rule is a function of the card and the 
   wrong class.
 
 "Relevant" truth regions are all of a sample's regions except the shortcuts the findings name.
-A rule whose evidence is missing (its stage did not run or did not cover this error) is skipped
-and the card says so; an error no rule explains is "undetermined".
+A rule whose evidence is missing is skipped and the card says so; an error no rule explains is
+"undetermined". Each fired rule records its figures and a sentence a reader can check.
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reports import reliance as rl
 from reports import samples as sp
-from reports.findings import decision_selectivity
+from reports.findings import Finding, decision_selectivity
 from reports.slices import Slice
 from reports.thresholds import DEFAULT, Thresholds
 from stages.base import StageResult
 
-CATEGORIES = ("perception", "interaction", "representation", "composition")
+CATEGORIES = ("shortcut", "ignored_modality", "perception", "interaction", "representation", "composition")
 
 
 @dataclass
@@ -50,7 +58,22 @@ class Sources:
     slices: list[tuple[str, Slice]]  # (slice id, slice)
     shortcut_regions: set[str]
     readings: dict[str, np.ndarray]  # concept -> value the decision features read, per data row
+    findings: list[Finding] = field(default_factory=list)
     pooled: dict = field(default_factory=dict)  # (modality, region, units) -> coverage of every sample
+
+    def of_rule(self, rule: str) -> list[Finding]:
+        return [f for f in self.findings if f.rule == rule]
+
+    def intervened(self, key: str, row: int) -> dict | None:
+        """One region's (or `counterfactual.<concept>`'s) intervention on a data row: the
+        arrays of stage `intervention` at that sample."""
+        result = self.results.get("intervention")
+        if result is None:
+            return None
+        at = self.index("intervention").get(int(self.ev.data.ids[row]))
+        prefix = key if key.startswith("counterfactual.") else f"region.{key}"
+        found = {k[len(prefix) + 1 :]: np.asarray(v)[at] for k, v in result.arrays.items() if k.startswith(prefix + ".")}
+        return found or None
 
     def coverage(self, modality: str, region: str, row: int, n_units: int) -> np.ndarray | None:
         """A truth region pooled to units for one sample (pooled once for all samples)."""
@@ -61,9 +84,11 @@ class Sources:
         return None if pooled is None else pooled[row]
 
     def index(self, stage: str) -> dict[int, int]:
-        """Sample id -> position in a stage's per-sample arrays."""
-        result = self.results.get(stage)
-        return {} if result is None or "ids" not in result.arrays else {int(i): k for k, i in enumerate(result.arrays["ids"])}
+        """Sample id -> position in a stage's per-sample arrays (built once per stage)."""
+        if ("index", stage) not in self.pooled:
+            result = self.results.get(stage)
+            self.pooled[("index", stage)] = {} if result is None or "ids" not in result.arrays else {int(i): k for k, i in enumerate(result.arrays["ids"])}
+        return self.pooled[("index", stage)]
 
 
 def _r(x) -> float:
@@ -91,10 +116,103 @@ def enrichment(weights: np.ndarray, cover: np.ndarray, present: np.ndarray) -> d
     return {"mass": _r(mass), "area": _r(area), "enrichment": _r(mass / area)}
 
 
-def perception_evidence(src: Sources, row: int, at: int) -> dict | None:
-    """Per modality: the top units towards the prediction and the true class, the mass on each
-    truth region, and on the relevant regions together. None where stage 1 skipped the sample
-    (non-finite attributions)."""
+def region_effect(src: Sources, key: str, row: int) -> dict | None:
+    """What removing one truth region did to this prediction, beside its null removals (as many
+    random units of the same modality): whether it made the prediction right, how far it moved
+    the true class's logit against the predicted one, how much of the predicted class's margin
+    it took."""
+    a = src.intervened(key, row)
+    if a is None or not a["has"]:
+        return None
+    at = src.index("intervention")[int(src.ev.data.ids[row])]
+    label, base = int(src.ev.labels[row]), float(src.results["intervention"].arrays["margin"][at])
+    valid = bool(a["null_valid"])
+    toward, null_toward = a["d_true"] - a["d_pred"], a["null.d_true"] - a["null.d_pred"]
+    return {
+        "region": key,
+        "units": int(a["size"]),
+        "fixes": bool(a["pred_after"] == label),
+        "flips": bool(a["pred_after"] != src.ev.pred[row]),
+        "towards_truth": _r(toward),
+        "null_towards_truth_max": _r(null_toward.max()) if valid else None,
+        "null_fixes": _r((a["null.pred_after"] == label).mean()) if valid else None,
+        "margin_drop": _r(base - a["margin_after"]),
+        "null_margin_drop_median": _r(np.median(base - a["null.margin_after"])) if valid else None,
+    }
+
+
+def counterfactual_effect(src: Sources, concept: str, row: int) -> dict | None:
+    """What flipping the concept did to this prediction, where the data supplies the flip and
+    the label stays (or is unknown)."""
+    a = src.intervened(f"counterfactual.{concept}", row)
+    if a is None or not a["valid"] or (a["label"] >= 0 and a["label"] != src.ev.labels[row]):
+        return None
+    return {"concept": concept, "fixes": bool(a["pred_after"] == src.ev.labels[row]), "towards_truth": _r(a["d_true"] - a["d_pred"])}
+
+
+def _relevant_regions(src: Sources, modality: str, row: int) -> list[str]:
+    return [r for r, mask in src.ev.data.truth.get(modality, {}).items() if r not in src.shortcut_regions and bool(mask[row].any())]
+
+
+def shortcut_evidence(src: Sources, row: int) -> dict | None:
+    """For each shortcut finding whose concept points to this error's predicted class against
+    its label: what removing the concept's regions and flipping it did to this prediction."""
+    found = src.of_rule("shortcut")
+    if not found:
+        return None
+    ev, out = src.ev, []
+    for f in found:
+        v = int(f.points_to[row])
+        if v < 0 or v == ev.labels[row] or v != ev.pred[row]:
+            continue
+        keys = [f"{m}.{r}" for m, r in rl.linked_regions(ev, f.subject)]
+        effects = [e for e in (region_effect(src, k, row) for k in keys) if e is not None]
+        out.append({"concept": f.subject, "points_to": ev.class_name(v), "regions": effects, "counterfactual": counterfactual_effect(src, f.subject, row)})
+    return {"concepts": out, "findings": [f.subject for f in found]}
+
+
+def ignored_evidence(src: Sources, row: int) -> dict | None:
+    """For each modality the findings call ignored: whether this sample needs it (relevant truth
+    regions in it) and whether removing it changes this prediction."""
+    found = src.of_rule("ignored_modality")
+    result = src.results.get("intervention")
+    if not found or result is None:
+        return None
+    at = src.index("intervention")[int(src.ev.data.ids[row])]
+    mods = result.details["modalities"]
+    full = 2 ** len(mods) - 1
+    out = []
+    for f in found:
+        j = mods.index(f.subject)
+        without = full - 2 ** (len(mods) - 1 - j)
+        out.append({
+            "modality": f.subject,
+            "share": f.figures["share"]["value"],
+            "regions": _relevant_regions(src, f.subject, row),
+            "has_truth": bool(src.ev.data.truth.get(f.subject)),
+            "removal_changes_prediction": bool(result.arrays["modality.pred_after"][at, without] != src.ev.pred[row]),
+            "removal_logit_change": _r(result.arrays["modality.pred"][at, without] - result.arrays["modality.pred"][at, full]),
+        })
+    return {"modalities": out}
+
+
+def perception_evidence(src: Sources, row: int, at: int | None) -> dict | None:
+    """Per modality: what removing each relevant truth region did (every sample), and where
+    stage 1 explained the sample, the top units towards the prediction and the true class, the
+    mass on each truth region and on the relevant regions together (none where stage 1 skipped
+    it for non-finite attributions)."""
+    out: dict = {"modalities": {}}
+    if at is not None:
+        out.update(_attribution_evidence(src, row, at) or {})
+    if "intervention" in src.results:
+        for modality in src.ev.data.truth:
+            effects = [e for e in (region_effect(src, f"{modality}.{r}", row) for r in _relevant_regions(src, modality, row)) if e is not None]
+            if effects:
+                out["modalities"].setdefault(modality, {})["interventions"] = effects
+    return out if out["modalities"] else None
+
+
+def _attribution_evidence(src: Sources, row: int, at: int) -> dict | None:
     uni = src.results["unimodal"].arrays
     method = next(m for m in sp.METHODS if f"attr.{m}.pred" in uni)
     if not (np.isfinite(uni[f"attr.{method}.pred"][at]).all() and np.isfinite(uni[f"attr.{method}.true"][at]).all()):
@@ -214,13 +332,49 @@ def composition_evidence(src: Sources, row: int) -> dict | None:
 # --- the category rules: each returns (fired, figures), or None when its evidence is missing ---
 
 
+def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
+    found = card.get("shortcut")
+    if found is None:
+        return None
+    for c in found["concepts"]:
+        cf = c["counterfactual"]
+        if cf is not None and cf["fixes"]:
+            return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "counterfactual", **cf}
+        for e in c["regions"]:
+            beyond = e["null_towards_truth_max"] is not None and e["towards_truth"] > e["null_towards_truth_max"]
+            if (e["fixes"] and (e["null_fixes"] is None or e["null_fixes"] < 0.5)) or beyond:
+                return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "intervention", **e}
+        if not c["regions"] and cf is None:
+            return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "follows"}
+    ruled = [{"concept": c["concept"], "regions": c["regions"]} for c in found["concepts"]]
+    return False, {"findings": found["findings"], "follows": [c["concept"] for c in found["concepts"]], "ruled_out": ruled}
+
+
+def ignored_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
+    found = card.get("ignored_modality")
+    if found is None:
+        return None
+    for m in found["modalities"]:
+        if not m["removal_changes_prediction"] and (m["regions"] or not m["has_truth"]):
+            return True, m
+    return False, {"modalities": found["modalities"]}
+
+
 def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
-    seen = card.get("perception")
-    checked = [(m, e["relevant"]) for m, e in (seen or {}).get("modalities", {}).items() if e["relevant"]]
+    seen = card.get("perception") or {}
+    mods = seen.get("modalities", {})
+    intervened = {m: [e for e in e_["interventions"] if e["null_margin_drop_median"] is not None] for m, e_ in mods.items() if e_.get("interventions")}
+    intervened = {m: es for m, es in intervened.items() if es}
+    if intervened:
+        for modality, effects in intervened.items():
+            if all(e["margin_drop"] <= e["null_margin_drop_median"] for e in effects):
+                return True, {"modality": modality, "evidence": "intervention", "regions": effects}
+        return False, {"evidence": "intervention", "modalities": intervened}
+    checked = [(m, e["relevant"]) for m, e in mods.items() if e.get("relevant")]
     if not checked:
         return None
     modality, worst = min(checked, key=lambda me: me[1]["enrichment"])
-    figures = {"modality": modality, "method": seen["method"], **worst, "threshold": t.perception_enrichment}
+    figures = {"modality": modality, "method": seen["method"], "evidence": "attribution", **worst, "threshold": t.perception_enrichment}
     return worst["enrichment"] <= t.perception_enrichment, figures
 
 
@@ -262,8 +416,55 @@ def composition_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     return top["share"] >= t.composition_push_share, {**top, "features": features, "threshold": t.composition_push_share}
 
 
-RULES = {"perception": perception_rule, "interaction": interaction_rule, "representation": representation_rule, "composition": composition_rule}
-STAGE_OF = {"perception": "unimodal", "interaction": "crossmodal", "representation": "representation", "composition": "composition"}
+RULES = {
+    "shortcut": shortcut_rule,
+    "ignored_modality": ignored_rule,
+    "perception": perception_rule,
+    "interaction": interaction_rule,
+    "representation": representation_rule,
+    "composition": composition_rule,
+}
+MISSING = {
+    "shortcut": "no shortcut finding",
+    "ignored_modality": "no ignored-modality finding",
+    "perception": "no intervention or unimodal evidence for this error",
+    "interaction": "no crossmodal evidence for this error",
+    "representation": "no representation evidence for this error",
+    "composition": "no composition evidence for this error",
+}
+
+
+def _f(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def sentence(name: str, g: dict) -> str:
+    """The fired rule's evidence in words, with the figures a reader can check on the card."""
+    if name == "shortcut":
+        if g["evidence"] == "counterfactual":
+            return f"Flipping {g['concept']} (label unchanged) makes this prediction {'right' if g['fixes'] else 'move'}: the true class gains {_f(g['towards_truth'])} logits over the predicted one."
+        if g["evidence"] == "intervention":
+            return (
+                f"The prediction is the class {g['concept']} points to ({g['points_to']}); removing {g['region']} ({g['units']} units) "
+                + ("makes it right" if g["fixes"] else "moves it towards the true class")
+                + f": the true class gains {_f(g['towards_truth'])} logits over the predicted one, against at most {_f(g['null_towards_truth_max'])} for as many random units."
+            )
+        return f"The prediction is the class {g['concept']} points to ({g['points_to']}), against the label; no removal applies to this sample, so following the shortcut is the evidence."
+    if name == "ignored_modality":
+        return f"The model hardly uses {g['modality']} ({100 * g['share']:.0f}% of the modality-level logit change); removing it changes this logit by {_f(g['removal_logit_change'])} and not the prediction, though the sample needs it" + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
+    if name == "perception":
+        if g.get("evidence") == "intervention":
+            parts = ", ".join(f"{e['region']} takes {_f(e['margin_drop'])} of the margin (random units: {_f(e['null_margin_drop_median'])})" for e in g["regions"])
+            return f"Removing the relevant regions of {g['modality']} moves this prediction no more than removing random units: {parts}."
+        return f"The {g['method']} attribution on the relevant regions of {g['modality']} ({', '.join(g['regions'])}) is {_f(g['enrichment'])}x their share of the units: no more than chance."
+    if name == "interaction":
+        if "modality_interaction" in g:
+            mi = g["modality_interaction"]
+            return f"The modalities hardly combine here: their exact interaction is {100 * mi['share']:.0f}% of what they change in the logit together."
+        return f"The needed unit pairs ({g['pair']}) carry {_f(g['enrichment'])}x their share of the mixed interaction: no more than chance."
+    if name == "representation":
+        return f"The decision layer reads {g['concept']} as {g['read']} where it is {g['value']} (probe selectivity {_f(g['selectivity'])})."
+    return f"Features of {g['concept']} give {100 * g['share']:.0f}% of the push towards the wrong class."
 
 
 def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
@@ -273,12 +474,12 @@ def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
     for name, rule in RULES.items():
         verdict = rule(card, t)
         if verdict is None:
-            card["checked"].append({"rule": name, "skipped": f"no {STAGE_OF[name]} evidence for this error"})
+            card["checked"].append({"rule": name, "skipped": MISSING[name]})
             continue
         fired, figures = verdict
         card["checked"].append({"rule": name, "fired": fired, "figures": figures})
         if fired:
-            card["category"], card["rule"] = name, {"name": name, "figures": figures}
+            card["category"], card["rule"] = name, {"name": name, "figures": figures, "sentence": sentence(name, figures)}
             break
     return card
 
@@ -318,7 +519,9 @@ def card(src: Sources, row: int, at: dict[str, dict[int, int]], t: Thresholds = 
         "slices": [i for i, s in src.slices if s.mask[row]],
     }
     found = {
-        "perception": perception_evidence(src, row, at["unimodal"][sid]) if sid in at["unimodal"] else None,
+        "shortcut": shortcut_evidence(src, row),
+        "ignored_modality": ignored_evidence(src, row),
+        "perception": perception_evidence(src, row, at["unimodal"].get(sid)) if "unimodal" in src.results or "intervention" in src.results else None,
         "interaction": interaction_evidence(src, row, at["crossmodal"][sid], at["unimodal"].get(sid)) if sid in at["crossmodal"] else None,
         "representation": representation_evidence(src, row) if "representation" in src.results else None,
         "composition": composition_evidence(src, row) if "composition" in src.results else None,

@@ -13,8 +13,10 @@ from itertools import combinations
 
 import numpy as np
 
+from pipeline import stats
+from reports import reliance as rl
 from reports import slices as sl
-from reports.samples import Evaluated, binary_concepts, feature_concepts
+from reports.samples import Evaluated, binary_concepts
 from reports.thresholds import DEFAULT, Thresholds
 from stages.base import StageResult
 
@@ -26,6 +28,8 @@ class Finding:
     strength: float  # share of the samples at stake, in [0, 1]
     figures: dict = field(default_factory=dict)
     action: dict = field(default_factory=dict)
+    # per data row, the class a shortcut concept points to (-1 unknown): what the cards test
+    points_to: np.ndarray | None = field(default=None, repr=False)
 
 
 def _round(x: float, digits: int = 4) -> float:
@@ -44,84 +48,150 @@ def region_enrichment(summary: dict, region: str) -> tuple[float, str | None, st
     return best, method, key
 
 
-def weight_share(summary: dict, results: dict[str, StageResult], concept: str) -> float | None:
-    """Share of the composition's |weights| (all classes) on the features assigned to a concept."""
-    comp = results.get("composition")
-    if comp is None or not {"weights", "support"} <= set(comp.arrays):
-        return None
-    # the chosen surrogate's weights (C, S) over its support (S feature ids)
-    w = np.abs(np.asarray(comp.arrays["weights"], np.float64)).sum(0)
-    support = np.asarray(comp.arrays["support"]).astype(int)
-    concepts = feature_concepts(summary)
-    mine = [k for k, f in enumerate(support) if concepts.get(int(f)) == concept]
-    return float(w[mine].sum() / w.sum()) if mine and w.sum() > 0 else None
+def class_valued(ev: Evaluated) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Concepts whose value points to a class, per data row (-1 unknown), and notes on what
+    could not be tested. Declared ones (`SampleSet.class_concepts`) as they are; undeclared, in a
+    two-class task, every binary concept, oriented to the value the model's predictions follow
+    (a concept can point to class 0 when present)."""
+    declared = ev.data.class_concepts
+    if declared is not None:
+        return {c: ev.data.meta[c].numpy() for c in declared}, []
+    n_classes = max(len(ev.data.class_names), int(ev.labels.max()) + 1)
+    if n_classes != 2:
+        return {}, [f"shortcut rule: no concept is declared class-valued (SampleSet.class_concepts), so none was tested as a shortcut of this {n_classes}-class task"]
+    out = {}
+    for c, v in binary_concepts(ev.data).items():
+        known = v >= 0
+        out[c] = np.where(known, 1 - v, v) if (ev.pred[known] == v[known]).mean() < 0.5 else v
+    return out, []
 
 
-def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT) -> list[Finding]:
-    """A binary concept the model follows against the label: where the concept disagrees with the
-    label the error rate is clearly higher (Wilson lower bound above the base rate, and at least
-    `shortcut_gap` above where it agrees), and the model's attribution piles on it (its truth
-    region's enrichment >= `shortcut_enrichment`, or its features carry >= `shortcut_weight_share`
-    of the composition's weights). Needs two classes."""
-    if len(np.unique(ev.labels)) != 2:
-        return []
-    concepts = binary_concepts(ev.data)
-    z = sl.z_value(t.confidence, len(concepts))
+def _concepts_for_sets(ev: Evaluated, t: Thresholds) -> dict[str, np.ndarray]:
+    meta = {n: v.numpy() for n, v in ev.data.meta.items() if 2 <= len(np.unique(v.numpy()[v.numpy() >= 0])) <= t.max_values}
+    derived = label_derived(meta, ev.labels)
+    return {n: v for n, v in meta.items() if n not in derived}
+
+
+def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
+    """A concept the model follows against the label. Three things must hold:
+    - errors concentrate where the concept disagrees with the label: the error rates' difference
+      (disagree - agree, Newcombe interval) is above 0 and the disagree slice's Wilson interval
+      lies above the base error rate, Bonferroni over the concepts tested;
+    - the model relies on it beyond a null of the same size (reports/reliance.py): removing its
+      region or flipping it (the evidence of record, when there is any), else its attribution or
+      composition weights against random unit or feature sets;
+    - the data does not show it to be a cause of the label (reliance.causal)."""
+    notes = [] if notes is None else notes
+    candidates, msgs = class_valued(ev)
+    notes += msgs
+    pool = _concepts_for_sets(ev, t)
+    derived = set(ev.data.meta) - set(pool)
+    sets = rl.determining_sets(pool, ev.labels)
+    z = stats.z_value(t.confidence, len(candidates))
     found = []
-    for concept, values in concepts.items():
+    for concept, values in candidates.items():
         known = values >= 0
         disagree, agree = known & (values != ev.labels), known & (values == ev.labels)
-        if disagree.sum() < t.min_support or agree.sum() < t.min_support:
+        if concept in derived or disagree.sum() < t.min_support or agree.sum() < t.min_support:
             continue
-        err_d, err_a = ev.errors[disagree].mean(), ev.errors[agree].mean()
-        low, _ = sl.wilson(ev.errors[disagree].sum(), disagree.sum(), z)
-        enrichment, method, region = region_enrichment(summary, concept)
-        share = weight_share(summary, results, concept)
-        attributed = enrichment >= t.shortcut_enrichment or (share or 0) >= t.shortcut_weight_share
-        if low <= ev.error_rate or err_d - err_a < t.shortcut_gap or not attributed:
+        k_d, n_d, k_a, n_a = int(ev.errors[disagree].sum()), int(disagree.sum()), int(ev.errors[agree].sum()), int(agree.sum())
+        gap, gap_low, gap_high = stats.difference(k_d, n_d, k_a, n_a, z)
+        low_d, _ = stats.wilson(k_d, n_d, z)
+        if gap_low <= 0 or low_d <= ev.error_rate:
             continue
-        at_stake = disagree.sum() / known.sum() * (err_d - err_a)
+        cf_figures = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
+        is_cause = rl.causal(concept, sets, cf_figures)
+        if is_cause:
+            continue
+        regions = rl.linked_regions(ev, concept)
+        evidence = {
+            "counterfactual": rl.counterfactual(summary, concept),
+            "intervention": rl.intervention(summary, regions, z),
+            "attribution": rl.attribution(results, ev, regions, z),
+            "composition": rl.composition(summary, results, concept, len(candidates)),
+        }
+        measured = [k for k, v in evidence.items() if v is not None]
+        if not measured:
+            notes.append(f"shortcut rule: errors concentrate where {concept} disagrees with the label, but nothing measures the model's reliance on it: link a truth region to it (SampleSet.truth_concepts) or supply a counterfactual")
+            continue
+        # interventions first: where the model was intervened on, that is the verdict
+        of_record = [k for k in ("counterfactual", "intervention") if evidence[k] is not None] or measured
+        relied = [k for k in of_record if evidence[k]["beyond_null"]]
+        if not relied:
+            continue
+        at_stake = n_d / known.sum() * gap
+        enrichment, method, _ = region_enrichment(summary, regions[0][1] if regions else concept)
         figures = {
             "where": f"{concept}≠label",
-            "n_disagree": int(disagree.sum()),
-            "error_rate_disagree": _round(err_d),
-            "error_rate_agree": _round(err_a),
-            "ci_low_disagree": _round(low),
+            "n_disagree": n_d,
+            "error_rate_disagree": _round(k_d / n_d),
+            "error_rate_agree": _round(k_a / n_a),
+            "error_rate_gap": {"value": _round(gap), "low": _round(gap_low), "high": _round(gap_high)},
+            "ci_low_disagree": _round(low_d),
             "base_error_rate": _round(ev.error_rate),
-            "follows": _round((ev.pred[known] == values[known]).mean()),  # how often the prediction equals the concept
+            "follows": _round((ev.pred[known] == values[known]).mean()),  # how often the prediction is the class it points to
+            "points_to": {str(v): ev.class_name(int(v)) for v in np.unique(values[known]).tolist()},
+            "cause_of_label": is_cause,  # False: some set of other concepts determines the label; None: the data cannot tell
+            "label_determined_by": [list(s) for s in sets if concept not in s][:3],
+            "evidence": evidence,
+            "decided_by": relied[0],
             "enrichment": _round(enrichment, 3) if method else None,
             "method": method,
-            "weight_share": None if share is None else _round(share),
         }
         action = {"kind": "decorrelate", "concept": concept}
-        if region:
-            action.update(region=concept, modality=_region_modality(ev, concept))
-        found.append(Finding("shortcut", concept, float(at_stake), figures, action))
+        if regions:
+            action.update(region=regions[0][1], modality=regions[0][0])
+        found.append(Finding("shortcut", concept, float(at_stake), figures, action, points_to=values))
     return found
 
 
-def _region_modality(ev: Evaluated, region: str) -> str | None:
-    return next((m for m, regions in ev.data.truth.items() if region in regions), None)
-
-
-def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT) -> list[Finding]:
-    """A modality whose MM-SHAP share, or whose share of the |modality Shapley values|, is below
-    `ignored_share`, while the model errs on at least `min_error_rate` of the samples."""
-    uni = summary.get("unimodal") or {}
-    shares = {m: s["mean"] for m, s in (uni.get("modality_share") or {}).items() if s.get("mean") is not None}
-    ablation = {m: v["abs_shapley"] for m, v in (uni.get("modality_ablation") or {}).items() if m != "interaction" and v.get("abs_shapley") is not None}
-    total = sum(ablation.values())
-    ablation_share = {m: v / total for m, v in ablation.items()} if total > 0 else {}
-    names = set(shares) | set(ablation_share)
-    if len(names) < 2 or ev.error_rate < t.min_error_rate:
+def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
+    """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
+    its share of the modality-level logit change (exact, from the 2^M ablations of every sample;
+    the upper end of its interval) is below `ignored_share`. A share does not depend on how many
+    units a modality has. Runs without the intervention stage fall back to stage 1's MM-SHAP and
+    ablation shares on the explained samples, and the finding says so (`evidence`). A modality
+    whose linked concepts the data shows not to matter for the label is not flagged."""
+    notes = [] if notes is None else notes
+    if ev.error_rate < t.min_error_rate:
         return []
+    uni = summary.get("unimodal") or {}
+    mm_shap = {m: s["mean"] for m, s in (uni.get("modality_share") or {}).items() if s.get("mean") is not None}
+    inter = (summary.get("intervention") or {}).get("modalities") or {}
+    if len(inter) >= 2:
+        share = {m: g["share"] for m, g in inter.items()}
+        low = {m: s["high"] for m, s in share.items() if s["high"] is not None}
+        source = "intervention"
+    else:
+        ablation = {m: v["abs_shapley"] for m, v in (uni.get("modality_ablation") or {}).items() if m not in ("interaction", "pairs") and v.get("abs_shapley") is not None}
+        total = sum(ablation.values())
+        share = {m: {"value": _round(v / total)} for m, v in ablation.items()} if total > 0 else {}
+        low = {m: min(x for x in (mm_shap.get(m), s["value"]) if x is not None) for m, s in share.items()}
+        source = "attribution"
+    if len(share) < 2:
+        return []
+    pool = _concepts_for_sets(ev, t)
+    sets = rl.determining_sets(pool, ev.labels)
     found = []
-    for m in sorted(names):
-        share = min(v for v in (shares.get(m), ablation_share.get(m)) if v is not None)
-        if share < t.ignored_share:
-            figures = {"modality_share": shares.get(m), "ablation_share": None if m not in ablation_share else _round(ablation_share[m]), "error_rate": _round(ev.error_rate)}
-            strength = ev.error_rate * (1 - share / t.ignored_share)
-            found.append(Finding("ignored_modality", m, strength, figures, {"kind": "modality_dropout", "modality": m}))
+    for m in sorted(low):
+        if low[m] >= t.ignored_share:
+            continue
+        linked = sorted({ev.data.concept_of(m, r) for r in ev.data.truth.get(m, {})} - {None})
+        needed = [c for c in linked if rl.causal(c, sets, None)]
+        if linked and sets and not needed:
+            notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without its concepts ({', '.join(linked)}); not flagged")
+            continue
+        value = share[m]["value"]
+        figures = {
+            "share": share[m],
+            "modality_share": mm_shap.get(m),
+            "removal_flip_rate": (inter.get(m) or {}).get("removal_flip_rate"),
+            "needed_concepts": needed,
+            "evidence": source,
+            "error_rate": _round(ev.error_rate),
+        }
+        strength = ev.error_rate * (1 - min(value, t.ignored_share) / t.ignored_share)
+        found.append(Finding("ignored_modality", m, strength, figures, {"kind": "modality_dropout", "modality": m}))
     return found
 
 
@@ -185,7 +255,23 @@ def missing_interaction(summary: dict, results: dict[str, StageResult], ev: Eval
     if cross.get("additive_follows"):
         concept, rate = max(cross["additive_follows"].items(), key=lambda kv: kv[1])
         figures["additive_follows"] = {"concept": concept, "rate": rate}
-    return [Finding("missing_interaction", "fusion", ev.error_rate, figures, {"kind": "interaction_fusion", "options": ["film", "cross_attention"]})]
+    figures["modalities"] = pair_modalities(summary, ev, needs.get("pair_concepts") or [])
+    return [Finding("missing_interaction", "fusion", ev.error_rate, figures, {"kind": "interaction_fusion", "options": ["film", "cross_attention"], **({"modalities": figures["modalities"]["pair"]} if figures["modalities"] else {})})]
+
+
+def pair_modalities(summary: dict, ev: Evaluated, concepts: list[str]) -> dict | None:
+    """The modalities the needed concept pair lives in (through their linked truth regions), and
+    how much those modalities interact now: the pair's share of the modality-level logit change
+    (exact Shapley interaction index, every sample), beside every other pair's."""
+    where = [sorted({m for m, regions in ev.data.truth.items() for r in regions if ev.data.concept_of(m, r) == c}) for c in concepts]
+    if len(where) != 2 or not where[0] or not where[1]:
+        return None
+    pair = next(([a, b] for a in where[0] for b in where[1] if a != b), None)
+    if pair is None:
+        return None
+    measured = (summary.get("intervention") or {}).get("pairs") or (summary.get("unimodal") or {}).get("modality_ablation", {}).get("pairs") or {}
+    key = next((k for k in (f"{pair[0]}×{pair[1]}", f"{pair[1]}×{pair[0]}") if k in measured), None)
+    return {"pair": pair, "interaction": None if key is None else measured[key], "all_pairs": measured}
 
 
 def rescue_rate(cross: StageResult | None, ev: Evaluated) -> float | None:
@@ -234,11 +320,13 @@ def _excess(s: sl.Slice, ev: Evaluated) -> float:
     return s.n * (s.error_rate - ev.error_rate) / len(ev.labels)
 
 
-def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT) -> list[Finding]:
-    cuts = shortcuts(summary, results, ev, t)
+def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
+    """Every finding; `notes` collects one line for each rule that lacked a link it needed."""
+    notes = [] if notes is None else notes
+    cuts = shortcuts(summary, results, ev, t, notes)
     return [
         *cuts,
-        *ignored_modalities(summary, ev, t),
+        *ignored_modalities(summary, ev, t, notes),
         *missing_interaction(summary, results, ev, t),
         *concepts_not_encoded(summary, ev, found, {f.subject for f in cuts}, t),
     ]

@@ -13,7 +13,7 @@ from stages.base import StageResult
 def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict:
     s = summary["unimodal"]
     shares = s.get("modality_share") or {}
-    ablation = {m: v for m, v in (s.get("modality_ablation") or {}).items() if m != "interaction"}
+    ablation = {m: v for m, v in (s.get("modality_ablation") or {}).items() if m not in ("interaction", "pairs")}
     methods = s.get("methods") or {}
     regions = sorted({r for m in methods.values() for r in (m.get("truth") or {})})
     out = {
@@ -22,8 +22,11 @@ def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -
         "shares": [{"modality": m, **v} for m, v in shares.items()],
         "ablation": [{"modality": m, **v} for m, v in ablation.items()],
         "interaction": (s.get("modality_ablation") or {}).get("interaction"),
+        "pairs": [{"pair": k, **v} for k, v in ((s.get("modality_ablation") or {}).get("pairs") or {}).items()],
         "methods": [{"name": n, **{k: v for k, v in m.items() if k != "truth"}} for n, m in methods.items()],
         "regions": regions,
+        "region_modality": {r: _region_modality(ev, r) for r in regions},
+        "reliance": modality_reliance(summary),
         "truth": [{"method": n, "regions": {r: (m.get("truth") or {}).get(r) for r in regions}} for n, m in methods.items()],
         "figures": [],
     }
@@ -34,6 +37,13 @@ def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -
         out["figures"].append({"title": "Attribution on the truth regions", "uri": figures.grouped(regions, series, "enrichment (mass / area)", reference=1.0)})
     out["figures"] += mean_maps(results, ev)
     return out
+
+
+def _region_modality(ev: sp.Evaluated, key: str) -> str | None:
+    """The modality of a stage 1 truth key (`region` or `modality.region`)."""
+    if "." in key and key.split(".", 1)[0] in ev.data.truth:
+        return key.split(".", 1)[0]
+    return next((m for m, regions in ev.data.truth.items() if key in regions), None)
 
 
 def mean_maps(results: dict[str, StageResult], ev: sp.Evaluated) -> list[dict]:
@@ -101,7 +111,7 @@ def composition(summary: dict) -> dict:
 def errors(analysis: dict) -> dict:
     e = analysis["errors"]
     base = e["error_rate"]
-    out = {"slices": e["slices"], "categories": e["categories"], "disagreement": e.get("disagreement") or [], "n": e["n"], "error_rate": base, "figures": []}
+    out = {"slices": e["slices"], "categories": e["categories"], "disagreement": e.get("disagreement") or [], "notes": e.get("notes") or [], "n": e["n"], "error_rate": base, "figures": []}
     if e["slices"]:
         s = e["slices"][:12]
         out["figures"].append({"title": "Error slices", "uri": figures.slice_rates([x["where"] for x in s], [x["error_rate"] for x in s], [x["ci"][0] for x in s], [x["ci"][1] for x in s], base)})
@@ -110,11 +120,37 @@ def errors(analysis: dict) -> dict:
     return out
 
 
+def intervention(summary: dict) -> dict:
+    """Every region's, modality's and counterfactual's intervention, each beside its null."""
+    s = summary["intervention"]
+    uni = (summary.get("unimodal") or {}).get("modality_share") or {}
+    return {
+        "n": s["n"],
+        "null_sets": s["null_sets"],
+        "passes": s.get("forward_passes_per_sample"),
+        "regions": [{"key": k, **v} for k, v in s["regions"].items()],
+        "modalities": [{"modality": m, "mm_shap": (uni.get(m) or {}).get("mean"), **v} for m, v in s["modalities"].items()],
+        "pairs": [{"pair": k, **v} for k, v in (s.get("pairs") or {}).items()],
+        "counterfactuals": [{"concept": c, **v} for c, v in (s.get("counterfactuals") or {}).items()],
+    }
+
+
+def modality_reliance(summary: dict) -> dict[str, float]:
+    """Each modality's share of the modality-level logit change: every sample's (interventions)
+    or the explained samples' (stage 1)."""
+    inter = (summary.get("intervention") or {}).get("modalities") or {}
+    if inter:
+        return {m: v["share"]["value"] for m, v in inter.items()}
+    ablation = (summary.get("unimodal") or {}).get("modality_ablation") or {}
+    return {m: v["share"] for m, v in ablation.items() if isinstance(v, dict) and v.get("share") is not None}
+
+
 BUILDERS = {
     "unimodal": lambda summary, results, ev: unimodal(summary, results, ev),
     "crossmodal": lambda summary, results, ev: crossmodal(summary, results),
     "representation": lambda summary, results, ev: representation(summary),
     "composition": lambda summary, results, ev: composition(summary),
+    "intervention": lambda summary, results, ev: intervention(summary),
 }
 
 

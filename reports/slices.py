@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
-from statistics import NormalDist
-
 import numpy as np
 
+from pipeline.stats import wilson, z_value
 from reports.thresholds import DEFAULT, Thresholds
 
 
@@ -61,20 +60,6 @@ class Slice:
             "ci": [round(self.low, 4), round(self.high, 4)],
             "lift": round(self.error_rate / self.base, 3) if self.base else None,
         }
-
-
-def wilson(k: np.ndarray | int, n: np.ndarray | int, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval for k successes out of n."""
-    k, n = np.asarray(k, float), np.asarray(n, float)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
-
-
-def z_value(confidence: float, tests: int) -> float:
-    """Two-sided normal quantile for a familywise `confidence` over `tests` intervals."""
-    return NormalDist().inv_cdf(1 - (1 - confidence) / (2 * max(tests, 1)))
 
 
 def columns(meta: dict[str, np.ndarray], labels: np.ndarray, class_names: list[str], max_values: int) -> dict[str, Column]:

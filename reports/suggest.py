@@ -22,39 +22,71 @@ def _num(x, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def reliance_sentence(c: str, g: dict) -> str:
+    """The evidence that decided a shortcut, as a sentence a reader can check."""
+    e, by = g["evidence"], g["decided_by"]
+    if by == "counterfactual":
+        k = e[by]["flip_rate_label_kept"]
+        return f"flipping {c} with the label unchanged flips {_pct(k['value'])} of the predictions ({_pct(k['low'])}–{_pct(k['high'])}, {k['n']} samples)"
+    if by == "intervention":
+        i = e[by]
+        return (
+            f"removing {i['region']} ({_num(i['units'], 1)} units) flips {_pct(i['flip_rate'])} of the predictions against {_pct(i['null_flip_rate'])} for as many random units "
+            f"of the same modality, and makes {_pct(i['fixes_error_rate'])} of the errors right (random units: {_pct(i['null_fixes_error_rate'])})"
+        )
+    if by == "attribution":
+        a = e[by]
+        return f"its region {a['region']} outranks {_pct(a['rank']['value'])} of random unit sets of its size in attribution ({a['method']}; {_pct(a['rank']['low'])}–{_pct(a['rank']['high'])}, 50% by chance)"
+    w = e[by]
+    return f"its features carry {_pct(w['weight_share'])} of the composition's weights against {_pct(w['null_weight_share'])} for random features (p = {_num(w['p_value'])})"
+
+
 def shortcut(f: Finding) -> dict:
     c, g = f.subject, f.figures
-    attributed = (
-        f"its region gets {_num(g['enrichment'], 1)}x its share of the attribution ({g['method']})"
-        if g["enrichment"] is not None
-        else f"features assigned to it carry {_pct(g['weight_share'])} of the composition's weights"
-    )
+    e = g["evidence"]
+    inter, cf, att, comp = e.get("intervention"), e.get("counterfactual"), e.get("attribution"), e.get("composition")
     return {
         "title": f"Shortcut: the model follows {c} instead of the label; decorrelate {c} from the label",
-        "finding": f"Where {c} disagrees with the label the error rate is {_pct(g['error_rate_disagree'])} ({g['n_disagree']} samples), against {_pct(g['error_rate_agree'])} where it agrees; {attributed}.",
+        "finding": (
+            f"Where {c} disagrees with the label the error rate is {_pct(g['error_rate_disagree'])} ({g['n_disagree']} samples), against {_pct(g['error_rate_agree'])} where it agrees "
+            f"(difference {_pct(g['error_rate_gap']['low'])}–{_pct(g['error_rate_gap']['high'])}); {reliance_sentence(c, g)}."
+            + (f" The label is determined without it (by {', '.join(g['label_determined_by'][0])})." if g["label_determined_by"] else "")
+        ),
         "evidence": [
             {"label": f"error rate where {c}≠label", "value": g["error_rate_disagree"], "section": "errors"},
             {"label": f"error rate where {c}=label", "value": g["error_rate_agree"], "section": "errors"},
-            {"label": f"prediction equals {c}", "value": g["follows"], "section": "errors"},
-            {"label": f"attribution enrichment of {c}", "value": g["enrichment"], "section": "unimodal"},
-            {"label": f"composition weight share of {c}", "value": g["weight_share"], "section": "composition"},
+            {"label": f"prediction is the class {c} points to", "value": g["follows"], "section": "errors"},
+            {"label": f"flip rate, {c} flipped (label kept)", "value": cf and cf["flip_rate_label_kept"]["value"], "section": "intervention"},
+            {"label": f"flip rate, region of {c} removed", "value": inter and inter["flip_rate"], "section": "intervention"},
+            {"label": "flip rate, as many random units removed", "value": inter and inter["null_flip_rate"], "section": "intervention"},
+            {"label": f"errors made right by removing the region of {c}", "value": inter and inter["fixes_error_rate"], "section": "intervention"},
+            {"label": f"attribution rank of {c}'s region among random sets (0.5 = chance)", "value": att and att["rank"]["value"], "section": "unimodal"},
+            {"label": f"composition weight share of {c}", "value": comp and comp["weight_share"], "section": "composition"},
         ],
         "change": (
             f"Counterfactual data augmentation: add training samples with {c} flipped (added or removed) independently of the label, "
             f"or reweight the training data so that the {c}≠label slice counts as much as the {c}=label slice (P(label | {c}) = P(label)). "
-            f"Retrain, then check accuracy where {c}≠label and that the attribution on {c} falls."
+            f"Retrain, then check accuracy where {c}≠label and that removing {c} no longer flips predictions."
         ),
     }
 
 
 def ignored_modality(f: Finding) -> dict:
     m, g = f.subject, f.figures
+    share, flips = g["share"], g.get("removal_flip_rate")
+    measured = (
+        f"{m} accounts for {_pct(share['value'])} of what the modalities change in the logit (exact modality ablation of every sample, up to {_pct(share['high'])})"
+        + (f", and removing it changes {_pct(flips['value'])} of the predictions" if flips else "")
+        if g["evidence"] == "intervention"
+        else f"{m} gets {_pct(g['modality_share'])} of the attribution (MM-SHAP share) and {_pct(share['value'])} of the modality-level Shapley values on the explained samples"
+    )
     return {
         "title": f"The model ignores {m}: train with modality dropout or balanced losses",
-        "finding": f"{m} gets {_pct(g['modality_share'])} of the attribution (MM-SHAP share) and {_pct(g['ablation_share'])} of the modality-level Shapley values, while {_pct(g['error_rate'])} of the predictions are wrong.",
+        "finding": f"{measured}, while {_pct(g['error_rate'])} of the predictions are wrong" + (f" and the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else "."),
         "evidence": [
+            {"label": f"share of the modality-level logit change of {m}", "value": share["value"], "section": "intervention" if g["evidence"] == "intervention" else "unimodal"},
+            {"label": f"predictions changed by removing {m}", "value": flips["value"] if flips else None, "section": "intervention"},
             {"label": f"MM-SHAP share of {m}", "value": g["modality_share"], "section": "unimodal"},
-            {"label": f"share of |modality Shapley| of {m}", "value": g["ablation_share"], "section": "unimodal"},
         ],
         "change": (
             f"Modality dropout: remove the other modalities for a fraction of the training batches (e.g. 30%) so the model must use {m}; "
@@ -67,13 +99,21 @@ def missing_interaction(f: Finding) -> dict:
     g = f.figures
     pair = " and ".join(g["pair"] or []) or "two concepts"
     follows = g.get("additive_follows")
+    mods = g.get("modalities")
+    between = f" between {mods['pair'][0]} and {mods['pair'][1]}" if mods else ""
+    now = (
+        f" The {mods['pair'][0]}×{mods['pair'][1]} interaction is now {_pct(mods['interaction']['abs_share'])} of the modality-level logit change."
+        if mods and mods.get("interaction") and mods["interaction"].get("abs_share") is not None
+        else ""
+    )
     return {
-        "title": "Missing cross-modal interaction: use a fusion that can combine the modalities (FiLM, cross-attention)",
+        "title": f"Missing cross-modal interaction{between}: use a fusion that can combine the modalities (FiLM, cross-attention)",
         "finding": (
             f"The additive projection of the model (EMAP) is as accurate as the model itself ({_num(g['additive_accuracy'])} vs {_num(g['full_accuracy'])}), "
             f"but the label needs {pair} together ({_pct(g['label_from_two_concepts'])} predictable from the pair, {_pct(g['label_from_one_concept'])} from any one concept); "
             f"{_pct(g['error_rate'])} of the predictions are wrong."
             + (f" The additive part follows {follows['concept']} ({_pct(follows['rate'])})." if follows else "")
+            + now
         ),
         "evidence": [
             {"label": "full accuracy", "value": g["full_accuracy"], "section": "crossmodal"},
@@ -82,8 +122,8 @@ def missing_interaction(f: Finding) -> dict:
             {"label": "label from the best pair of concepts", "value": g["label_from_two_concepts"], "section": "errors"},
         ],
         "change": (
-            "Replace the additive (late, concatenation) fusion by one that can bind units across modalities: FiLM conditioning of the image "
-            "encoder on the text, or cross-attention between tokens and image patches. Retrain and check that the gap between full and "
+            f"Replace the additive (late, concatenation) fusion{between} by one that can bind units across modalities: FiLM conditioning of one encoder on the other, "
+            "or cross-attention between tokens and image patches. Retrain and check that the gap between full and "
             "additive accuracy opens and that accuracy rises on the error slices."
         ),
     }

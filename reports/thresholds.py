@@ -36,10 +36,9 @@ class Thresholds:
     composition_push_share: float = 0.25
 
     # --- suggestions ---
-    shortcut_enrichment: float = 3.0  # attribution enrichment of the concept's region
-    shortcut_weight_share: float = 0.2  # or: share of the composition weights on its features
-    shortcut_gap: float = 0.2  # error rate where it disagrees with the label minus where it agrees
-    ignored_share: float = 0.05  # MM-SHAP share (or share of |modality Shapley|) below this
+    # shortcut: no fixed figure; the error-rate gap and the reliance are each compared with a
+    # null at `confidence` (reports/findings.shortcuts, reports/reliance.py)
+    ignored_share: float = 0.05  # upper end of a modality's share of the modality-level logit change below this
     additive_gap: float = 0.05  # full accuracy - additive accuracy at most this: the model is additive
     interaction_gain: float = 0.15  # a pair of concepts predicts the label this much better than any one
     min_error_rate: float = 0.05  # below this error rate a model-wide suggestion is not worth making

@@ -1,12 +1,14 @@
-"""The four analysis stages, registered in order as each one lands (see stages/registry.py)."""
+"""The four analysis stages and the interventions the report rests on, registered in the order
+the flow runs them (see stages/registry.py)."""
 
 from stages.base import Context, Stage, StageConfig, StageResult
 from stages.registry import get, register, stages
-from stages import composition, crossmodal, representation, unimodal
+from stages import composition, crossmodal, intervention, representation, unimodal
 
 register(unimodal.STAGE)
 register(crossmodal.STAGE)
 register(representation.STAGE)
 register(composition.STAGE)
+register(intervention.STAGE)
 
 __all__ = ["Context", "Stage", "StageConfig", "StageResult", "get", "register", "stages"]

@@ -81,10 +81,11 @@ class Game:
         b = len(self.target)
         return {m: u.apply(self.encoded[m], torch.zeros(b, u.n, dtype=torch.bool, device=self.target.device)) for m, u in self.units.items()}
 
-    def value(self, keep: Tensor, output: str = "logit") -> Tensor:
-        """Values of coalitions: keep (B, K, F) bool or soft -> (B, K) target logit (or probability)."""
+    def logits(self, keep: Tensor) -> Tensor:
+        """Logits of coalitions: keep (B, K, F) bool or soft -> (B, K, C), in batches of
+        `batch_size` model inputs."""
         b, k, _ = keep.shape
-        out = torch.empty(b, k, device=keep.device)
+        out = None
         per = max(1, self.batch_size // max(k, 1))  # samples per chunk
         for s in range(0, b, per):
             rows = slice(s, min(s + per, b))
@@ -94,12 +95,17 @@ class Game:
                 perturbed = {m: self.units[m].take(rows).apply(self.encoded[m][rows], parts[m]) for m in self.modalities}
                 with torch.no_grad():
                     logits = self.adapter.forward(perturbed).float()
-                n = logits.shape[0]
-                self.passes += n
-                tgt = self.target[rows].repeat_interleave(cols.stop - cols.start)
-                score = logits.log_softmax(-1).exp() if output == "prob" else logits
-                out[rows, cols] = score.gather(1, tgt[:, None]).reshape(rows.stop - rows.start, -1)
+                self.passes += logits.shape[0]
+                if out is None:
+                    out = torch.empty(b, k, logits.shape[-1], device=keep.device)
+                out[rows, cols] = logits.reshape(rows.stop - rows.start, cols.stop - cols.start, -1)
         return out
+
+    def value(self, keep: Tensor, output: str = "logit") -> Tensor:
+        """Values of coalitions: keep (B, K, F) bool or soft -> (B, K) target logit (or probability)."""
+        logits = self.logits(keep)
+        score = logits.log_softmax(-1).exp() if output == "prob" else logits
+        return score.gather(2, self.target[:, None, None].expand(-1, keep.shape[1], 1)).squeeze(2)
 
     def target_logit(self, encoded: dict[str, Tensor]) -> Tensor:
         logits = self.adapter.forward(encoded)
@@ -199,24 +205,51 @@ def shapley_sampling(game: Game, pairs: int = 10, generator: torch.Generator | N
     return phi.mean(dim=1)
 
 
+def coalitions(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """All 2^n coalitions of n players, (2^n, n) bool, in `itertools.product` order."""
+    return torch.tensor(list(itertools.product([False, True], repeat=n)), device=device)
+
+
+def shapley_from_values(v: Tensor, n: int) -> Tensor:
+    """Exact Shapley values (B, n) from the values (B, 2^n) of every coalition."""
+    index = {c: i for i, c in enumerate(itertools.product([False, True], repeat=n))}
+    phi = torch.zeros(v.shape[0], n, dtype=v.dtype, device=v.device)
+    for c, i in index.items():
+        s = sum(c)
+        for j in (j for j in range(n) if not c[j]):
+            weight = math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n)
+            phi[:, j] += weight * (v[:, index[c[:j] + (True,) + c[j + 1 :]]] - v[:, i])
+    return phi
+
+
+def pair_interactions(v: Tensor, n: int) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Exact Shapley interaction index (Grabisch & Roubens 1999) of every pair of players,
+    (B, n(n-1)/2), from the values (B, 2^n) of every coalition:
+    I_ij = sum over S without i, j of |S|! (n-|S|-2)! / (n-1)! [v(S+ij) - v(S+i) - v(S+j) + v(S)].
+    For two players it is v(both) - v(first) - v(second) + v(none)."""
+    index = {c: i for i, c in enumerate(itertools.product([False, True], repeat=n))}
+    pairs = list(itertools.combinations(range(n), 2))
+    out = torch.zeros(v.shape[0], len(pairs), dtype=v.dtype, device=v.device)
+    for p, (i, j) in enumerate(pairs):
+        for c, k in index.items():
+            if c[i] or c[j]:
+                continue
+            s = sum(c)
+            weight = math.factorial(s) * math.factorial(n - s - 2) / math.factorial(n - 1)
+            with_i, with_j = list(c), list(c)
+            with_i[i] = with_j[j] = True
+            both = list(with_i)
+            both[j] = True
+            out[:, p] += weight * (v[:, index[tuple(both)]] - v[:, index[tuple(with_i)]] - v[:, index[tuple(with_j)]] + v[:, k])
+    return out, pairs
+
+
 def exact_shapley(value: Callable[[Tensor], Tensor], n: int, b: int, device: torch.device | str = "cpu") -> Tensor:
     """Exact Shapley values of an n-player game by enumerating its 2^n coalitions (the
     reference for tests, and the modality-level values with one player per modality).
     `value(keep (B, 2^n, n) bool) -> (B, 2^n)`."""
-    coalitions = torch.tensor(list(itertools.product([False, True], repeat=n)), device=device)
-    v = value(coalitions.expand(b, *coalitions.shape))
-    index = {tuple(c.tolist()): i for i, c in enumerate(coalitions)}
-    phi = torch.zeros(b, n, device=device)
-    for i, c in enumerate(coalitions.tolist()):
-        for j in range(n):
-            if c[j]:
-                continue
-            s = sum(c)
-            weight = math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n)
-            with_j = list(c)
-            with_j[j] = True
-            phi[:, j] += weight * (v[:, index[tuple(with_j)]] - v[:, i])
-    return phi
+    c = coalitions(n, device)
+    return shapley_from_values(value(c.expand(b, *c.shape)), n)
 
 
 @dataclass

@@ -89,16 +89,26 @@ def emap(ctx: Context, config: CrossmodalConfig) -> dict:
     }
 
 
-def additive_follows(prediction: torch.Tensor, meta: dict[str, torch.Tensor], n_classes: int) -> dict[str, float]:
-    """For each concept whose values are class indices: how often a prediction equals it (e.g.
-    how often the additive projection says 'class 1' exactly when the corner mark is there)."""
+def class_concepts(data) -> list[str]:
+    """The concepts whose values are class indices: as the data declares them, or, undeclared in
+    a two-class task, its binary concepts (value 1 read as class 1)."""
+    if data.class_concepts is not None:
+        return list(data.class_concepts)
+    n_classes = max(len(data.class_names), int(data.labels.max()) + 1)
+    if n_classes != 2:
+        return []
+    return [c for c, v in data.meta.items() if set(v[v >= 0].unique().tolist()) == {0, 1}]
+
+
+def additive_follows(prediction: torch.Tensor, meta: dict[str, torch.Tensor], concepts: list[str]) -> dict[str, float]:
+    """For each class-valued concept: how often a prediction equals it (e.g. how often the
+    additive projection says 'class 1' exactly when the corner mark is there)."""
     out = {}
-    for concept, values in meta.items():
+    for concept in concepts:
+        values = meta[concept]
         known = values >= 0
-        levels = values[known].unique()
-        if len(levels) < 2 or int(levels.max()) >= n_classes:
-            continue
-        out[concept] = round(float((prediction[known] == values[known]).float().mean()), 4)
+        if known.any():
+            out[concept] = round(float((prediction[known] == values[known]).float().mean()), 4)
     return out
 
 
@@ -222,7 +232,6 @@ def run(ctx: Context, config: CrossmodalConfig, upstream: dict) -> StageResult:
     index, weight = pair_table(units["blocks"], sizes, units["present"])
     ids = torch.from_numpy(stage1.arrays["ids"]).long()
     graph_of = graphs(ids, units["labels"], sizes, index, weight, config.edges)
-    n_classes = found["full"].shape[1]
     labels = found["labels"]
     interaction = torch.from_numpy(stage1.arrays["interaction"])
     summary = {
@@ -231,8 +240,8 @@ def run(ctx: Context, config: CrossmodalConfig, upstream: dict) -> StageResult:
         "additive_accuracy": round(float((found["additive"].argmax(1) == labels).float().mean()), 4),
         "interaction_share": round(inter.interaction_share(found["full"], found["additive"]), 4),
         "modality_interaction": round(float(interaction[torch.isfinite(interaction)].abs().mean()), 4),
-        "additive_follows": additive_follows(found["additive"].argmax(1), found["meta"], n_classes),
-        "full_follows": additive_follows(found["full"].argmax(1), found["meta"], n_classes),
+        "additive_follows": additive_follows(found["additive"].argmax(1), found["meta"], class_concepts(ctx.data)),
+        "full_follows": additive_follows(found["full"].argmax(1), found["meta"], class_concepts(ctx.data)),
         "dime": {
             "unimodal_abs_mean": round(float(found["unimodal"].abs().mean()), 4),
             "interaction_abs_mean": round(float(found["interaction"].abs().mean()), 4),

@@ -10,6 +10,7 @@ a weight-randomisation sanity check, and localisation of ground-truth regions).
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from typing import Literal
 
@@ -93,22 +94,19 @@ def curves(game: attr.Game, scores: torch.Tensor, points: int) -> tuple[torch.Te
     return auc(deletion), auc(insertion)
 
 
-def modality_games(game: attr.Game) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact Shapley values of the modalities as players ((B, M)), and the interaction
-    v(all) - sum_m v({m}) + (M - 1) v(none), which for two modalities is
-    f(both) - f(image only) - f(text only) + f(neither)."""
+def modality_games(game: attr.Game) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The game with the modalities as players, from its 2^M coalitions' values: exact Shapley
+    values (B, M), the interaction v(all) - sum_m v({m}) + (M - 1) v(none) (for two modalities
+    f(both) - f(image only) - f(text only) + f(neither)), and the Shapley interaction index of
+    every pair of modalities (B, M(M-1)/2, in `itertools.combinations` order)."""
     m, device = len(game.modalities), game.target.device
     owner = torch.repeat_interleave(torch.arange(m, device=device), torch.tensor(game.sizes, device=device))
-
-    def value(keep):  # (B, 2^M, M) -> (B, 2^M), each modality kept or removed whole
-        return game.value(keep[:, :, owner])
-
-    b = len(game.target)
-    phi = attr.exact_shapley(value, m, b, device)
-    singles = game.value(torch.eye(m, dtype=torch.bool, device=device)[owner].T[None].expand(b, m, -1))
-    ends = game.value(torch.stack([torch.zeros_like(game.present), torch.ones_like(game.present)], 1))
-    interaction = ends[:, 1] - singles.sum(1) + (m - 1) * ends[:, 0]
-    return phi, interaction
+    c = attr.coalitions(m, device)
+    v = game.value(c[:, owner].expand(len(game.target), -1, -1))  # each modality kept or removed whole
+    phi = attr.shapley_from_values(v, m)
+    singles = v[:, [int(2 ** (m - 1 - j)) for j in range(m)]]  # product order: coalition {j} is 2^(m-1-j)
+    interaction = v[:, -1] - singles.sum(1) + (m - 1) * v[:, 0]
+    return phi, interaction, attr.pair_interactions(v, m)[0]
 
 
 class _Gathered:
@@ -209,9 +207,10 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
                 got.add(("residual", meth), residual)
         got.add("present", game.present)
         got.add("gap", _gap(game))
-        phi, interaction = modality_games(game)
+        phi, interaction, pairs = modality_games(game)
         got.add("modality_phi", phi)
         got.add("interaction", interaction)
+        got.add("modality_pairs", pairs)
         for m, r in regions:
             got.add(("coverage", m, r), units[m].coverage(data.truth[m][r][batch].to(ctx.device)))
         sizes = [u.n for u in units.values()]
@@ -288,9 +287,13 @@ def _result(config, modalities, sizes, data, rows, pred, got, cost, regions, san
             m: {"mean": _mean(share), "std": _std(share)}
             for m, share in ((m, shap[:, spans[m]].sum(1) / total) for m in modalities)
         }
+    pairs = got["modality_pairs"][finite]
+    # each modality's share of what the modalities change in the logit, in absolute terms
+    reliance = phi.abs() / phi.abs().sum(1, keepdim=True).clamp_min(1e-12)
     summary["modality_ablation"] = {
-        **{m: {"shapley": _mean(phi[:, j]), "abs_shapley": _mean(phi[:, j].abs())} for j, m in enumerate(modalities)},
+        **{m: {"shapley": _mean(phi[:, j]), "abs_shapley": _mean(phi[:, j].abs()), "share": _mean(reliance[:, j])} for j, m in enumerate(modalities)},
         "interaction": {"mean": _mean(interaction), "abs_mean": _mean(interaction.abs())},
+        "pairs": {f"{modalities[i]}×{modalities[j]}": {"mean": _mean(pairs[:, k]), "abs_mean": _mean(pairs[:, k].abs())} for k, (i, j) in enumerate(itertools.combinations(range(len(modalities)), 2))},
     }
     methods = {}
     for meth in config.methods:

@@ -99,13 +99,52 @@ def test_bottleneck_leaves_the_models_gradients_alone():
 
 def test_modality_values_of_an_additive_model():
     game = game_for(Mixer(additive=True))
-    phi, interaction = modality_games(game)
+    phi, interaction, pairs = modality_games(game)
     assert interaction.abs().max() < 1e-5
+    assert torch.allclose(pairs[:, 0], interaction, atol=1e-5)  # two players: the index is the interaction
     only_left = game.value(torch.tensor([True] * 3 + [False] * 3).expand(4, 1, 6))[:, 0]
     none = game.value(torch.zeros(4, 1, 6, dtype=torch.bool))[:, 0]
     assert torch.allclose(phi[:, 0], only_left - none, atol=1e-5)  # Shapley = main effect when additive
-    phi_x, interaction_x = modality_games(game_for(Mixer()))
+    phi_x, interaction_x, pairs_x = modality_games(game_for(Mixer()))
     assert interaction_x.abs().mean() > 1e-3
+    assert torch.allclose(pairs_x[:, 0], interaction_x, atol=1e-5)
+
+
+def test_pair_interactions_name_the_one_interacting_pair_of_three_players():
+    # v(S) = 1 + 2 [a in S] - [c in S] + 3 [a in S and b in S]: only (a, b) interacts, by 3
+    def value(keep):
+        a, b, c = keep.unbind(-1)
+        return 1 + 2 * a.float() - c.float() + 3 * (a & b).float()
+
+    c = attr.coalitions(3)
+    v = value(c.expand(2, -1, -1))
+    pairs, names = attr.pair_interactions(v, 3)
+    assert names == [(0, 1), (0, 2), (1, 2)]
+    assert torch.allclose(pairs, torch.tensor([[3.0, 0.0, 0.0]] * 2))
+    # Shapley values split the interaction evenly: a = 2 + 1.5, b = 1.5, c = -1
+    assert torch.allclose(attr.shapley_from_values(v, 3), torch.tensor([[3.5, 1.5, -1.0]] * 2))
+
+
+def test_pair_interactions_equal_the_definition_by_enumeration():
+    import itertools
+    import math
+
+    torch.manual_seed(0)
+    n = 4
+    c = attr.coalitions(n)
+    v = torch.randn(3, 2**n)
+    index = {tuple(x.tolist()): k for k, x in enumerate(c)}
+    pairs, names = attr.pair_interactions(v, n)
+    for p, (i, j) in enumerate(names):
+        expected = torch.zeros(3)
+        rest = [k for k in range(n) if k not in (i, j)]
+        for size in range(len(rest) + 1):
+            for s in itertools.combinations(rest, size):
+                def at(extra):
+                    return v[:, index[tuple(k in s or k in extra for k in range(n))]]
+                w = math.factorial(size) * math.factorial(n - size - 2) / math.factorial(n - 1)
+                expected += w * (at((i, j)) - at((i,)) - at((j,)) + at(()))
+        assert torch.allclose(pairs[:, p], expected, atol=1e-5)
 
 
 def test_localisation_by_hand():

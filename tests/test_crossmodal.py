@@ -174,7 +174,7 @@ def test_demo_emap_film_is_interaction_late_is_additive(demo_models, ood):
     acc = lambda x, y: float((x.argmax(1) == y).float().mean())  # noqa: E731
     assert acc(film["full"], film["labels"]) > 0.7 and acc(film["additive"], film["labels"]) < 0.6
     # the additive part of the FiLM model is the shortcut: it follows the corner mark
-    assert crossmodal.additive_follows(film["additive"].argmax(1), film["meta"], 2)["watermark"] > 0.85
+    assert crossmodal.additive_follows(film["additive"].argmax(1), film["meta"], ["watermark"])["watermark"] > 0.85
     assert inter.interaction_share(film["full"], film["additive"]) > 0.5
     late = crossmodal.emap(Context(demo_models("demo-late"), ood, torch.device("cpu"), 0), quick)
     assert inter.interaction_share(late["full"], late["additive"]) < 0.05

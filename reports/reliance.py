@@ -1,0 +1,184 @@
+"""Does the model rely on a concept? Each test compares what the concept's evidence shows with a
+null of the same size, so that one token among four and one patch among 64 are judged alike:
+
+- intervention: removing the concept's truth region flips more predictions (or lowers the
+  predicted class's margin more) than removing as many random units of the same modality
+  (stage `intervention`, every analysed sample);
+- counterfactual: flipping the concept while the label stays flips predictions;
+- attribution: the region's share of |attribution| ranks above random unit sets of its size
+  (per sample: the share of random same-size sets it beats; 0.5 under the null);
+- composition: the concept's features carry more of the surrogate's |weights| than random
+  feature sets of their number.
+
+And is the concept a cause of the label at all? `causal` asks the data: the label is (nearly)
+a function of a few concepts that include it and of none that leave it out.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+from pipeline import stats
+from reports import samples as sp
+from stages.base import StageResult
+
+NULL_DRAWS = 200  # random unit or feature sets per sample for the attribution and weight nulls
+
+
+def _r(x, digits: int = 4):
+    return None if x is None else round(float(x), digits)
+
+
+def linked_regions(ev: sp.Evaluated, concept: str) -> list[tuple[str, str]]:
+    """The (modality, region) truth regions that show a concept."""
+    return [(m, r) for m, regions in ev.data.truth.items() for r in regions if ev.data.concept_of(m, r) == concept]
+
+
+def intervention(summary: dict, regions: list[tuple[str, str]], z: float) -> dict | None:
+    """The strongest linked region's intervention figures, and whether they beat the null
+    (lower end of the flip or margin effect above 0 at `z`)."""
+    found = (summary.get("intervention") or {}).get("regions") or {}
+    best = None
+    for m, r in regions:
+        g = found.get(f"{m}.{r}")
+        if not g or not g["n"] or g["flip_effect"]["value"] is None:
+            continue
+        record = {
+            "region": f"{m}.{r}",
+            "n": g["n"],
+            "units": g["units"],
+            "flip_rate": g["flip_rate"]["value"],
+            "null_flip_rate": g["null_flip_rate"]["value"],
+            "flip_effect": g["flip_effect"],
+            "margin_effect": g["margin_effect"],
+            "fixes_error_rate": g["fixes_error_rate"]["value"],
+            "null_fixes_error_rate": g["null_fixes_error_rate"]["value"],
+        }
+        record["beyond_null"] = bool((g["flip_effect"]["low"] or 0) > 0 or (g["margin_effect"]["low"] or 0) > 0)
+        if best is None or record["flip_effect"]["value"] > best["flip_effect"]["value"]:
+            best = record
+    return best
+
+
+def counterfactual(summary: dict, concept: str) -> dict | None:
+    """Flipping the concept while the label stays: how often the prediction flips (lower end > 0
+    means the model follows the concept where it should not)."""
+    g = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
+    if not g or not g["flip_rate_label_kept"]["n"]:
+        return None
+    kept = g["flip_rate_label_kept"]
+    return {"flip_rate_label_kept": kept, "fixes_error_rate": g["fixes_error_rate"]["value"], "beyond_null": bool(kept["low"] > 0)}
+
+
+def attribution_rank(mass_of: np.ndarray, region: np.ndarray, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per sample: the share of random unit sets of the region's size (among the present units
+    outside it) whose |attribution| mass the region's exceeds (ties count half); NaN where the
+    region is absent or fills the modality."""
+    out = np.full(len(mass_of), np.nan)
+    for i in range(len(mass_of)):
+        inside = region[i] & present[i]
+        outside = np.flatnonzero(present[i] & ~inside)
+        k = int(inside.sum())
+        if k == 0 or len(outside) < k:
+            continue
+        own = mass_of[i, inside].sum()
+        draws = np.argsort(rng.random((NULL_DRAWS, len(outside))), axis=1)[:, :k]
+        null = mass_of[i, outside[draws]].sum(1)
+        out[i] = (null < own).mean() + 0.5 * (null == own).mean()
+    return out
+
+
+def attribution(results: dict[str, StageResult], ev: sp.Evaluated, regions: list[tuple[str, str]], z: float, seed: int = 0) -> dict | None:
+    """Stage 1's attribution on the concept's best linked region against random same-size unit
+    sets: the mean per-sample rank (0.5 under the null) with its interval."""
+    uni = results.get("unimodal")
+    if uni is None or not regions:
+        return None
+    method = next((m for m in sp.METHODS if f"attr.{m}.pred" in uni.arrays), None)
+    if method is None:
+        return None
+    spans = sp.spans(ev.data, results)
+    rows = ev.rows(uni.arrays["ids"])
+    rng = np.random.default_rng(seed)
+    best = None
+    for m, r in regions:
+        cols = spans[m]
+        scores = np.abs(np.asarray(uni.arrays[f"attr.{method}.pred"])[:, cols])
+        present = np.asarray(uni.arrays["present"])[:, cols].astype(bool)
+        cover = sp.coverage(ev.data, m, r, cols.stop - cols.start)
+        if cover is None:
+            continue
+        ranks = attribution_rank(np.where(np.isfinite(scores), scores, 0.0), cover[rows] > 0, present, rng)
+        found = stats.interval(ranks, z)
+        if not found["n"]:
+            continue
+        record = {"region": f"{m}.{r}", "method": method, "rank": found, "beyond_null": bool(found["low"] > 0.5)}
+        if best is None or found["value"] > best["rank"]["value"]:
+            best = record
+    return best
+
+
+def composition(summary: dict, results: dict[str, StageResult], concept: str, tests: int, seed: int = 0) -> dict | None:
+    """Share of the composition's |weights| on the concept's features against random feature sets
+    of the same number from the surrogate's support (one-sided p-value, Bonferroni over `tests`)."""
+    comp = results.get("composition")
+    if comp is None or not {"weights", "support"} <= set(comp.arrays):
+        return None
+    w = np.abs(np.asarray(comp.arrays["weights"], np.float64)).sum(0)
+    support = np.asarray(comp.arrays["support"]).astype(int)
+    concepts = sp.feature_concepts(summary)
+    mine = np.array([concepts.get(int(f)) == concept for f in support])
+    if not mine.any() or w.sum() <= 0 or mine.all():
+        return None
+    share = w[mine].sum() / w.sum()
+    rng = np.random.default_rng(seed)
+    draws = np.argsort(rng.random((NULL_DRAWS * 10, len(w))), axis=1)[:, : mine.sum()]
+    null = w[draws].sum(1) / w.sum()
+    p = (1 + (null >= share).sum()) / (1 + len(null))
+    return {"weight_share": _r(share), "null_weight_share": _r(null.mean()), "p_value": _r(p), "beyond_null": bool(p * max(tests, 1) < 0.05)}
+
+
+def _purity(cells: np.ndarray, labels: np.ndarray) -> float:
+    _, inverse = np.unique(cells, return_inverse=True)
+    counts = np.zeros((inverse.max() + 1, labels.max() + 1))
+    np.add.at(counts, (inverse, labels), 1)
+    return counts.max(1).sum() / len(labels)
+
+
+def determining_sets(meta: dict[str, np.ndarray], labels: np.ndarray, size: int = 3, purity: float = 0.99, per_cell: int = 5) -> list[tuple[str, ...]]:
+    """Sets of at most `size` concepts of which the label is (nearly) a function on these samples:
+    the majority label of each cell of their values is right on >= `purity` of the samples (and
+    the cells hold >= `per_cell` samples on average, so that a set cannot win by splitting the
+    data into tiny cells)."""
+    names = sorted(meta)
+    out = []
+    for k in range(1, size + 1):
+        for combo in combinations(names, k):
+            if any(set(s) <= set(combo) for s in out):
+                continue  # a smaller set already determines it
+            known = np.all([meta[c] >= 0 for c in combo], axis=0)
+            if known.sum() < per_cell:
+                continue
+            cells = np.zeros(int(known.sum()), np.int64)
+            for c in combo:
+                v = meta[c][known]
+                cells = cells * (int(v.max()) + 1) + v
+            if len(np.unique(cells)) * per_cell > known.sum():
+                continue
+            if _purity(cells, labels[known]) >= purity:
+                out.append(combo)
+    return out
+
+
+def causal(concept: str, sets: list[tuple[str, ...]], counterfactual_figures: dict | None) -> bool | None:
+    """True when the concept is a cause of the label: a counterfactual that flips it changes the
+    label for most samples, or every small set of concepts that determines the label holds it.
+    False when some determining set leaves it out (or the counterfactual keeps the label);
+    None when the data cannot tell."""
+    if counterfactual_figures is not None and counterfactual_figures.get("label_changed_rate", {}).get("value") is not None:
+        return counterfactual_figures["label_changed_rate"]["value"] > 0.5
+    if not sets:
+        return None
+    return all(concept in s for s in sets)
