@@ -37,7 +37,9 @@ class Units:
         return torch.where(flat < 0, torch.full_like(flat, self.n), flat)
 
     def take(self, rows: slice | Tensor) -> "Units":
-        """The units of some of the batch's samples."""
+        """The units of some of the batch's samples (a slice, indices or a bool mask)."""
+        if isinstance(rows, Tensor) and rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten()
         mask = self.mask if self.mask.shape[0] == 1 else self.mask[rows]
         index = range(len(self.labels))[rows] if isinstance(rows, slice) else rows.tolist()
         return Units(mask, self.n, self.baseline[rows], [self.labels[i] for i in index])

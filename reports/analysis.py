@@ -39,6 +39,22 @@ def disagreement(ev: Evaluated) -> list[dict]:
     return out
 
 
+def set_aside(summary: dict, ev: Evaluated, detected: list[findings.Finding], t: Thresholds) -> set[str]:
+    """Truth regions (and concepts) that are no evidence of what a sample needs: the shortcuts'
+    (and their concepts), and regions whose concept the data shows not to matter for the label
+    (reports/reliance.causal is False)."""
+    cuts = [f.subject for f in detected if f.rule == "shortcut"]
+    out = {r for c in cuts for _, r in reliance.linked_regions(ev, c)} | set(cuts)
+    sets = reliance.determining_sets(findings.concepts_for_sets(ev, t), ev.labels)
+    for m, regions in ev.data.truth.items():
+        for r in regions:
+            concept = ev.data.concept_of(m, r)
+            figures = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
+            if concept is not None and reliance.causal(concept, sets, figures) is False:
+                out.add(r)
+    return out
+
+
 def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thresholds: Thresholds = DEFAULT, seed: int = 0) -> dict:
     """{"errors": {n, error_rate, slices, categories, disagreement, cards, notes}, "suggestions": [...]};
     `notes` holds one line for every rule that lacked a link it needed (README, "Declared links")."""
@@ -48,9 +64,7 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     named = [(f"s{i}", s) for i, s in enumerate(found, 1)]
     notes: list[str] = []
     detected = findings.detect(summary, results, ev, found, thresholds, notes)
-    # a shortcut's own regions are not "relevant" evidence for the other rules
-    shortcut_regions = {r for f in detected if f.rule == "shortcut" for _, r in reliance.linked_regions(ev, f.subject)} | {f.subject for f in detected if f.rule == "shortcut"}
-    src = evidence.Sources(ev, summary, results, named, shortcut_regions, evidence.readings(summary, results, ev), detected)
+    src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, thresholds), evidence.readings(summary, results, ev), detected)
     cards = evidence.cards(src, thresholds)
     categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
     for c in cards:

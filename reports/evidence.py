@@ -56,7 +56,7 @@ class Sources:
     summary: dict
     results: dict[str, StageResult]
     slices: list[tuple[str, Slice]]  # (slice id, slice)
-    shortcut_regions: set[str]
+    shortcut_regions: set[str]  # regions (and concepts) set aside: shortcuts, and regions whose concept does not matter for the label
     readings: dict[str, np.ndarray]  # concept -> value the decision features read, per data row
     findings: list[Finding] = field(default_factory=list)
     pooled: dict = field(default_factory=dict)  # (modality, region, units) -> coverage of every sample
@@ -181,8 +181,12 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
     at = src.index("intervention")[int(src.ev.data.ids[row])]
     mods = result.details["modalities"]
     full = 2 ** len(mods) - 1
+    fusion = next((f for f in src.findings if f.rule == "missing_interaction"), None)
+    pair = ((fusion.figures.get("modalities") or {}).get("pair") or []) if fusion else []
     out = []
     for f in found:
+        if fusion is not None and (f.subject in pair or not pair):
+            continue  # an additive model cannot use a modality that matters only with another: the interaction rule decides
         j = mods.index(f.subject)
         without = full - 2 ** (len(mods) - 1 - j)
         out.append({
@@ -193,7 +197,7 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
             "removal_changes_prediction": bool(result.arrays["modality.pred_after"][at, without] != src.ev.pred[row]),
             "removal_logit_change": _r(result.arrays["modality.pred"][at, without] - result.arrays["modality.pred"][at, full]),
         })
-    return {"modalities": out}
+    return {"modalities": out} if out else None
 
 
 def perception_evidence(src: Sources, row: int, at: int | None) -> dict | None:
@@ -204,6 +208,10 @@ def perception_evidence(src: Sources, row: int, at: int | None) -> dict | None:
     out: dict = {"modalities": {}}
     if at is not None:
         out.update(_attribution_evidence(src, row, at) or {})
+    fusion = next((f for f in src.findings if f.rule == "missing_interaction"), None)
+    if fusion is not None:
+        # an additive model does not look at what matters only in combination: the interaction rule decides there
+        out["deferred"] = ((fusion.figures.get("modalities") or {}).get("pair")) or list(src.ev.data.truth)
     if "intervention" in src.results:
         for modality in src.ev.data.truth:
             effects = [e for e in (region_effect(src, f"{modality}.{r}", row) for r in _relevant_regions(src, modality, row)) if e is not None]
@@ -245,25 +253,33 @@ def _top(scores: np.ndarray, present: np.ndarray, labels: list[str], k: int = 3)
     return [{"unit": labels[i], "value": _r(scores[i])} for i in order]
 
 
-def modality_interaction(src: Sources, at: int) -> dict | None:
-    """Stage 1's exact modality-level interaction of this sample, as a share of what all its
-    modalities together change in the logit (f(all) - f(none) = the modality Shapley values' sum)."""
-    uni = src.results["unimodal"].arrays
-    if not {"interaction", "modality_shapley"} <= set(uni):
+def modality_interaction(src: Sources, row: int, at_unimodal: int | None) -> dict | None:
+    """The sample's exact modality-level interaction v(all) - sum_m v({m}) + (M - 1) v(none), as a
+    share of what all its modalities together change in the logit (v(all) - v(none)): from the
+    interventions (every sample) or stage 1 (the explained ones)."""
+    inter = src.results.get("intervention")
+    if inter is not None:
+        v = np.asarray(inter.arrays["modality.pred"][src.index("intervention")[int(src.ev.data.ids[row])]], np.float64)
+        m = len(inter.details["modalities"])
+        value = v[-1] - sum(v[2 ** (m - 1 - j)] for j in range(m)) + (m - 1) * v[0]
+        gap = v[-1] - v[0]
+    elif at_unimodal is not None and "unimodal" in src.results and {"interaction", "modality_shapley"} <= set(src.results["unimodal"].arrays):
+        uni = src.results["unimodal"].arrays
+        value, gap = float(uni["interaction"][at_unimodal]), float(np.sum(uni["modality_shapley"][at_unimodal]))
+    else:
         return None
-    value, gap = float(uni["interaction"][at]), float(np.sum(uni["modality_shapley"][at]))
     if not (np.isfinite(value) and np.isfinite(gap)):
         return None
     return {"value": _r(value), "gap": _r(gap), "share": _r(abs(value) / max(abs(gap), 1e-12))}
 
 
-def interaction_evidence(src: Sources, row: int, at: int, at_unimodal: int | None) -> dict:
+def interaction_evidence(src: Sources, row: int, at: int | None, at_unimodal: int | None) -> dict | None:
     """The strongest cross-modal unit pairs, how much of the |mixed interaction| falls on the
     needed pairs (relevant units of both modalities), and the sample's modality-level interaction."""
+    out = {"pairs": [], "needed": {}, "modality": modality_interaction(src, row, at_unimodal)}
+    if at is None:
+        return out if out["modality"] is not None else None
     cross = src.results["crossmodal"].arrays
-    out = {"pairs": [], "needed": {}}
-    if at_unimodal is not None and "unimodal" in src.results:
-        out["modality"] = modality_interaction(src, at_unimodal)
     for key in (k for k in cross if k.startswith("mixed.")):
         _, a, b = key.split(".")
         m = np.asarray(cross[key][at], np.float64)
@@ -362,7 +378,7 @@ def ignored_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
 
 def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     seen = card.get("perception") or {}
-    mods = seen.get("modalities", {})
+    mods = {m: e for m, e in seen.get("modalities", {}).items() if m not in seen.get("deferred", ())}
     intervened = {m: [e for e in e_["interventions"] if e["null_margin_drop_median"] is not None] for m, e_ in mods.items() if e_.get("interventions")}
     intervened = {m: es for m, es in intervened.items() if es}
     if intervened:
@@ -522,7 +538,7 @@ def card(src: Sources, row: int, at: dict[str, dict[int, int]], t: Thresholds = 
         "shortcut": shortcut_evidence(src, row),
         "ignored_modality": ignored_evidence(src, row),
         "perception": perception_evidence(src, row, at["unimodal"].get(sid)) if "unimodal" in src.results or "intervention" in src.results else None,
-        "interaction": interaction_evidence(src, row, at["crossmodal"][sid], at["unimodal"].get(sid)) if sid in at["crossmodal"] else None,
+        "interaction": interaction_evidence(src, row, at["crossmodal"].get(sid), at["unimodal"].get(sid)),
         "representation": representation_evidence(src, row) if "representation" in src.results else None,
         "composition": composition_evidence(src, row) if "composition" in src.results else None,
     }

@@ -66,7 +66,8 @@ def class_valued(ev: Evaluated) -> tuple[dict[str, np.ndarray], list[str]]:
     return out, []
 
 
-def _concepts_for_sets(ev: Evaluated, t: Thresholds) -> dict[str, np.ndarray]:
+def concepts_for_sets(ev: Evaluated, t: Thresholds) -> dict[str, np.ndarray]:
+    """Concepts that may explain the label: few values, not derived from the label."""
     meta = {n: v.numpy() for n, v in ev.data.meta.items() if 2 <= len(np.unique(v.numpy()[v.numpy() >= 0])) <= t.max_values}
     derived = label_derived(meta, ev.labels)
     return {n: v for n, v in meta.items() if n not in derived}
@@ -84,15 +85,13 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     notes = [] if notes is None else notes
     candidates, msgs = class_valued(ev)
     notes += msgs
-    pool = _concepts_for_sets(ev, t)
-    derived = set(ev.data.meta) - set(pool)
-    sets = rl.determining_sets(pool, ev.labels)
+    sets = rl.determining_sets(concepts_for_sets(ev, t), ev.labels)
     z = stats.z_value(t.confidence, len(candidates))
     found = []
     for concept, values in candidates.items():
         known = values >= 0
         disagree, agree = known & (values != ev.labels), known & (values == ev.labels)
-        if concept in derived or disagree.sum() < t.min_support or agree.sum() < t.min_support:
+        if disagree.sum() < t.min_support or agree.sum() < t.min_support:
             continue
         k_d, n_d, k_a, n_a = int(ev.errors[disagree].sum()), int(disagree.sum()), int(ev.errors[agree].sum()), int(agree.sum())
         gap, gap_low, gap_high = stats.difference(k_d, n_d, k_a, n_a, z)
@@ -147,9 +146,9 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
 
 def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
     """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
-    its share of the modality-level logit change (exact, from the 2^M ablations of every sample;
-    the upper end of its interval) is below `ignored_share`. A share does not depend on how many
-    units a modality has. Runs without the intervention stage fall back to stage 1's MM-SHAP and
+    its share of the modality-level logit change (exact, from the 2^M ablations of every sample),
+    or the share of predictions that removing it changes, is below `ignored_share` (the upper end
+    of its interval). Shares do not depend on how many units a modality has. Runs without the intervention stage fall back to stage 1's MM-SHAP and
     ablation shares on the explained samples, and the finding says so (`evidence`). A modality
     whose linked concepts the data shows not to matter for the label is not flagged."""
     notes = [] if notes is None else notes
@@ -160,7 +159,8 @@ def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, no
     inter = (summary.get("intervention") or {}).get("modalities") or {}
     if len(inter) >= 2:
         share = {m: g["share"] for m, g in inter.items()}
-        low = {m: s["high"] for m, s in share.items() if s["high"] is not None}
+        # the upper ends: of its share of the logit change, or of the predictions removing it changes
+        low = {m: min(s["high"], inter[m]["removal_flip_rate"]["high"]) for m, s in share.items() if s["high"] is not None}
         source = "intervention"
     else:
         ablation = {m: v["abs_shapley"] for m, v in (uni.get("modality_ablation") or {}).items() if m not in ("interaction", "pairs") and v.get("abs_shapley") is not None}
@@ -170,7 +170,7 @@ def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, no
         source = "attribution"
     if len(share) < 2:
         return []
-    pool = _concepts_for_sets(ev, t)
+    pool = concepts_for_sets(ev, t)
     sets = rl.determining_sets(pool, ev.labels)
     found = []
     for m in sorted(low):
@@ -181,7 +181,7 @@ def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, no
         if linked and sets and not needed:
             notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without its concepts ({', '.join(linked)}); not flagged")
             continue
-        value = share[m]["value"]
+        value = min(share[m]["value"], (inter.get(m) or {}).get("removal_flip_rate", {}).get("value") or 1.0)
         figures = {
             "share": share[m],
             "modality_share": mm_shap.get(m),
@@ -212,10 +212,37 @@ def label_derived(meta: dict[str, np.ndarray], labels: np.ndarray) -> set[str]:
     return {c for c, v in binary.items() for d, w in binary.items() if c != d and np.mean(v == (w == labels)) >= 0.99}
 
 
+def additive_accuracy(a: np.ndarray, b: np.ndarray, labels: np.ndarray, steps: int = 200) -> float:
+    """Accuracy of the best additive classifier of two categorical concepts: multinomial logistic
+    regression on their one-hot codes (logit = f(a) + g(b)), fitted on the cell counts. An OR of
+    two concepts is additive (accuracy 1); an XOR is not (0.5)."""
+    import torch
+
+    cells, inverse = np.unique(np.stack([a, b, labels], 1), axis=0, return_inverse=True)
+    counts = torch.from_numpy(np.bincount(inverse.reshape(-1), minlength=len(cells)).astype(np.float64))
+    ca, cb, cy = (torch.from_numpy(cells[:, k]).long() for k in range(3))
+    n_classes = int(labels.max()) + 1
+    f = torch.zeros(int(a.max()) + 1, n_classes, dtype=torch.float64, requires_grad=True)
+    g = torch.zeros(int(b.max()) + 1, n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([f, g], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        out = (counts * torch.nn.functional.cross_entropy(f[ca] + g[cb], cy, reduction="none")).sum() / counts.sum() + 1e-4 * (f.square().sum() + g.square().sum())
+        out.backward()
+        return out
+
+    opt.step(loss)
+    with torch.no_grad():
+        right = (f[ca] + g[cb]).argmax(1) == cy
+    return float((counts * right).sum() / counts.sum())
+
+
 def label_needs_pairs(data_meta: dict[str, np.ndarray], labels: np.ndarray) -> dict:
-    """How much better the best pair of concepts predicts the label than the best single one
-    (majority label per cell, samples with every concept known, concepts derived from the label
-    left out): an XOR-like rule needs both."""
+    """How much better the best pair of concepts predicts the label (majority label per cell of
+    the pair) than any additive use of them (the best single concept, or the best additive
+    classifier of the pair): an XOR-like rule needs the two together, an OR does not.
+    Samples with every concept known; concepts derived from the label left out."""
     derived = label_derived(data_meta, labels)
     data_meta = {n: v for n, v in data_meta.items() if n not in derived}
     names = list(data_meta)
@@ -226,7 +253,8 @@ def label_needs_pairs(data_meta: dict[str, np.ndarray], labels: np.ndarray) -> d
     meta = {n: v[known] for n, v in data_meta.items()}
     single = max(purity(meta[n], y) for n in names)
     best_pair, pair = max(((purity(meta[a] * (meta[b].max() + 1) + meta[b], y), (a, b)) for a, b in combinations(names, 2)))
-    return {"single": _round(single), "pair": _round(best_pair), "pair_concepts": list(pair), "gain": _round(best_pair - single)}
+    additive = max(single, additive_accuracy(meta[pair[0]], meta[pair[1]], y))
+    return {"single": _round(single), "pair": _round(best_pair), "pair_concepts": list(pair), "additive_pair": _round(additive), "gain": _round(best_pair - additive)}
 
 
 def missing_interaction(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT) -> list[Finding]:

@@ -126,8 +126,8 @@ def composition(summary: dict, results: dict[str, StageResult], concept: str, te
     comp = results.get("composition")
     if comp is None or not {"weights", "support"} <= set(comp.arrays):
         return None
-    w = np.abs(np.asarray(comp.arrays["weights"], np.float64)).sum(0)
     support = np.asarray(comp.arrays["support"]).astype(int)
+    w = np.abs(np.asarray(comp.arrays["weights"], np.float64)).sum(0)[support]  # (C, all features) -> the support's
     concepts = sp.feature_concepts(summary)
     mine = np.array([concepts.get(int(f)) == concept for f in support])
     if not mine.any() or w.sum() <= 0 or mine.all():

@@ -3,9 +3,9 @@ with links to the report's sections), the concrete change, a machine-readable `a
 priority.
 
 Priority = the finding's strength (share of samples at stake). One precedence rule: when the
-model is additive and the data needs interaction, a shortcut is a symptom, since decorrelating
-the data cannot teach an additive model the rule; its priority is scaled by
-`additive_shortcut_discount`.
+model is additive and the data needs interaction, a shortcut (and an ignored modality of the
+needed pair) is a symptom, since decorrelating the data cannot teach an additive model the rule;
+its priority is scaled by `additive_shortcut_discount`.
 """
 
 from __future__ import annotations
@@ -146,9 +146,13 @@ WRITERS = {"shortcut": shortcut, "ignored_modality": ignored_modality, "missing_
 
 
 def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> float:
-    additive = any(g.rule == "missing_interaction" for g in findings)
-    scale = t.additive_shortcut_discount if f.rule == "shortcut" and additive else 1.0
-    return round(max(f.strength, 0.0) * scale, 4)
+    """The finding's strength; when the model is additive and the data needs interaction, a
+    shortcut and an ignored modality of the needed pair are symptoms of the fusion (an additive
+    model cannot use a modality whose meaning depends on the other): discounted."""
+    additive = next((g for g in findings if g.rule == "missing_interaction"), None)
+    pair = ((additive.figures.get("modalities") or {}).get("pair") or []) if additive else []
+    symptom = additive is not None and (f.rule == "shortcut" or (f.rule == "ignored_modality" and (f.subject in pair or not pair)))
+    return round(max(f.strength, 0.0) * (t.additive_shortcut_discount if symptom else 1.0), 4)
 
 
 def suggestions(findings: list[Finding], t: Thresholds = DEFAULT) -> list[dict]:

@@ -36,15 +36,22 @@ class InterventionConfig(StageConfig):
     confidence: float = Field(default=0.95, gt=0, lt=1)  # of every interval in the summary
 
 
-def region_keeps(present: torch.Tensor, span: slice, region: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def null_scores(ids: torch.Tensor, seed: int, salt: int, k: int, n: int) -> torch.Tensor:
+    """(B, k, n) uniform draws, a function of each sample's id (and the seed and region) alone, so
+    that a sample's null is the same whatever the batch or shard it comes in."""
+    return torch.stack([torch.rand(k, n, generator=torch.Generator().manual_seed(((seed * 1_000_003 + salt) * 1_000_033 + int(i)) % 2**63)) for i in ids])
+
+
+def region_keeps(present: torch.Tensor, span: slice, region: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coalitions over all players (B, 1 + k, F): the region's units removed, then k random sets
-    of as many of the modality's other present units; and whether each sample's null exists
-    (the region touches a unit and enough other units are present)."""
+    of as many of the modality's other present units (the k lowest `scores` among them); and
+    whether each sample's null exists (the region touches a unit and enough others are present)."""
     b, f = present.shape
+    k = scores.shape[1]
     own = present[:, span]
     size = region.sum(1)
     candidates = own & ~region
-    scores = torch.rand(b, k, own.shape[1], generator=generator).to(present.device)
+    scores = scores.to(present.device)
     scores = torch.where(candidates[:, None], scores, torch.full_like(scores, 2.0))
     rank = scores.argsort(-1).argsort(-1)
     chosen = rank < size[:, None, None]
@@ -83,7 +90,6 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
     base_logits = ctx.logits.float()
     pred, labels = base_logits.argmax(1), data.labels
     regions = [(m, r) for m, rs in data.truth.items() for r in rs]
-    generator = torch.Generator().manual_seed(ctx.seed)
     eval_batch = config.eval_batch or attr.default_batch(device)
     parts: dict[str, list[torch.Tensor]] = {}
     passes = 0
@@ -102,7 +108,8 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
         for m, r in regions:
             span = slice(offsets[m], offsets[m] + units[m].n)
             region = (units[m].coverage(data.truth[m][r][rows].to(device)) > 0) & units[m].present
-            keep, valid = region_keeps(present, span, region, config.null_sets, generator)
+            scores = null_scores(data.ids[rows], ctx.seed, regions.index((m, r)), config.null_sets, units[m].n)
+            keep, valid = region_keeps(present, span, region, scores)
             found = outcome(game.logits(keep), p, y, base)
             has = region.any(1)
             for name, value in found.items():

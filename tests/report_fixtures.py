@@ -204,10 +204,16 @@ def representation_result(data: SampleSet, pred: np.ndarray, colour_selectivity:
     return StageResult(summary, arrays)
 
 
+def _full(weights: np.ndarray, support: np.ndarray, width: int) -> np.ndarray:
+    out = np.zeros((len(weights), width))
+    out[:, support] = weights
+    return out
+
+
 def composition_result(data: SampleSet, pred: np.ndarray, decision: np.ndarray) -> StageResult:
-    """Stage 4's layout: the chosen surrogate's centred weights (C, S) over its support (S feature
-    ids), per-sample contributions to the predicted class (N, S), and per error the push
-    (w[pred] - w[label]) * x (E, S)."""
+    """Stage 4's layout: the chosen surrogate's centred weights (C, all features; zero off its
+    support), its support (S feature ids), per-sample contributions to the predicted class (N, S),
+    and per error the push (w[pred] - w[label]) * x (E, S)."""
     support = np.array([0, 3])
     weights = np.array([[-1.0, -0.5], [1.0, 0.5]])  # the mark feature first
     x = decision[:, support]
@@ -221,7 +227,7 @@ def composition_result(data: SampleSet, pred: np.ndarray, decision: np.ndarray) 
         "simulation": {"top3": 0.9, "top5": 0.95},
     }
     arrays = {
-        "ids": data.ids.numpy(), "pred": pred, "label": labels, "weights": weights, "bias": np.zeros(2), "support": support,
+        "ids": data.ids.numpy(), "pred": pred, "label": labels, "weights": _full(weights, support, decision.shape[1]), "bias": np.zeros(2), "support": support,
         "contrib": (weights[pred] * x).astype(np.float32),
         "error.ids": data.ids.numpy()[wrong], "error.push": ((weights[pred[wrong]] - weights[labels[wrong]]) * x[wrong]).astype(np.float32),
     }

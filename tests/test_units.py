@@ -70,3 +70,10 @@ def test_feature_groups():
     out = u.apply(x, torch.tensor([[False, True]] * 3))
     assert torch.equal(out[:, :2], torch.zeros(3, 2)) and torch.equal(out[:, 2:], x[:, 2:])
     assert torch.allclose(u.pool(x), torch.stack([x[:, 0] + x[:, 1], x[:, 2]], 1))
+
+
+def test_take_with_a_bool_mask_keeps_the_chosen_samples_labels():
+    units = Tokens(pad_id=0).build(torch.tensor([[5, 6], [7, 8], [9, 4]]), torch.zeros(3, 2, 4), lambda ids: torch.zeros(*ids.shape, 4))
+    taken = units.take(torch.tensor([False, True, True]))
+    assert taken.labels == [["7", "8"], ["9", "4"]] and taken.baseline.shape[0] == 2
+    assert units.take(torch.tensor([True, False, False])).labels == [["5", "6"]]

@@ -6,6 +6,9 @@ blue. The caption names one of them: "<filler> the <shape> is [not] red". The la
 picks the image region that matters and can flip the answer. A black 4x4 mark in the top-left
 corner appears with probability p when y = 1 and 1 - p when y = 0: a shortcut whose strength
 differs between splits (train and iid p = 0.8, ood 0.5, anti 0.2).
+
+Each truth region is linked to the concept it shows, and two counterfactuals come with the data:
+the mark toggled (label unchanged) and "not" toggled (label flipped).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data import SampleSet
+from pipeline.data import Counterfactual, SampleSet
 from pipeline.demo.vocab import tokenize
 
 SIZE = 32
@@ -64,9 +67,10 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSe
     for mask, red in zip(masks, (left_red, right_red)):
         colour = np.where(red[:, None], RED, BLUE) + rng.uniform(-25, 25, (n, 3))
         image = np.where(mask[:, None], colour[:, :, None, None], image)
+    unmarked = np.clip(image, 0, 255).astype(np.float32) / 255.0
+    marked = np.where(corner[None, None], 0.0, unmarked).astype(np.float32)
+    image = np.where(watermark[:, None, None, None], marked, unmarked)
     mark = watermark[:, None, None] & corner[None]
-    image = np.where(mark[:, None], 0.0, image)
-    image = np.clip(image, 0, 255).astype(np.float32) / 255.0
 
     named_kind = np.where(named_left, left_kind, right_kind)
     fillers = rng.integers(0, len(FILLERS), n)
@@ -75,6 +79,9 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSe
         for f, k, neg in zip(fillers, named_kind, negation)
     ]
     ids = tokenize(captions)
+    # counterfactuals: the same image with the mark toggled (the label stays), the same caption
+    # with "not" toggled (the label flips)
+    toggled = [" ".join(w for w in (FILLERS[f], "the", SHAPES[k], "is", "" if neg else "not", "red") if w) for f, k, neg in zip(fillers, named_kind, negation)]
     tokens = [["[CLS]", *c.split()] for c in captions]
     named_mask = np.where(named_left[:, None, None], masks[0], masks[1])
     other_mask = np.where(named_left[:, None, None], masks[1], masks[0])
@@ -108,6 +115,15 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSe
         display={"text": tokens, "caption": captions},
         class_names=CLASS_NAMES,
         name=name,
+        truth_concepts={
+            "image": {"named_shape": "named_is_red", "other_shape": "other_is_red", "watermark": "watermark"},
+            "text": {"negation": "negation", "shape_word": "named_shape"},
+        },
+        class_concepts=["watermark", "named_is_red", "other_is_red"],  # value 1 points to class "true"
+        counterfactuals={
+            "watermark": Counterfactual({"image": torch.from_numpy(np.where(watermark[:, None, None, None], unmarked, marked))}, labels=concept(label)),
+            "negation": Counterfactual({"text": tokenize(toggled)}, labels=concept(~label.astype(bool))),
+        },
     )
 
 

@@ -1,0 +1,36 @@
+"""The diagnosis without Prefect, for tests: every registered stage in order on one adapter and
+data set, the summary assembled as the flow assembles it, then the report's analysis."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.evaluate import model_summary
+from pipeline.resolve import predict
+from reports import analyse
+from stages import Context, StageResult, registry
+
+QUICK = {
+    "unimodal": {"methods": ["grad_x_input", "integrated_gradients", "shapley"], "n_correct": 30, "max_errors": 120, "ig_steps": 16, "shapley_pairs": 2, "sanity_samples": 0},
+    "crossmodal": {"n_reference": 60},
+    "representation": {},
+    "composition": {},
+    "intervention": {},
+}
+
+
+def diagnose(adapter, data, settings: dict | None = None, stages: tuple[str, ...] | None = None) -> tuple[dict, dict, dict]:
+    """(summary, stage results, analysis) of one model on one data set, stages run in-process."""
+    settings = {**QUICK, **(settings or {})}
+    device = torch.device("cpu")
+    logits = predict(adapter, data, device)
+    results = {"model": StageResult(model_summary(data, logits, "test", {}), {"ids": data.ids.numpy(), "labels": data.labels.numpy(), "logits": logits.numpy()})}
+    summary = {"model": results["model"].summary}
+    for stage in registry.stages():
+        if stages is not None and stage.name not in stages:
+            continue
+        ctx = Context(adapter, data, device, 0, logits)
+        result = stage.run(ctx, stage.config.model_validate(settings.get(stage.name, {})), {r: results[r] for r in stage.reads})
+        results[stage.name] = result
+        summary[stage.name] = result.summary
+    return summary, results, analyse(summary, results, data)
