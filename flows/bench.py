@@ -56,6 +56,7 @@ def run(device_name: str = "auto") -> list[dict]:
     rows += _demo_rows(device.type)
     rows += attribution_rows(adapter, ood, device)
     rows += crossmodal_rows(adapter, ood, device)
+    rows += intervention_rows(adapter, ood, device)
     rows += bench_representation.bench_rows(adapter, ood, device)
     rows += bench_composition.composition_rows(adapter, ood, device)
     rows += bench_m2ib.bench_rows(device)
@@ -206,6 +207,26 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
         speedup_over_unit_loop=round(loop_units / ours, 1), speedup_over_per_sample_unit_loop=round(loop_samples / ours, 1),
         over_floor=round(ours / floor, 2))
     return rows
+
+
+def intervention_rows(adapter, data, device) -> list[dict]:
+    """The intervention stage on every sample of the analysed split: model inputs per sample
+    (regions x (1 + null sets) + 2^M + counterfactuals), seconds, and wall over the floor
+    (inputs x the time of one input in a batch of the stage's size)."""
+    from pipeline.resolve import predict
+    from stages import attribution as attr
+    from stages import intervention as iv
+    from stages.base import Context
+
+    logits = predict(adapter, data, device)
+    config = iv.InterventionConfig()
+    iv.run(Context(adapter, data.subset(range(64)), device, 0, logits[:64]), config, {})  # warm-up
+    result, secs = _timed(lambda: iv.run(Context(adapter, data, device, 0, logits), config, {}))
+    encoded = adapter.encode({m: x[:64].to(device) for m, x in data.inputs.items()})
+    floor = result.details["forward_passes"] * _per_input_forward(adapter, encoded, attr.default_batch(device))
+    passes = result.summary["forward_passes_per_sample"]
+    return [{"benchmark": f"interventions, demo-film, all {len(data):,} ood samples ({len(result.details['regions'])} regions x (1 + {config.null_sets} null sets), 2^2 modality coalitions, {len(result.details['counterfactuals'])} counterfactuals)",
+             "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": passes, "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2)}]
 
 
 def _tiled(encoded, batch: int) -> dict:

@@ -45,7 +45,7 @@ def shown(ev: sp.Evaluated, modality: str, row: int, scores: np.ndarray | None, 
 
 def items(analysis: dict, results: dict[str, StageResult], ev: sp.Evaluated, limit: int = LIMIT) -> list[dict]:
     """Gallery entries for the first `limit` cards, errors with attributions first."""
-    cards = sorted(analysis["errors"]["cards"], key=lambda c: "perception" not in c)[:limit]
+    cards = sorted(analysis["errors"]["cards"], key=lambda c: not (c.get("perception") or {}).get("method"))[:limit]
     uni = results.get("unimodal")
     at = {int(i): k for k, i in enumerate(uni.arrays["ids"])} if uni is not None else {}
     spans = sp.spans(ev.data, results) if uni is not None else {}
@@ -70,5 +70,14 @@ def items(analysis: dict, results: dict[str, StageResult], ev: sp.Evaluated, lim
             "caption": str(captions[row]) if captions is not None and not isinstance(captions[row], (list, tuple)) else None,
             "graph": graphs.layout(graph, max_edges=8) if graph else None,
             "slices": " ".join(card["slices"]),
+            "interventions": interventions(card),
         })
+    return out
+
+
+def interventions(card: dict) -> list[dict]:
+    """The removals tried on this sample: the shortcuts' regions, then the relevant regions."""
+    out = [r for c in (card.get("shortcut") or {}).get("concepts", []) for r in c["regions"]]
+    for entry in (card.get("perception") or {}).get("modalities", {}).values():
+        out += [r for r in entry.get("interventions", []) if r not in out]
     return out

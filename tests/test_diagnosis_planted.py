@@ -171,3 +171,23 @@ def test_a_shortcut_without_any_link_is_reported_not_skipped():
     _, _, analysis = diagnose(model, data, stages=("unimodal", "intervention"))
     assert not any(s["rule"] == "shortcut" for s in analysis["suggestions"])
     assert any("zz" in n and "truth_concepts" in n for n in analysis["errors"]["notes"])
+
+
+def test_the_report_shows_the_interventions_and_each_cards_sentence():
+    import report_fixtures as fx
+    from reports import render
+
+    world = pl.World(label=lambda c: c["colour"], spurious={"zz": 0.9}, contrast=0.25)
+    model = pl.train(world)
+    data = pl.samples(world, 300, seed=SEED_EVAL, p_spurious={"zz": 0.5})
+    summary, results, analysis = diagnose(model, data)
+    summary.update(schema="mmdiag.summary/1", run={"name": "planted", "created": "2026-01-01T00:00:00+00:00", "device": "cpu"})
+    summary["model"].update(name="planted", fingerprint="0123456789abcdef")
+    summary["stages"] = {name: {"seconds": 0.1, "cached": False, "key": "0", "model": "0"} for name in results}
+    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
+    summary["suggestions"] = analysis["suggestions"]
+    html = render(summary, results, data, analysis, fx.provenance(summary))
+    assert 'id="intervention"' in html and "text.zz" in html
+    assert "Interventions on this sample" in html and 'class="sentence"' in html
+    card = next(c for c in analysis["errors"]["cards"] if c["category"] == "shortcut")
+    assert card["rule"]["sentence"] in html.replace("&#39;", "'")

@@ -90,7 +90,18 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
         assert summary["composition"]["fidelity"] > 0.9
         assert summary["errors"]["n"] == model["n_errors"] and sum(summary["errors"]["categories"].values()) == model["n_errors"]
         html = (tmp_path / name / "report.html").read_text()
-        assert html.startswith("<!DOCTYPE html>") and "demo" in html
+        assert html.startswith("<!DOCTYPE html>") and "demo" in html and 'id="intervention"' in html
+        # every sample is intervened on; every error whose prediction follows the mark against
+        # the label is a shortcut error by construction (both models' errors are mostly that)
+        assert summary["intervention"]["n"] == 2000
+        cards = json.loads((tmp_path / name / "errors.json").read_text())["cards"]
+        ood = shapes.split("ood")
+        follows = [c for c in cards if int(ood.meta["watermark"][c["row"]]) != int(ood.labels[c["row"]])]
+        assert len(follows) > 0.9 * len(cards)
+        assert sum(c["category"] == "shortcut" for c in follows) >= 0.9 * len(follows)
+        assert summary["errors"]["categories"]["undetermined"] <= 0.05 * model["n_errors"]
+        mark = summary["intervention"]["regions"]["image.watermark"]
+        assert mark["flip_effect"]["low"] > 0.2 and mark["null_flip_rate"]["value"] < 0.05
     # the top suggestion names each model's bug
     top = {name: json.loads((tmp_path / name / "summary.json").read_text())["suggestions"][0] for name in ("demo-film", "demo-late")}
     assert top["demo-film"]["action"]["kind"] == "decorrelate" and top["demo-film"]["action"]["concept"] == "watermark"
@@ -103,5 +114,6 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
     assert disagree(after) > disagree(before) + 0.2
     mark = lambda s: s["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["mass"]  # noqa: E731
     assert mark(after) < 0.5 * mark(before)
+    assert not any(s["rule"] == "shortcut" for s in after["suggestions"])  # the fix removed the shortcut
     page = (tmp_path / "demo-film-fix.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "demo-film-fixed" in page
