@@ -30,7 +30,7 @@ from stages.base import Context, Stage, StageConfig, StageResult
 
 
 class InterventionConfig(StageConfig):
-    null_sets: int = Field(default=8, gt=0)  # random same-size unit sets per region and sample
+    null_sets: int = Field(default=6, gt=0)  # random same-size unit sets per region and sample
     batch_size: int = Field(default=256, gt=0)  # samples intervened on together
     eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: the device's default
     confidence: float = Field(default=0.95, gt=0, lt=1)  # of every interval in the summary
@@ -105,13 +105,21 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
         game = attr.Game(adapter, encoded, units, p, eval_batch)
         present = game.present
         offsets = dict(zip(game.modalities, itertools.accumulate([0, *game.sizes])))
+        unchanged = outcome(base[:, None].expand(-1, 1 + config.null_sets, -1), p, y, base)
         for m, r in regions:
             span = slice(offsets[m], offsets[m] + units[m].n)
             region = (units[m].coverage(data.truth[m][r][rows].to(device)) > 0) & units[m].present
-            scores = null_scores(data.ids[rows], ctx.seed, regions.index((m, r)), config.null_sets, units[m].n)
-            keep, valid = region_keeps(present, span, region, scores)
-            found = outcome(game.logits(keep), p, y, base)
             has = region.any(1)
+            at = has.nonzero().flatten()  # only samples the region is in cost model inputs
+            found = {k: v.clone() for k, v in unchanged.items()}
+            valid = torch.zeros_like(has)
+            if len(at):
+                sub = attr.Game(adapter, {k: t[at] for k, t in encoded.items()}, {k: u.take(at) for k, u in units.items()}, p[at], eval_batch)
+                scores = null_scores(data.ids[rows][at.cpu()], ctx.seed, regions.index((m, r)), config.null_sets, units[m].n)
+                keep, valid[at] = region_keeps(present[at], span, region[at], scores)
+                for k, v in outcome(sub.logits(keep), p[at], y[at], base[at]).items():
+                    found[k][at] = v
+                passes += sub.passes
             for name, value in found.items():
                 add(f"region.{m}.{r}.{name}", value[:, 0])
                 add(f"region.{m}.{r}.null.{name}", value[:, 1:])

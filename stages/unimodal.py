@@ -29,7 +29,7 @@ COMPLETE = ("integrated_gradients", "shapley")  # methods with a completeness id
 class UnimodalConfig(StageConfig):
     methods: list[Method] = ["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"]
     n_correct: int = Field(default=50, ge=0)  # correct predictions explained beside the errors
-    max_errors: int | None = Field(default=150, gt=0)  # a random subset when there are more errors
+    max_errors: int | None = Field(default=120, gt=0)  # a random subset when there are more errors (every error gets interventions)
     batch_size: int = Field(default=64, gt=0)  # samples attributed together
     eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 128 on CPU, 8192 on CUDA
     ig_steps: int = Field(default=32, gt=1)

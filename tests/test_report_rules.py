@@ -163,3 +163,26 @@ def test_a_concept_derived_from_the_label_is_no_evidence_of_interaction():
     meta["agrees"] = (meta["mark"] == labels).astype(int)
     assert findings.label_derived(meta, labels) == {"agrees", "mark"}
     assert findings.label_needs_pairs(meta, labels)["pair_concepts"] == ["colour", "negation"]
+
+
+def test_an_or_needs_no_interaction_and_an_xor_does():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 800), rng.integers(0, 2, 800)
+    assert findings.additive_accuracy(a, b, a | b) == 1.0
+    assert findings.additive_accuracy(a, b, a ^ b) < 0.6
+    assert findings.label_needs_pairs({"a": a, "b": b}, a | b)["gain"] == 0.0
+    assert findings.label_needs_pairs({"a": a, "b": b}, a ^ b)["gain"] > 0.4
+
+
+def test_determining_sets_and_causes():
+    from reports import reliance
+
+    rng = np.random.default_rng(1)
+    colour, word, other = rng.integers(0, 2, 600), rng.integers(0, 2, 600), rng.integers(0, 3, 600)
+    meta = {"colour": colour, "word": word, "other": other}
+    sets = reliance.determining_sets(meta, colour ^ word)
+    assert sets == [("colour", "word")]
+    assert reliance.causal("colour", sets, None) is True and reliance.causal("other", sets, None) is False
+    assert reliance.causal("other", [], None) is None  # nothing determines the label: cannot tell
+    # a counterfactual that keeps the label says the concept is not a cause, whatever the data
+    assert reliance.causal("colour", sets, {"label_changed_rate": {"value": 0.0}}) is False
