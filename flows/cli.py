@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folders (default: ./runs)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
+    demo.add_argument("--models", nargs="+", default=["demo-film", "demo-late"], metavar="MODEL",
+                      help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-film-clean, demo-late-clean)")
     demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
                       "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
 
@@ -87,7 +89,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from flows.flow import demo_configs, run
 
-        for config in demo_configs(args.out, device=args.device):
+        from pipeline.demo.catalog import MODELS
+
+        unknown = [m for m in args.models if m not in MODELS]
+        if unknown:
+            raise MmdiagError(f"--models: {unknown[0]!r} is not a built-in model; choose from {', '.join(MODELS)}")
+        for config in demo_configs(args.out, device=args.device, models=tuple(args.models)):
             log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
             _print_run(run(config))
         if args.fix:

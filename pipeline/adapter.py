@@ -141,12 +141,17 @@ class TorchAdapter(ModelAdapter):
         name = self.embedding_names.get(modality)
         return self._submodule(name) if name else None
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The model's floating dtype (float32 unless it was cast, e.g. to float64 for checks)."""
+        return next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+
     def encode(self, inputs):
         self.check_inputs(inputs)
         out = {}
         for m in self.modalities:
             embed = self.embed(m)
-            out[m] = embed(inputs[m]) if embed is not None else inputs[m].float()
+            out[m] = embed(inputs[m]) if embed is not None else inputs[m].to(self._dtype)
         return out
 
     def forward(self, encoded):

@@ -130,8 +130,14 @@ def unit_interactions(ctx: Context, config: CrossmodalConfig, rows: torch.Tensor
         found = {}
         for a, b in itertools.combinations(mods, 2):
             # forward tangents along the modality with fewer units
-            found[a, b] = inter.mixed_gradients(game, a, b) if units[b].n <= units[a].n else inter.mixed_gradients(game, b, a).transpose(1, 2)
+            if units[b].n <= units[a].n:
+                found[a, b], path, why = inter.mixed_block(game, a, b)
+            else:
+                block, path, why = inter.mixed_block(game, b, a)
+                found[a, b] = block.transpose(1, 2)
             blocks[a, b].append(found[a, b].cpu())
+            if inter.PATHS.index(path) >= inter.PATHS.index(cost["mixed_gradients"].get("path", inter.PATHS[0])):
+                cost["mixed_gradients"].update(path=path, **({"why": why} if why else {}))
         cost["mixed_gradients"]["seconds"] += time.perf_counter() - start
         cost["mixed_gradients"]["forward_passes"] += game.passes - before
         if config.shapley_pairs:
@@ -248,7 +254,7 @@ def run(ctx: Context, config: CrossmodalConfig, upstream: dict) -> StageResult:
         },
         "n_explained": len(rows),
         "top_pairs": top_pairs(graph_of, config.pairs_per_sample, config.top_pairs),
-        "methods": {"emap": found["cost"], **{k: {"seconds": round(v["seconds"], 3), "forward_passes": v["forward_passes"]} for k, v in units["cost"].items()}},
+        "methods": {"emap": found["cost"], **{k: {**v, "seconds": round(v["seconds"], 3)} for k, v in units["cost"].items()}},
     }
     arrays = {
         "rows": rows.numpy(),

@@ -78,6 +78,35 @@ def gated_value(game: Game) -> Callable[[dict[str, Tensor]], Tensor]:
     return value
 
 
+PATHS = ("forward-over-reverse", "forward-over-reverse, math attention", "reverse-over-reverse, math attention")
+
+
+def mixed_block(game: Game, a: str, b: str) -> tuple[Tensor, str, str | None]:
+    """`mixed_gradients` by the fastest path the model allows: (block, path, why the faster
+    ones did not run). Forward-mode AD is missing for PyTorch's fused attention kernels (what
+    `nn.MultiheadAttention`, `nn.TransformerEncoderLayer` and Hugging Face's "sdpa" attention
+    run), and so are their second derivatives: the same jvp then runs with the math attention
+    backend, made of ordinary differentiable ops. An op with no forward derivative at all (a
+    custom autograd Function without `jvp`) falls back to a loop of double backward passes,
+    also with math attention. All three give the same block (tested)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        return mixed_gradients(game, a, b), PATHS[0], None
+    except (NotImplementedError, RuntimeError) as e:
+        why = _first_line(e)
+    with sdpa_kernel(SDPBackend.MATH):
+        try:
+            return mixed_gradients(game, a, b), PATHS[1], why
+        except (NotImplementedError, RuntimeError) as e:
+            why = _first_line(e)
+        return mixed_gradients_looped(game, a, b), PATHS[2], why
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200]
+
+
 def mixed_gradients(game: Game, a: str, b: str) -> Tensor:
     """d^2 f / dg_u dg_v for every unit u of modality `a` and v of `b`, at the input (all gates
     1), (B, n_a, n_b): the cross-modal block of the Hessian over the unit gates, which is the
@@ -85,8 +114,9 @@ def mixed_gradients(game: Game, a: str, b: str) -> Tensor:
     sides. Forward-over-reverse: one batched gradient over `a`, pushed forward along every unit
     of `b` at once (vmap over the tangents), so the cost is one pass per unit of `b` in a single
     call, not one double backward per unit pair. Samples must not affect each other's outputs
-    (checked by the stage)."""
-    ones = {m: torch.ones(len(game.target), u.n, device=game.target.device) for m, u in game.units.items()}
+    (checked by the stage). Needs forward-mode AD for every op: `mixed_block` chooses."""
+    dtype = next(iter(game.encoded.values())).dtype
+    ones = {m: torch.ones(len(game.target), u.n, device=game.target.device, dtype=dtype) for m, u in game.units.items()}
     value = gated_value(game)
 
     def grad_a(gate_b: Tensor) -> Tensor:
@@ -94,7 +124,7 @@ def mixed_gradients(game: Game, a: str, b: str) -> Tensor:
         return grad(lambda ga: value({**ones, a: ga, b: gate_b}).sum())(ones[a])
 
     n_b = game.units[b].n
-    tangents = torch.eye(n_b, device=game.target.device)[:, None, :].expand(n_b, len(game.target), n_b)
+    tangents = torch.eye(n_b, device=game.target.device, dtype=dtype)[:, None, :].expand(n_b, len(game.target), n_b)
     columns = vmap(lambda t: jvp(grad_a, (ones[b],), (t,))[1])(tangents)  # (n_b, B, n_a)
     game.passes += len(game.target) * n_b
     game.backward += len(game.target) * n_b
@@ -104,7 +134,8 @@ def mixed_gradients(game: Game, a: str, b: str) -> Tensor:
 def mixed_gradients_looped(game: Game, a: str, b: str) -> Tensor:
     """The same block by a Python loop of double backward passes, one per unit of `a` (as
     MultiViz computes second-order gradients): the benchmark's and the tests' reference."""
-    gates = {m: torch.ones(len(game.target), u.n, device=game.target.device, requires_grad=True) for m, u in game.units.items()}
+    dtype = next(iter(game.encoded.values())).dtype
+    gates = {m: torch.ones(len(game.target), u.n, device=game.target.device, dtype=dtype, requires_grad=True) for m, u in game.units.items()}
     first = torch.autograd.grad(gated_value(game)(gates).sum(), gates[a], create_graph=True)[0]
     rows = [torch.autograd.grad(first[:, u].sum(), gates[b], retain_graph=True)[0] for u in range(game.units[a].n)]
     game.passes += len(game.target)

@@ -62,8 +62,10 @@ def _randomised(adapter, seed: int):
     clone = copy.deepcopy(adapter)
     torch.manual_seed(seed)
     for module in clone.module.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        # nn.MultiheadAttention names its reset `_reset_parameters`
+        reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+        if callable(reset):
+            reset()
     return clone
 
 

@@ -101,13 +101,21 @@ def test_shapley_values_sum_to_the_score_difference(clip, pairs):
     assert torch.allclose(phi.sum(1), ends[:, 1] - ends[:, 0], atol=1e-4)
 
 
-def test_mixed_second_derivatives_run_through_clip(clip, pairs):
-    """Stage 2 differentiates forward-mode, which fused attention kernels do not support."""
-    from stages.interaction import mixed_gradients
+def test_mixed_second_derivatives_run_through_clip_with_either_attention(clip, clip_dir, pairs):
+    """Stage 2 differentiates forward-mode, which the default (sdpa) attention's fused kernels do
+    not support: it runs them with the math backend, and gets what eager attention gives."""
+    from stages.interaction import mixed_block
 
+    assert clip.clip.config._attn_implementation == "sdpa"  # the adapter leaves the model's choice alone
     g = game(clip, pairs.subset(torch.arange(2)))
-    block = mixed_gradients(g, "text", "image")
+    block, path, why = mixed_block(g, "text", "image")
+    assert path == "forward-over-reverse, math attention" and "forward AD" in why
     assert block.shape == (2, g.units["text"].n, 16) and torch.isfinite(block).all() and block.abs().sum() > 0
+    eager = load_clip(clip_dir, local_files_only=True)
+    eager.clip.set_attn_implementation("eager")
+    eager_block, eager_path, _ = mixed_block(game(eager, pairs.subset(torch.arange(2))), "text", "image")
+    assert eager_path == "forward-over-reverse"
+    assert torch.allclose(block, eager_block, atol=1e-5, rtol=1e-4)
 
 
 def test_integrated_gradients_completeness_keeps_the_special_tokens(clip, pairs):

@@ -18,6 +18,8 @@ MODELS = {
     # the fix the report leads to: the corner mark decorrelated from the label
     "demo-film-clean": TrainConfig(arch="film", p_mark=0.5, seed=1),
     "demo-late-clean": TrainConfig(arch="late", p_mark=0.5, seed=2),
+    # early fusion by joint self-attention (nn.TransformerEncoderLayer): `mmdiag demo --models demo-transformer`
+    "demo-transformer": TrainConfig(arch="transformer", p_mark=0.8, seed=1),
 }
 DATA = {"shapes": shapes.split}
 

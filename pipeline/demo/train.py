@@ -29,7 +29,7 @@ log = logging.getLogger("mmdiag")
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: Literal["film", "late"] = "film"
+    arch: Literal["film", "late", "transformer"] = "film"
     p_mark: float = 0.8  # shortcut strength in the training data (0.5 = no shortcut)
     n_train: int = 8000
     epochs: int = 5

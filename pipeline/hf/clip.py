@@ -7,8 +7,9 @@ gives the pixel values and the token embeddings (the lookup alone: position embe
 inside `forward`). The text tower pools at the end-of-text token, which `forward` finds from the
 embeddings (special tokens are never removed, so that row is exact): perturbed copies need no ids.
 
-The model is switched to eager attention (PyTorch's fused attention kernels have no forward-mode
-AD, which stage 2's mixed second derivatives use).
+The model keeps its own attention implementation ("sdpa" by default): where PyTorch's fused
+kernels lack the forward-mode AD that stage 2's mixed second derivatives use, stage 2 runs them
+with the math attention backend (stages.interaction.mixed_block).
 
 Units: the image's patch grid at the ViT's patch size (a removed patch is 0 in normalised pixel
 space, i.e. the processor's mean colour); one unit per token, start/end tokens and padding kept,
@@ -78,8 +79,6 @@ class _CLIP(ModelAdapter):
     """The towers of a CLIPModel, run from continuous inputs."""
 
     def __init__(self, model, processor=None):
-        # stage 2's mixed second derivatives need forward-mode AD, which fused attention lacks
-        model.set_attn_implementation("eager")
         model.eval()
         self.processor = processor
         tokenizer = getattr(processor, "tokenizer", None)
