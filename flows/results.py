@@ -33,7 +33,15 @@ def save(folder: Path, result: StageResult, meta: dict | None = None) -> Ref:
     blob = save_bytes(arrays, metadata=header)
     sha = hashlib.sha256(blob).hexdigest()
     final = atomic_write(folder / f"{sha}.safetensors", lambda tmp: tmp.write_bytes(blob))
-    return {"path": str(final), "sha256": sha, "meta": meta or {}}
+    return {"path": str(final), "sha256": sha, "meta": {**(meta or {}), **({"timings": result.timings} if result.timings else {})}}
+
+
+def with_timings(summary: dict, timings: dict) -> dict:
+    """The summary with the timings merged in where they belong (nested dicts, key by key)."""
+    out = dict(summary)
+    for k, v in timings.items():
+        out[k] = with_timings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def content(ref: Ref) -> Ref:
@@ -54,4 +62,6 @@ def load(ref: Ref) -> tuple[StageResult, dict]:
         header = f.metadata()
     arrays = {k: v for k, v in read_arrays(path).items() if k != "_"}
     content = json.loads(header["content"])
-    return StageResult(content["summary"], arrays, content["details"]), ref.get("meta", {})
+    meta = ref.get("meta", {})
+    timings = meta.get("timings", {})
+    return StageResult(with_timings(content["summary"], timings), arrays, content["details"], timings), meta

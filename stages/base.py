@@ -37,11 +37,15 @@ class Context:
 class StageResult:
     """Small JSON-able headline figures (they go to summary.json), named arrays, and JSON-able
     details that are too big or too fine for summary.json (per-sample graphs, unit labels):
-    the report reads those from stages/STAGE/result.json."""
+    the report reads those from stages/STAGE/result.json. Timings stay out of the figures, so
+    the same computation gives the same result (and cache key) on any machine."""
 
     summary: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # how long its parts took, shaped like `summary` (e.g. {"methods": {"shapley": {"seconds": 1.2}}}):
+    # kept beside the content, never part of its hash, merged into summary.json by the flow
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,7 @@ def run(ctx: Context, config: CrossmodalConfig, upstream: dict) -> StageResult:
         },
         "n_explained": len(rows),
         "top_pairs": top_pairs(graph_of, config.pairs_per_sample, config.top_pairs),
-        "methods": {"emap": found["cost"], **{k: {**v, "seconds": round(v["seconds"], 3)} for k, v in units["cost"].items()}},
+        "methods": {"emap": {k: v for k, v in found["cost"].items() if k != "seconds"}, **{k: {n: x for n, x in v.items() if n != "seconds"} for k, v in units["cost"].items()}},
     }
     arrays = {
         "rows": rows.numpy(),
@@ -273,7 +273,8 @@ def run(ctx: Context, config: CrossmodalConfig, upstream: dict) -> StageResult:
         arrays["shapley_interaction"] = units["shapley"].numpy()
         arrays["shapley_interaction.pairs"] = units["shapley_pairs"].numpy()
         summary["shapley_interaction"] = shapley_agreement(units["shapley"], units["shapley_pairs"], index, weight)
-    return StageResult(summary, arrays, {"graphs": graph_of})
+    timings = {"methods": {"emap": {"seconds": found["cost"]["seconds"]}, **{k: {"seconds": round(v["seconds"], 3)} for k, v in units["cost"].items()}}}
+    return StageResult(summary, arrays, {"graphs": graph_of}, timings)
 
 
 def shapley_agreement(sii: torch.Tensor, pairs: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> dict:

@@ -312,7 +312,6 @@ def _result(config, modalities, sizes, data, rows, pred, got, cost, regions, san
             # relative: mean |sum(attr) - (f(x) - f(baseline))| / mean |f(x) - f(baseline)|
             "completeness_error": None if residual is None or not len(residual) else round(float(residual.abs().mean() / gap.abs().mean().clamp_min(1e-12)), 6),
             "sanity_rank_corr": sanity.get(meth),
-            "seconds": round(cost[meth]["seconds"], 3),
             "forward_passes": round(cost[meth]["passes"] / n_maps, 1),  # model inputs per map
             "truth": truth,
         }
@@ -330,7 +329,8 @@ def _result(config, modalities, sizes, data, rows, pred, got, cost, regions, san
     for meth in config.methods:
         for tgt in ("pred", "true"):
             arrays[f"attr.{meth}.{tgt}"] = got[("map", meth, tgt)].numpy()
-    return StageResult(summary, arrays, {"modalities": list(modalities)})
+    timings = {"methods": {meth: {"seconds": round(cost[meth]["seconds"], 3)} for meth in config.methods}}
+    return StageResult(summary, arrays, {"modalities": list(modalities)}, timings)
 
 
 STAGE = Stage(

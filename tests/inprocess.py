@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from flows import results as results_io
 from pipeline.evaluate import model_summary
 from pipeline.resolve import predict
 from reports import analyse
@@ -32,5 +33,5 @@ def diagnose(adapter, data, settings: dict | None = None, stages: tuple[str, ...
         ctx = Context(adapter, data, device, 0, logits)
         result = stage.run(ctx, stage.config.model_validate(settings.get(stage.name, {})), {r: results[r] for r in stage.reads})
         results[stage.name] = result
-        summary[stage.name] = result.summary
+        summary[stage.name] = results_io.with_timings(result.summary, result.timings)  # as the flow writes it
     return summary, results, analyse(summary, results, data)
