@@ -183,7 +183,15 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
 
 
 def _artifact_key(run: str) -> str:
-    key = "".join(c if c.isalnum() else "-" for c in run.lower()).strip("-")
+    """Prefect's artifact keys allow only lowercase ASCII letters, digits and dashes: the run
+    name reduced to those, plus a short hash of the whole name when anything was dropped (so
+    that "résumé" and "resume" stay apart)."""
+    import hashlib
+
+    lowered = run.lower()
+    key = "".join(c if c.isascii() and c.isalnum() else "-" for c in lowered).strip("-")
+    if key != lowered:
+        key = f"{key}-{hashlib.sha256(run.encode()).hexdigest()[:8]}".strip("-")
     return f"mmdiag-{key or 'run'}"
 
 

@@ -144,9 +144,13 @@ class RunStore:
 @contextmanager
 def new_run(out: Path, name: str) -> Iterator[RunStore]:
     """Build a run folder beside its final place and swap it in only when the block succeeds:
-    a failed or interrupted run leaves the previous folder (or none) untouched."""
+    a failed or interrupted run leaves the previous folder (or none) untouched. A run folder that
+    is a symbolic link is written where it points (the link stays a link)."""
     out = Path(out)
     final = out / name
+    if final.is_symlink():
+        final = final.resolve()
+        out, name = final.parent, final.name
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
     os.chmod(staging, 0o777 & ~_umask())

@@ -105,7 +105,7 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
         regions = rl.linked_regions(ev, concept)
         evidence = {
             "counterfactual": rl.counterfactual(summary, concept),
-            "intervention": rl.intervention(summary, regions, z),
+            "intervention": rl.intervention(summary, regions),
             "attribution": rl.attribution(results, ev, regions, z),
             "composition": rl.composition(summary, results, concept, len(candidates)),
         }

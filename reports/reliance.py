@@ -36,9 +36,9 @@ def linked_regions(ev: sp.Evaluated, concept: str) -> list[tuple[str, str]]:
     return [(m, r) for m, regions in ev.data.truth.items() for r in regions if ev.data.concept_of(m, r) == concept]
 
 
-def intervention(summary: dict, regions: list[tuple[str, str]], z: float) -> dict | None:
-    """The strongest linked region's intervention figures, and whether they beat the null
-    (lower end of the flip or margin effect above 0 at `z`)."""
+def intervention(summary: dict, regions: list[tuple[str, str]]) -> dict | None:
+    """The strongest linked region's intervention figures, and whether they beat the null (the
+    lower end of the stage's interval of the flip or margin effect above 0)."""
     found = (summary.get("intervention") or {}).get("regions") or {}
     best = None
     for m, r in regions:

@@ -300,3 +300,14 @@ def test_editing_a_stages_module_changes_its_cache_key(tmp_path, monkeypatch):
     module.write_text("VALUE = 2\n")
     assert CodeVersion().compute_key(None, {"stage": "edited"}, {}) != key
     assert CodeVersion().compute_key(None, {}, {}) != key  # the evaluation step: pipeline/ and flows only
+
+
+@pytest.mark.parametrize("name", ["résumé run ✓", "demo-film", "Ωmega", "a b/c", "✓✓"])
+def test_any_printable_run_name_gives_a_valid_artifact_key(name):
+    import re
+
+    from flows.flow import _artifact_key
+
+    key = _artifact_key(name)
+    assert re.fullmatch(r"[a-z0-9-]+", key) and len(key) < 100
+    assert _artifact_key("résumé") != _artifact_key("resume")

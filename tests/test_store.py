@@ -69,3 +69,15 @@ def test_fingerprint_changes_when_one_weight_changes_by_one_value():
     with torch.no_grad():
         net[1].bias[1] = torch.nextafter(net[1].bias[1], torch.tensor(1.0))  # one ulp
     assert fingerprint_module(net) != before
+
+
+def test_a_run_folder_that_is_a_link_is_written_where_it_points(tmp_path):
+    target = tmp_path / "elsewhere" / "r"
+    with new_run(target.parent, "r") as store:
+        store.write_json("run.json", {"v": 1})
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").symlink_to(target)
+    with new_run(tmp_path / "runs", "r") as store:
+        store.write_json("run.json", {"v": 2})
+    assert (tmp_path / "runs" / "r").is_symlink()
+    assert read_json(target / "run.json") == {"v": 2}
