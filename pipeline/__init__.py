@@ -7,11 +7,11 @@ from pipeline.errors import MmdiagError
 from pipeline.units import FeatureGroups, PatchGrid, Tokens, Units
 
 __all__ = [
+    "Counterfactual",
     "FeatureGroups",
     "MmdiagError",
     "ModelAdapter",
     "PatchGrid",
-    "Counterfactual",
     "SampleSet",
     "Tokens",
     "TorchAdapter",

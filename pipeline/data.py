@@ -127,6 +127,15 @@ class SampleSet(torch.utils.data.Dataset):
                 if v is not None and len(v) != n:
                     raise MmdiagError(f"{where}: counterfactuals.{c}.{part} has {len(v)} values for {n} samples")
 
+    def class_valued(self) -> list[str] | None:
+        """The concepts whose values point to classes: as declared, or, undeclared in a
+        two-class task, its binary concepts; None in a larger task that declares none."""
+        if self.class_concepts is not None:
+            return list(self.class_concepts)
+        if max(len(self.class_names), int(self.labels.max()) + 1) != 2:
+            return None
+        return [c for c, v in self.meta.items() if set(v[v >= 0].unique().tolist()) == {0, 1}]
+
     def concept_of(self, modality: str, region: str) -> str | None:
         """The concept a truth region shows: declared in `truth_concepts`, or the concept of the
         same name."""

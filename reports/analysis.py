@@ -39,13 +39,12 @@ def disagreement(ev: Evaluated) -> list[dict]:
     return out
 
 
-def set_aside(summary: dict, ev: Evaluated, detected: list[findings.Finding], t: Thresholds) -> set[str]:
+def set_aside(summary: dict, ev: Evaluated, detected: list[findings.Finding], sets: list[tuple[str, ...]]) -> set[str]:
     """Truth regions (and concepts) that are no evidence of what a sample needs: the shortcuts'
     (and their concepts), and regions whose concept the data shows not to matter for the label
     (reports/reliance.causal is False)."""
     cuts = [f.subject for f in detected if f.rule == "shortcut"]
     out = {r for c in cuts for _, r in reliance.linked_regions(ev, c)} | set(cuts)
-    sets = reliance.determining_sets(findings.concepts_for_sets(ev, t), ev.labels)
     for m, regions in ev.data.truth.items():
         for r in regions:
             concept = ev.data.concept_of(m, r)
@@ -63,8 +62,9 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     found = sl.find(ev.errors, cols, thresholds)
     named = [(f"s{i}", s) for i, s in enumerate(found, 1)]
     notes: list[str] = []
-    detected = findings.detect(summary, results, ev, found, thresholds, notes)
-    src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, thresholds), evidence.readings(summary, results, ev), detected)
+    sets = findings.label_sets(ev, thresholds)
+    detected = findings.detect(summary, results, ev, found, thresholds, notes, sets)
+    src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected)
     cards = evidence.cards(src, thresholds)
     categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
     for c in cards:

@@ -43,6 +43,7 @@ from reports import samples as sp
 from reports.findings import Finding, decision_selectivity
 from reports.slices import Slice
 from reports.thresholds import DEFAULT, Thresholds
+from stages import attribution as attr
 from stages.base import StageResult
 
 CATEGORIES = ("shortcut", "ignored_modality", "perception", "interaction", "representation", "composition")
@@ -180,22 +181,20 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
         return None
     at = src.index("intervention")[int(src.ev.data.ids[row])]
     mods = result.details["modalities"]
-    full = 2 ** len(mods) - 1
     fusion = next((f for f in src.findings if f.rule == "missing_interaction"), None)
     pair = ((fusion.figures.get("modalities") or {}).get("pair") or []) if fusion else []
     out = []
     for f in found:
         if fusion is not None and (f.subject in pair or not pair):
             continue  # an additive model cannot use a modality that matters only with another: the interaction rule decides
-        j = mods.index(f.subject)
-        without = full - 2 ** (len(mods) - 1 - j)
+        without = attr.without(mods.index(f.subject), len(mods))
         out.append({
             "modality": f.subject,
             "share": f.figures["share"]["value"],
             "regions": _relevant_regions(src, f.subject, row),
             "has_truth": bool(src.ev.data.truth.get(f.subject)),
             "removal_changes_prediction": bool(result.arrays["modality.pred_after"][at, without] != src.ev.pred[row]),
-            "removal_logit_change": _r(result.arrays["modality.pred"][at, without] - result.arrays["modality.pred"][at, full]),
+            "removal_logit_change": _r(result.arrays["modality.pred"][at, without] - result.arrays["modality.pred"][at, -1]),
         })
     return {"modalities": out} if out else None
 
@@ -260,9 +259,7 @@ def modality_interaction(src: Sources, row: int, at_unimodal: int | None) -> dic
     inter = src.results.get("intervention")
     if inter is not None:
         v = np.asarray(inter.arrays["modality.pred"][src.index("intervention")[int(src.ev.data.ids[row])]], np.float64)
-        m = len(inter.details["modalities"])
-        value = v[-1] - sum(v[2 ** (m - 1 - j)] for j in range(m)) + (m - 1) * v[0]
-        gap = v[-1] - v[0]
+        value, gap = attr.interaction_of(v, len(inter.details["modalities"])), v[-1] - v[0]
     elif at_unimodal is not None and "unimodal" in src.results and {"interaction", "modality_shapley"} <= set(src.results["unimodal"].arrays):
         uni = src.results["unimodal"].arrays
         value, gap = float(uni["interaction"][at_unimodal]), float(np.sum(uni["modality_shapley"][at_unimodal]))

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline import stats
 from reports import reliance as rl
 from reports import slices as sl
-from reports.samples import Evaluated, binary_concepts
+from reports.samples import Evaluated
 from reports.thresholds import DEFAULT, Thresholds
 from stages.base import StageResult
 
@@ -53,27 +53,28 @@ def class_valued(ev: Evaluated) -> tuple[dict[str, np.ndarray], list[str]]:
     could not be tested. Declared ones (`SampleSet.class_concepts`) as they are; undeclared, in a
     two-class task, every binary concept, oriented to the value the model's predictions follow
     (a concept can point to class 0 when present)."""
-    declared = ev.data.class_concepts
-    if declared is not None:
-        return {c: ev.data.meta[c].numpy() for c in declared}, []
-    n_classes = max(len(ev.data.class_names), int(ev.labels.max()) + 1)
-    if n_classes != 2:
+    names = ev.data.class_valued()
+    if names is None:
+        n_classes = max(len(ev.data.class_names), int(ev.labels.max()) + 1)
         return {}, [f"shortcut rule: no concept is declared class-valued (SampleSet.class_concepts), so none was tested as a shortcut of this {n_classes}-class task"]
-    out = {}
-    for c, v in binary_concepts(ev.data).items():
-        known = v >= 0
-        out[c] = np.where(known, 1 - v, v) if (ev.pred[known] == v[known]).mean() < 0.5 else v
+    out = {c: ev.data.meta[c].numpy() for c in names}
+    if ev.data.class_concepts is None:  # undeclared binary concepts: point where the model's predictions follow
+        for c, v in out.items():
+            known = v >= 0
+            if (ev.pred[known] == v[known]).mean() < 0.5:
+                out[c] = np.where(known, 1 - v, v)
     return out, []
 
 
-def concepts_for_sets(ev: Evaluated, t: Thresholds) -> dict[str, np.ndarray]:
-    """Concepts that may explain the label: few values, not derived from the label."""
+def label_sets(ev: Evaluated, t: Thresholds = DEFAULT) -> list[tuple[str, ...]]:
+    """The small sets of concepts that determine the label (reliance.determining_sets) among the
+    concepts that may explain it: few values, not derived from the label."""
     meta = {n: v.numpy() for n, v in ev.data.meta.items() if 2 <= len(np.unique(v.numpy()[v.numpy() >= 0])) <= t.max_values}
     derived = label_derived(meta, ev.labels)
-    return {n: v for n, v in meta.items() if n not in derived}
+    return rl.determining_sets({n: v for n, v in meta.items() if n not in derived}, ev.labels)
 
 
-def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
+def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
     """A concept the model follows against the label. Three things must hold:
     - errors concentrate where the concept disagrees with the label: the error rates' difference
       (disagree - agree, Newcombe interval) is above 0 and the disagree slice's Wilson interval
@@ -85,7 +86,7 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     notes = [] if notes is None else notes
     candidates, msgs = class_valued(ev)
     notes += msgs
-    sets = rl.determining_sets(concepts_for_sets(ev, t), ev.labels)
+    sets = label_sets(ev, t) if sets is None else sets
     z = stats.z_value(t.confidence, len(candidates))
     found = []
     for concept, values in candidates.items():
@@ -144,7 +145,7 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     return found
 
 
-def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
+def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
     """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
     its share of the modality-level logit change (exact, from the 2^M ablations of every sample),
     or the share of predictions that removing it changes, is below `ignored_share` (the upper end
@@ -170,8 +171,7 @@ def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, no
         source = "attribution"
     if len(share) < 2:
         return []
-    pool = concepts_for_sets(ev, t)
-    sets = rl.determining_sets(pool, ev.labels)
+    sets = label_sets(ev, t) if sets is None else sets
     found = []
     for m in sorted(low):
         if low[m] >= t.ignored_share:
@@ -347,13 +347,15 @@ def _excess(s: sl.Slice, ev: Evaluated) -> float:
     return s.n * (s.error_rate - ev.error_rate) / len(ev.labels)
 
 
-def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None) -> list[Finding]:
-    """Every finding; `notes` collects one line for each rule that lacked a link it needed."""
+def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
+    """Every finding; `notes` collects one line for each rule that lacked a link it needed;
+    `sets`: the label-determining concept sets (label_sets), computed here when not given."""
     notes = [] if notes is None else notes
-    cuts = shortcuts(summary, results, ev, t, notes)
+    sets = label_sets(ev, t) if sets is None else sets
+    cuts = shortcuts(summary, results, ev, t, notes, sets)
     return [
         *cuts,
-        *ignored_modalities(summary, ev, t, notes),
+        *ignored_modalities(summary, ev, t, notes, sets),
         *missing_interaction(summary, results, ev, t),
         *concepts_not_encoded(summary, ev, found, {f.subject for f in cuts}, t),
     ]

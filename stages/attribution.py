@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -210,6 +210,22 @@ def coalitions(n: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.tensor(list(itertools.product([False, True], repeat=n)), device=device)
 
 
+def coalition_index(members: Sequence[int], n: int) -> int:
+    """Position in `coalitions(n)` of the coalition of these players (player 0 is the top bit)."""
+    return sum(2 ** (n - 1 - j) for j in set(members))
+
+
+def without(j: int, n: int) -> int:
+    """Position in `coalitions(n)` of every player but j."""
+    return coalition_index([k for k in range(n) if k != j], n)
+
+
+def interaction_of(v, n: int):
+    """v(all) - sum_j v({j}) + (n - 1) v(none) from the values of every coalition (last axis in
+    `coalitions` order); for two players, v(both) - v(first) - v(second) + v(none)."""
+    return v[..., -1] - sum(v[..., coalition_index([j], n)] for j in range(n)) + (n - 1) * v[..., 0]
+
+
 def shapley_from_values(v: Tensor, n: int) -> Tensor:
     """Exact Shapley values (B, n) from the values (B, 2^n) of every coalition."""
     index = {c: i for i, c in enumerate(itertools.product([False, True], repeat=n))}
@@ -227,20 +243,15 @@ def pair_interactions(v: Tensor, n: int) -> tuple[Tensor, list[tuple[int, int]]]
     (B, n(n-1)/2), from the values (B, 2^n) of every coalition:
     I_ij = sum over S without i, j of |S|! (n-|S|-2)! / (n-1)! [v(S+ij) - v(S+i) - v(S+j) + v(S)].
     For two players it is v(both) - v(first) - v(second) + v(none)."""
-    index = {c: i for i, c in enumerate(itertools.product([False, True], repeat=n))}
     pairs = list(itertools.combinations(range(n), 2))
     out = torch.zeros(v.shape[0], len(pairs), dtype=v.dtype, device=v.device)
     for p, (i, j) in enumerate(pairs):
-        for c, k in index.items():
-            if c[i] or c[j]:
-                continue
-            s = sum(c)
-            weight = math.factorial(s) * math.factorial(n - s - 2) / math.factorial(n - 1)
-            with_i, with_j = list(c), list(c)
-            with_i[i] = with_j[j] = True
-            both = list(with_i)
-            both[j] = True
-            out[:, p] += weight * (v[:, index[tuple(both)]] - v[:, index[tuple(with_i)]] - v[:, index[tuple(with_j)]] + v[:, k])
+        others = [k for k in range(n) if k not in (i, j)]
+        for size in range(n - 1):
+            weight = math.factorial(size) * math.factorial(n - size - 2) / math.factorial(n - 1)
+            for s in itertools.combinations(others, size):
+                at = lambda extra: v[:, coalition_index([*s, *extra], n)]  # noqa: E731
+                out[:, p] += weight * (at((i, j)) - at((i,)) - at((j,)) + at(()))
     return out, pairs
 
 

@@ -89,17 +89,6 @@ def emap(ctx: Context, config: CrossmodalConfig) -> dict:
     }
 
 
-def class_concepts(data) -> list[str]:
-    """The concepts whose values are class indices: as the data declares them, or, undeclared in
-    a two-class task, its binary concepts (value 1 read as class 1)."""
-    if data.class_concepts is not None:
-        return list(data.class_concepts)
-    n_classes = max(len(data.class_names), int(data.labels.max()) + 1)
-    if n_classes != 2:
-        return []
-    return [c for c, v in data.meta.items() if set(v[v >= 0].unique().tolist()) == {0, 1}]
-
-
 def additive_follows(prediction: torch.Tensor, meta: dict[str, torch.Tensor], concepts: list[str]) -> dict[str, float]:
     """For each class-valued concept: how often a prediction equals it (e.g. how often the
     additive projection says 'class 1' exactly when the corner mark is there)."""
@@ -246,8 +235,8 @@ def run(ctx: Context, config: CrossmodalConfig, upstream: dict) -> StageResult:
         "additive_accuracy": round(float((found["additive"].argmax(1) == labels).float().mean()), 4),
         "interaction_share": round(inter.interaction_share(found["full"], found["additive"]), 4),
         "modality_interaction": round(float(interaction[torch.isfinite(interaction)].abs().mean()), 4),
-        "additive_follows": additive_follows(found["additive"].argmax(1), found["meta"], class_concepts(ctx.data)),
-        "full_follows": additive_follows(found["full"].argmax(1), found["meta"], class_concepts(ctx.data)),
+        "additive_follows": additive_follows(found["additive"].argmax(1), found["meta"], ctx.data.class_valued() or []),
+        "full_follows": additive_follows(found["full"].argmax(1), found["meta"], ctx.data.class_valued() or []),
         "dime": {
             "unimodal_abs_mean": round(float(found["unimodal"].abs().mean()), 4),
             "interaction_abs_mean": round(float(found["interaction"].abs().mean()), 4),

@@ -194,9 +194,8 @@ def summarise(arrays: dict[str, np.ndarray], details: dict) -> dict:
     v = torch.from_numpy(arrays["modality.pred"]).double()
     phi = attr.shapley_from_values(v, m).numpy()
     share = np.abs(phi) / np.clip(np.abs(phi).sum(1, keepdims=True), 1e-12, None)
-    full = 2**m - 1
     for j, name in enumerate(mods):
-        after = arrays["modality.pred_after"][:, full - 2 ** (m - 1 - j)]  # every modality but this one
+        after = arrays["modality.pred_after"][:, attr.without(j, m)]
         flips = after != arrays["pred"]
         out["modalities"][name] = {
             "shapley": _round(phi[:, j].mean()),

@@ -106,9 +106,7 @@ def modality_games(game: attr.Game) -> tuple[torch.Tensor, torch.Tensor, torch.T
     c = attr.coalitions(m, device)
     v = game.value(c[:, owner].expand(len(game.target), -1, -1))  # each modality kept or removed whole
     phi = attr.shapley_from_values(v, m)
-    singles = v[:, [int(2 ** (m - 1 - j)) for j in range(m)]]  # product order: coalition {j} is 2^(m-1-j)
-    interaction = v[:, -1] - singles.sum(1) + (m - 1) * v[:, 0]
-    return phi, interaction, attr.pair_interactions(v, m)[0]
+    return phi, attr.interaction_of(v, m), attr.pair_interactions(v, m)[0]
 
 
 class _Gathered:
