@@ -20,8 +20,16 @@ Start with `mmdiag demo`: it generates a small image+caption data set with plant
 trains two models on it and diagnoses them, with no files and no downloads."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A wrong argument is one line (argparse prints the usage too); --help still has it all."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmdiag", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="mmdiag", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="more log lines")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -53,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoint, and run.json and summary.json say which stages belong to which model.",
     )
     rerun.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    rerun.add_argument("--stage", required=True, help="the stage to recompute (see `mmdiag stages`)")
+    rerun.add_argument("--stage", required=True, help="the stage to recompute (see `mmdiag stages`; `model` is the evaluation)")
     rerun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a setting of that stage (repeatable)")
     rerun.add_argument("--model", type=Path, help="a new checkpoint (.safetensors) to compute that stage for")
 
@@ -71,12 +79,71 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folder (default: ./runs)")
     example.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
+    cache = sub.add_parser("cache", help="the cache: its size, damage, and cleaning it",
+                           description="Trained weights, stage results and their records live in the cache folder "
+                           "($MMDIAG_CACHE, else ~/.cache/mmdiag; a config's `cache:` names another).")
+    cache.add_argument("action", choices=("info", "verify", "prune", "clear"),
+                       help="info: location and size per kind; verify: check every file against its hash; "
+                       "prune: remove results no run folder refers to; clear: remove everything cached")
+    cache.add_argument("--cache", type=Path, help="the cache folder (default: $MMDIAG_CACHE or ~/.cache/mmdiag)")
+    cache.add_argument("--unused-since", type=_date, metavar="DATE",
+                       help="with prune: remove the results not used since DATE (YYYY-MM-DD) instead")
+    cache.add_argument("--keep-models", action="store_true", help="with clear: keep the trained weights")
+
     sub.add_parser("stages", help="list the analysis stages, what each reads and writes")
 
     bench = sub.add_parser("bench", help="run the benchmarks: print a table and write JSON")
     bench.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the results (default: bench.json)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
+
+
+def _date(text: str):
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write it as YYYY-MM-DD") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from flows import cache
+    from pipeline.store import cache_root
+
+    root = cache_root(args.cache)
+    if args.action == "info":
+        from rich.console import Console
+        from rich.table import Table
+
+        found = cache.info(root)
+        print(f"cache {found['cache']}: {found['runs']} run folders written with it")
+        table = Table()
+        for col in ("kind", "files", "size"):
+            table.add_column(col)
+        for kind, v in {**found["kinds"], "total": found["total"]}.items():
+            table.add_row(kind, str(v["files"]), _mb(v["bytes"]))
+        Console().print(table)
+        return 0
+    if args.action == "verify":
+        damage = cache.verify(root)
+        for line in damage:
+            print(f"damaged: {line}")
+        print(f"{len(damage)} damaged entries in {root}" + ("; the next run recomputes each one it needs" if damage else ""))
+        return 1 if damage else 0
+    if args.action == "prune":
+        removed = cache.prune(root, args.unused_since)
+        print(f"removed {removed['results']} results and {removed['records']} records ({_mb(removed['bytes'])}) from {root}")
+        return 0
+    removed = cache.clear(root, keep_models=args.keep_models)
+    listed = ", ".join(f"{kind} ({_mb(v['bytes'])})" for kind, v in removed.items())
+    print(f"removed {listed or 'nothing'} from {root}")
+    return 0
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def _print_run(path: Path) -> None:
@@ -115,6 +182,8 @@ def _run(args: argparse.Namespace) -> int:
 
         config = rerun_config(args.run_dir, args.stage, args.set)
         if args.model is not None:
+            if args.stage == "model":
+                raise MmdiagError("--model: every stage reads the model; to diagnose a new checkpoint, set model.weights and run `mmdiag diagnose`")
             spec = spec_for_new_model(config, args.model)
             _print_run(run(config, stage_model={"stage": args.stage, "spec": spec.model_dump_json()}))
         else:
@@ -142,6 +211,8 @@ def _run(args: argparse.Namespace) -> int:
 
         _print_run(run(config(args.out, device=args.device)))
         return 0
+    if args.command == "cache":
+        return _cache_command(args)
     if args.command == "stages":
         from stages import stages
 

@@ -68,18 +68,13 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
     prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
     model = {k: prepared[k] for k in ("spec", "fingerprint")}  # what the results depend on
     common = dict(seed=config.seed, device=device, cache=str(cache), plugins=config.plugins)
-    evaluation = tasks.evaluate.with_options(cache_policy=tasks.policy(cache), result_storage=cache / "results" / "prefect")(
-        model, data, config.data.split, config.batch_size, device, str(cache), return_state=True
+    evaluation = tasks.evaluate(
+        model, data, config.data.split, config.batch_size, device, str(cache), refresh="model" in refresh, return_state=True
     )
     refs: dict[str, dict] = {"model": evaluation.result()}  # with meta; results.content() for inputs
     status = {"model": _status(evaluation.name == "Cached", refs["model"], model["fingerprint"])}
     for stage in registry.stages():
-        stage_task = tasks.run_stage.with_options(
-            name=stage.name,
-            cache_policy=tasks.policy(cache),
-            result_storage=cache / "results" / "prefect",
-            refresh_cache=stage.name in refresh,
-        )
+        stage_task = tasks.run_stage.with_options(name=stage.name)
         upstream = {r: results.content(refs[r]) for r in stage.reads}
         inputs = dict(
             settings=settings[stage.name],
@@ -88,7 +83,7 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
             upstream=upstream,
             **common,
         )
-        refs[stage.name], cached = _compute(stage, stage_task, model, inputs, config.runner.shards, cache)
+        refs[stage.name], cached = _compute(stage, stage_task, model, {**inputs, "refresh": stage.name in refresh}, config.runner.shards, cache)
         status[stage.name] = _status(cached, refs[stage.name], model["fingerprint"])
         if stage_model and stage.name == stage_model["stage"]:
             # `rerun --model`: this stage alone is computed again for the new model; the others
@@ -97,9 +92,12 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
             refs[stage.name], cached = _compute(stage, stage_task, new, inputs, config.runner.shards, cache)
             status[stage.name] = _status(cached, refs[stage.name], new["fingerprint"])
 
-    loaded = {name: results.load(ref) for name, ref in refs.items()}
+    loaded = {name: results.load(ref, cache / "results") for name, ref in refs.items()}
     summary = _summary(config, device, loaded, status)
     path = _write_run(config, summary, loaded, status, prepared, data, tasks.data_for(data[config.data.split]))
+    from flows.cache import register_run
+
+    register_run(cache, path)
     create_markdown_artifact(key=_artifact_key(config.run), markdown=_markdown(summary, path), description="mmdiag run")
     return str(path)
 
@@ -122,7 +120,7 @@ def _compute(stage, stage_task, model: dict, inputs: dict, shards: int, cache: P
 
 def _status(cached: bool, ref: dict, model_fingerprint: str) -> dict:
     # key: the content hash of the result; equal keys mean the same figures and arrays
-    return {"cached": cached, "key": ref["sha256"][:16], "model": model_fingerprint}
+    return {"cached": cached, "key": ref["sha256"][:16], "sha256": ref["sha256"], "model": model_fingerprint}
 
 
 def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dict:
@@ -137,7 +135,7 @@ def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dic
         if name != "model":
             summary[name] = result.summary
     summary["stages"] = {
-        name: {"seconds": loaded[name][1].get("seconds"), **st} for name, st in status.items()
+        name: {"seconds": loaded[name][1].get("seconds"), **{k: v for k, v in st.items() if k != "sha256"}} for name, st in status.items()
     }
     if len(fingerprints) > 1:
         summary["run"]["mixed_models"] = (

@@ -47,10 +47,15 @@ def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
     from stages import registry
 
     registry.load_plugins(config.plugins)
+    place = {"out": Path(run_dir).parent, "run": Path(run_dir).name}
+    if stage == "model":  # the evaluation: no settings of its own; readers recompute if it changed
+        if sets:
+            raise MmdiagError("--set: the model evaluation has no settings; set batch_size or device in the config instead")
+        return config.model_copy(update=place)
     registry.get(stage)
     stages = dict(config.stages)
     stages[stage] = {**stages.get(stage, {}), **parse_sets(stage, sets)}
-    return config.model_copy(update={"stages": stages, "out": Path(run_dir).parent, "run": Path(run_dir).name})
+    return config.model_copy(update={"stages": stages, **place})
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Stage results as content-addressed files in the cache, passed between tasks by reference.
 
-A reference is `{"path": ..., "sha256": ..., "meta": {...}}`: small and hashable, so a cached
-rerun moves no arrays and a worker on another machine loads what it needs itself. The file holds
+A reference is `{"sha256": ..., "meta": {...}}`, the file being `<results folder>/<sha256>.safetensors`:
+small, hashable and free of paths (a cache folder can move), so a cached rerun moves no arrays
+and a worker on another machine loads what it needs from its own cache folder. The file holds
 only the content (figures and arrays), so recomputing the same figures gives the same hash and
 the stages reading them stay cached; how long it took travels in `meta`, beside the content.
 Loading checks the hash: a truncated or edited result is an error naming the file.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,12 @@ from pipeline.errors import MmdiagError
 from pipeline.store import atomic_write, file_sha256, read_arrays
 from stages.base import StageResult
 
-Ref = dict  # {"path": str, "sha256": str}
+Ref = dict  # {"sha256": str, "meta": dict}
+
+
+def path(folder: Path, sha: str) -> Path | None:
+    """Where the result with this content hash lives (None for a name that is not a sha256)."""
+    return Path(folder) / f"{sha}.safetensors" if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
 
 
 def save(folder: Path, result: StageResult, meta: dict | None = None) -> Ref:
@@ -32,8 +39,8 @@ def save(folder: Path, result: StageResult, meta: dict | None = None) -> Ref:
     header = {"content": json.dumps({"summary": result.summary, "details": result.details}, allow_nan=False, sort_keys=True)}
     blob = save_bytes(arrays, metadata=header)
     sha = hashlib.sha256(blob).hexdigest()
-    final = atomic_write(folder / f"{sha}.safetensors", lambda tmp: tmp.write_bytes(blob))
-    return {"path": str(final), "sha256": sha, "meta": {**(meta or {}), **({"timings": result.timings} if result.timings else {})}}
+    atomic_write(path(folder, sha), lambda tmp: tmp.write_bytes(blob))
+    return {"sha256": sha, "meta": {**(meta or {}), **({"timings": result.timings} if result.timings else {})}}
 
 
 def with_timings(summary: dict, timings: dict) -> dict:
@@ -46,21 +53,21 @@ def with_timings(summary: dict, timings: dict) -> dict:
 
 def content(ref: Ref) -> Ref:
     """The part of a reference that the next stage's result depends on."""
-    return {"path": ref["path"], "sha256": ref["sha256"]}
+    return {"sha256": ref["sha256"]}
 
 
-def load(ref: Ref) -> tuple[StageResult, dict]:
+def load(ref: Ref, folder: Path) -> tuple[StageResult, dict]:
     """(result, meta) of a reference, after checking its content hash."""
-    path = Path(ref["path"])
-    if not path.is_file():
-        raise MmdiagError(f"{path}: result file is missing; rerun the stage that wrote it")
-    if file_sha256(path) != ref["sha256"]:
-        raise MmdiagError(f"{path}: result file does not match its hash (truncated or edited); rerun the stage")
+    file = path(folder, ref["sha256"])
+    if file is None or not file.is_file():
+        raise MmdiagError(f"{file}: result file is missing; run the diagnosis again (it is recomputed)")
+    if file_sha256(file) != ref["sha256"]:
+        raise MmdiagError(f"{file}: result file does not match its hash (truncated or edited); run the diagnosis again (it is recomputed)")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
+    with safe_open(str(file), framework="numpy") as f:
         header = f.metadata()
-    arrays = {k: v for k, v in read_arrays(path).items() if k != "_"}
+    arrays = {k: v for k, v in read_arrays(file).items() if k != "_"}
     content = json.loads(header["content"])
     meta = ref.get("meta", {})
     timings = meta.get("timings", {})

@@ -1,9 +1,10 @@
 """The Prefect tasks: preparing the model, evaluating it, and one generic task per stage.
 
 Task inputs are small and hashable (specs, fingerprints, settings, result references); the cache
-key is those inputs plus the source of pipeline/, of this package's task code and of the
-stage's own modules, so a fix to a stage's code recomputes it and, through the changed result
-reference, its dependents.
+key (flows.cache) is those inputs, except where the cache lives, plus the source of pipeline/,
+of this package's task code and of the stage's own modules, so a fix to a stage's code
+recomputes it and, through the changed result reference, its dependents. A task answered from
+the cache ends in Prefect's "Cached" state.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
+from flows import cache as store
 from flows import results
 from pipeline.config import DataSpec, ModelSpec
 from pipeline.device import resolve_device
@@ -31,23 +33,21 @@ from stages import Context, StageResult, registry
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class CodeVersion(CachePolicy):
+def code_version(stage: str | None = None) -> str:
     """Hash of the code a result depends on: pipeline/, flows' task code, the stage's modules."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        files = sorted((ROOT / "pipeline").rglob("*.py")) + [Path(__file__), Path(results.__file__)]
-        stage = (inputs or {}).get("stage")
-        if stage:
-            files += [Path(importlib.import_module(m).__file__) for m in registry.get(stage).modules]
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.read_bytes())
-        return h.hexdigest()
+    files = sorted((ROOT / "pipeline").rglob("*.py")) + [Path(__file__), Path(results.__file__), Path(store.__file__)]
+    if stage:
+        files += [Path(importlib.import_module(m).__file__) for m in registry.get(stage).modules]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
-def policy(cache: Path) -> CachePolicy:
-    return (INPUTS - "cache" + CodeVersion()).configure(key_storage=cache / "keys")
+def _answer(cache: Path, name: str, inputs: dict, stage: str | None, refresh: bool, compute):
+    """The task's return: the recorded result (state "Cached") or the computed one."""
+    ref, hit = store.cached(cache, name, inputs, code_version(stage), refresh, compute)
+    return Completed(data=ref, name="Cached") if hit else ref
 
 
 # What this process has loaded, by reference: the flow loads the model and data once to
@@ -86,28 +86,33 @@ def data_for(ref: dict):
     return _loaded[key]
 
 
-@task(name="prepare-model", cache_policy=NO_CACHE)
+@task(name="prepare-model", cache_policy=NO_CACHE, persist_result=False)
 def prepare_model(spec_json: str, cache: str, device: str) -> dict:
     """Load the model; a built-in demo model is trained here on first use (weights cache)."""
     ref, cached = model_ref(ModelSpec.model_validate_json(spec_json), Path(cache), device)
     return {**ref, "weights_from_cache": cached}
 
 
-@task(name="evaluate", tags=["gpu"])
-def evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: str) -> results.Ref:
+@task(name="evaluate", tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
+def evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: str, refresh: bool = False):
+    inputs = {"model": model, "data": data, "split": split, "batch_size": batch_size, "device": device}
+    return _answer(Path(cache), "evaluate", inputs, None, refresh, lambda: _evaluate(model, data, split, batch_size, device, Path(cache)))
+
+
+def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: Path) -> results.Ref:
     start = time.perf_counter()
     dev = resolve_device(device)
-    adapter = adapter_for(model, Path(cache))
+    adapter = adapter_for(model, cache)
     logits = {s: predict(adapter, data_for(ref), dev, batch_size) for s, ref in data.items()}
     analysed = data_for(data[split])
     per_split = {s: {"n": len(data_for(ref)), "accuracy": accuracy(logits[s], data_for(ref).labels)} for s, ref in data.items()}
     summary = model_summary(analysed, logits[split], split, per_split)
     arrays = {"ids": analysed.ids.numpy(), "labels": analysed.labels.numpy(), "logits": logits[split].numpy()}
     meta = {"seconds": round(time.perf_counter() - start, 3)}
-    return results.save(Path(cache) / "results", StageResult(summary, arrays), meta)
+    return results.save(cache / "results", StageResult(summary, arrays), meta)
 
 
-@task(name="stage", tags=["gpu"])
+@task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
 def run_stage(
     stage: str,
     settings: dict[str, Any],
@@ -120,33 +125,40 @@ def run_stage(
     cache: str,
     plugins: list[str] = (),
     shard: list[int] | None = None,
-) -> results.Ref:
+    refresh: bool = False,
+):
     """One stage, or shard [i, n] of its samples (a worker on another machine gets here with
     nothing but these arguments: it imports the plugins and loads model and data itself)."""
-    start = time.perf_counter()
     registry.load_plugins(plugins)
+    inputs = dict(stage=stage, settings=settings, model=model, data=data, evaluation=evaluation, upstream=upstream,
+                  seed=seed, device=device, plugins=list(plugins), shard=shard)
+    return _answer(Path(cache), "stage", inputs, stage, refresh, lambda: _run_stage(**inputs, cache=Path(cache)))
+
+
+def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device, plugins, shard, cache: Path) -> results.Ref:
+    start = time.perf_counter()
     entry = registry.get(stage)
-    evaluated, _ = results.load(evaluation)
+    evaluated, _ = results.load(evaluation, cache / "results")
     samples, logits = data_for(data), torch.from_numpy(evaluated.arrays["logits"])
     if shard is not None:
         rows = torch.tensor_split(torch.arange(len(samples)), shard[1])[shard[0]]
         samples, logits = samples.subset(rows), logits[rows]
     ctx = Context(
-        adapter=adapter_for(model, Path(cache)).to(resolve_device(device)),
+        adapter=adapter_for(model, cache).to(resolve_device(device)),
         data=samples,
         device=resolve_device(device),
         seed=seed,
         logits=logits,
     )
-    read = {name: results.load(ref)[0] for name, ref in upstream.items()}
+    read = {name: results.load(ref, cache / "results")[0] for name, ref in upstream.items()}
     result = entry.run(ctx, entry.config.model_validate(settings), read)
     meta = {"seconds": round(time.perf_counter() - start, 3), "model": model["fingerprint"], "shard": shard}
-    return results.save(Path(cache) / "results", result, meta)
+    return results.save(cache / "results", result, meta)
 
 
 def merge_shards(stage: str, parts: list[results.Ref], cache: Path) -> results.Ref:
     """The shards' results combined by the stage's own `merge` (cheap: no model calls)."""
-    loaded = [results.load(ref) for ref in parts]
+    loaded = [results.load(ref, cache / "results") for ref in parts]
     merged = registry.get(stage).merge([result for result, _ in loaded])
     meta = {**loaded[0][1], "seconds": round(sum(m["seconds"] for _, m in loaded), 3), "shard": None, "shards": len(parts)}
     return results.save(cache / "results", merged, meta)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,11 +19,15 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
 from torch import nn
 
 from pipeline.errors import MmdiagError
 
 SUMMARY_SCHEMA = "mmdiag.summary/1"
+
+log = logging.getLogger("mmdiag")
 
 
 def _umask() -> int:
@@ -117,6 +122,53 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Trained weights for the cache, with their hash beside them (`<file>.sha256`)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_torch(state, str(tmp), metadata=metadata))
+    digest = file_sha256(path)
+    atomic_write(_hash_file(path), lambda tmp: tmp.write_text(digest + "\n"))
+
+
+def _hash_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def weights_damage(path: Path) -> str | None:
+    """What is wrong with cached weights: content that fails the recorded hash, or (weights
+    written before hashes were recorded) a file that does not parse."""
+    try:
+        expected = _hash_file(path).read_text().strip()
+    except OSError:
+        try:
+            load_torch(str(path))
+            return None
+        except Exception as e:  # safetensors' own error types
+            return f"are unreadable ({e})"
+    return None if file_sha256(path) == expected else "do not match their recorded hash (truncated or edited)"
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """Cached weights, or None when there are none; damaged ones are removed with one warning
+    line (the caller trains again)."""
+    if not path.exists():
+        return None
+    problem = weights_damage(path)
+    if problem is None:
+        try:
+            state = load_torch(str(path))
+            if not _hash_file(path).exists():
+                digest = file_sha256(path)
+                atomic_write(_hash_file(path), lambda tmp: tmp.write_text(digest + "\n"))
+            return state
+        except Exception as e:  # safetensors' own error types
+            problem = f"are unreadable ({e})"
+    log.warning("cache: trained weights %s %s; they are trained again", path.name, problem)
+    path.unlink(missing_ok=True)
+    _hash_file(path).unlink(missing_ok=True)
+    return None
 
 
 class RunStore:

@@ -12,6 +12,9 @@ def cache(tmp_path_factory) -> Path:
     """A weights cache shared by the session's tests, never the user's own."""
     path = tmp_path_factory.mktemp("mmdiag-cache")
     os.environ["MMDIAG_CACHE"] = str(path)
+    # one Prefect home for the session's temporary server, which outlives any test's cache
+    # folder (tests move and delete theirs)
+    os.environ["PREFECT_HOME"] = str(path / "prefect")
     return path
 
 
@@ -21,6 +24,32 @@ def demo_models(cache):
     from pipeline.demo.catalog import load_model
 
     return lambda name: load_model(name, cache=cache)[0]
+
+
+@pytest.fixture
+def toy(monkeypatch, tmp_path, cache):
+    """Only the toy stages (tests/toy_stages.py) are registered; `computed()` tells (and
+    forgets) which of them computed since it was last asked."""
+    from stages import registry
+
+    monkeypatch.setattr(registry, "_STAGES", {})
+    import toy_stages
+
+    toy_stages.register_all()
+    log = tmp_path / "computed.log"
+    monkeypatch.setenv("TOY_LOG", str(log))
+    cfg = tmp_path / "diag.yaml"
+    cfg.write_text(
+        f"run: toy\nmodel: {{factory: 'toy_stages:build_model'}}\ndata: {{split: ood, splits: [ood], n: 300}}\n"
+        f"plugins: [toy_stages]\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
+    )
+
+    def computed():
+        text = log.read_text() if log.exists() else ""
+        log.unlink(missing_ok=True)
+        return text.split()
+
+    return cfg, tmp_path / "runs" / "toy", computed
 
 
 @pytest.fixture(autouse=True)

@@ -16,30 +16,6 @@ from stages import registry
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture
-def toy(monkeypatch, tmp_path, cache):
-    """Only the toy stages are registered, a fresh log records what computes."""
-    monkeypatch.setattr(registry, "_STAGES", {})
-    import toy_stages
-
-    toy_stages.register_all()
-    log = tmp_path / "computed.log"
-    monkeypatch.setenv("TOY_LOG", str(log))
-    cfg = tmp_path / "diag.yaml"
-    cfg.write_text(
-        f"run: toy\nmodel: {{factory: 'toy_stages:build_model'}}\ndata: {{split: ood, splits: [ood], n: 300}}\n"
-        f"plugins: [toy_stages]\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
-    )
-    os.environ.setdefault("MMDIAG_CACHE", str(cache))
-
-    def computed():
-        text = log.read_text() if log.exists() else ""
-        log.unlink(missing_ok=True)
-        return text.split()
-
-    return cfg, tmp_path / "runs" / "toy", computed
-
-
 def _summary(run):
     return json.loads((run / "summary.json").read_text())
 
@@ -287,7 +263,7 @@ def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_serv
 
 
 def test_editing_a_stages_module_changes_its_cache_key(tmp_path, monkeypatch):
-    from flows.tasks import CodeVersion
+    from flows.tasks import code_version
     from stages import Stage, StageResult
 
     module = tmp_path / "edited_stage.py"
@@ -295,11 +271,11 @@ def test_editing_a_stages_module_changes_its_cache_key(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_STAGES", {})
     registry.register(Stage("edited", lambda ctx, config, up: StageResult({}), modules=("edited_stage",)))
-    key = CodeVersion().compute_key(None, {"stage": "edited"}, {})
-    assert CodeVersion().compute_key(None, {"stage": "edited"}, {}) == key
+    key = code_version("edited")
+    assert code_version("edited") == key
     module.write_text("VALUE = 2\n")
-    assert CodeVersion().compute_key(None, {"stage": "edited"}, {}) != key
-    assert CodeVersion().compute_key(None, {}, {}) != key  # the evaluation step: pipeline/ and flows only
+    assert code_version("edited") != key
+    assert code_version() != key  # the evaluation step: pipeline/ and flows only
 
 
 @pytest.mark.parametrize("name", ["résumé run ✓", "demo-film", "Ωmega", "a b/c", "✓✓"])
@@ -311,3 +287,23 @@ def test_any_printable_run_name_gives_a_valid_artifact_key(name):
     key = _artifact_key(name)
     assert re.fullmatch(r"[a-z0-9-]+", key) and len(key) < 100
     assert _artifact_key("résumé") != _artifact_key("resume")
+
+
+@pytest.mark.slow
+def test_a_unicode_run_name_and_a_symlinked_run_folder_work_end_to_end(toy, tmp_path):
+    cfg, run, computed = toy
+    cfg.write_text(cfg.read_text().replace("run: toy", "run: 'résumé run ✓'"))
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    named = run.parent / "résumé run ✓"
+    assert _summary(named)["run"]["name"] == "résumé run ✓" and (named / "report.html").is_file()
+
+    target = tmp_path / "elsewhere" / "kept"
+    target.parent.mkdir()
+    os.replace(named, target)
+    link = run.parent / "link"
+    link.symlink_to(target)
+    before = _summary(target)["second"]["shifted"]
+    assert main(["rerun", str(link), "--stage", "second", "--set", "offset=1"]) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert _summary(target)["second"]["shifted"] == pytest.approx(before + 1)
+    assert not [p for p in target.parent.iterdir() if p.name != "kept"]  # no staging folders left

@@ -25,8 +25,8 @@ def test_two_runs_of_every_timed_stage_save_under_one_key(tmp_path):
         refs[attempt] = {name: results.save(tmp_path / attempt, r) for name, r in found.items()}
     for name in ("unimodal", "crossmodal", "intervention"):
         assert refs["a"][name]["sha256"] == refs["b"][name]["sha256"], name
-    loaded, meta = results.load(refs["b"]["unimodal"])
+    loaded, meta = results.load(refs["b"]["unimodal"], tmp_path / "b")
     assert meta["timings"]["methods"]["shapley"]["seconds"] > 0
     assert loaded.summary["methods"]["shapley"]["seconds"] == meta["timings"]["methods"]["shapley"]["seconds"]  # summary.json keeps them
-    cross, _ = results.load(refs["b"]["crossmodal"])
+    cross, _ = results.load(refs["b"]["crossmodal"], tmp_path / "b")
     assert {"seconds", "forward_passes"} <= set(cross.summary["methods"]["mixed_gradients"])

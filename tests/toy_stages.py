@@ -19,6 +19,7 @@ class FirstConfig(StageConfig):
 
 class SecondConfig(StageConfig):
     offset: float = 0.0
+    chunk: int = 8  # how the work is split: changes the key, never the figures
 
 
 def _record(name):

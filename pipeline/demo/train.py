@@ -18,10 +18,9 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
 
 from pipeline.demo import models, shapes, vocab
-from pipeline.store import atomic_write, cache_root
+from pipeline.store import cache_root, load_weights, save_weights
 
 log = logging.getLogger("mmdiag")
 
@@ -119,12 +118,11 @@ def load_or_train(config: TrainConfig, cache: Path | None = None, device: str = 
     Returns (model, came_from_cache)."""
     path = cache_root(cache) / "models" / f"{config.arch}-{config.key()}.safetensors"
     model = build(config)
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
+    if (state := load_weights(path)) is not None:
+        model.load_state_dict(state)
         return model.eval(), True
     start = time.perf_counter()
     model = train(config, device=device)
     log.info("trained %s in %.1f s", config.arch, time.perf_counter() - start)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"config": config.model_dump_json()}))
+    save_weights(path, model.state_dict(), metadata={"config": config.model_dump_json()})
     return model, False

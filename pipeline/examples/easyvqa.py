@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.adapter import TorchAdapter
@@ -36,7 +35,7 @@ from pipeline.data import SampleSet
 from pipeline.demo.models import EMBED_DIM, FiLMNet
 from pipeline.demo.train import source_key
 from pipeline.errors import MmdiagError
-from pipeline.store import atomic_write, cache_root
+from pipeline.store import cache_root, load_weights, save_weights
 from pipeline.units import PatchGrid, Tokens
 
 log = logging.getLogger("mmdiag")
@@ -314,15 +313,14 @@ def load_or_train(config: TrainConfig = TrainConfig(), cache: Path | None = None
     """The trained network from the weights cache, training it on a miss; (net, from cache)."""
     path = cache_root(cache) / "models" / f"easyvqa-{config.key()}.safetensors"
     net = EasyVQANet(len(vocabulary()), len(answers()))
-    if path.exists():
-        net.load_state_dict(load_file(str(path)))
+    if (state := load_weights(path)) is not None:
+        net.load_state_dict(state)
         return net.eval(), True
     start = time.perf_counter()
     log.info("easy-vqa: training the example model (first use only; cached afterwards)")
     net = train(config)
     log.info("easy-vqa: trained in %.1f s", time.perf_counter() - start)
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"config": config.model_dump_json()}))
+    save_weights(path, net.state_dict(), metadata={"config": config.model_dump_json()})
     return net, False
 
 

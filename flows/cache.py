@@ -1,0 +1,210 @@
+"""The computation cache: which task, on which inputs and code, gave which result.
+
+Layout of a cache folder (every reference inside it is relative, so the folder can be moved or
+copied to another machine and is reused as it is):
+
+    results/<sha256>.safetensors   stage results, named by the hash of their content
+    records/<key>.json             one per computation: its task, the result's sha256, meta
+    models/<name>.safetensors      trained weights, each with <name>.safetensors.sha256
+    runs.json                      the run folders written with this cache (for `prune`)
+    prefect/                       Prefect's home (its database and logs)
+
+Prefect's own result cache is not used: its records hold absolute paths (a moved cache fails),
+they are pickled (whoever can write a shared cache runs code in every worker) and a damaged one
+fails the task. Here a record is JSON, and a record or result that is missing, unreadable or
+fails its hash is dropped with one warning line and the computation runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from flows import results
+from pipeline.store import atomic_write, file_sha256, weights_damage
+
+log = logging.getLogger("mmdiag")
+
+RECORD_SCHEMA = "mmdiag.record/1"
+KINDS = ("results", "records", "models", "prefect")
+
+
+def key(task: str, inputs: dict, code: str) -> str:
+    """The computation's identity: task name, inputs (JSON, canonical order) and code version."""
+    text = json.dumps({"task": task, "inputs": inputs, "code": code}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _record_path(cache: Path, k: str) -> Path:
+    return cache / "records" / f"{k}.json"
+
+
+def _drop(cache: Path, k: str, what: str, task: str) -> None:
+    log.warning("cache: %s; %s is computed again", what, task)
+    _record_path(cache, k).unlink(missing_ok=True)
+
+
+def lookup(cache: Path, k: str, task: str) -> results.Ref | None:
+    """The reference recorded for key `k`, after checking its result file; None on a miss. A
+    damaged record or result is removed (one warning line) and counts as a miss."""
+    path = _record_path(cache, k)
+    if not path.exists():
+        return None
+    problem = record_damage(cache, path)
+    if problem:
+        sha = _safe_sha(path)
+        if sha and result_damage(cache / "results", sha) and (file := results.path(cache / "results", sha)):
+            file.unlink(missing_ok=True)  # content-addressed: a file that fails its name is garbage
+        _drop(cache, k, problem, task)
+        return None
+    record = json.loads(path.read_text())
+    os.utime(results.path(cache / "results", record["sha256"]))  # last use, for `prune --unused-since`
+    return {"sha256": record["sha256"], "meta": record["meta"]}
+
+
+def store(cache: Path, k: str, task: str, ref: results.Ref) -> None:
+    record = {"schema": RECORD_SCHEMA, "task": task, "sha256": ref["sha256"], "meta": ref.get("meta", {}),
+              "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    text = json.dumps(record, indent=1, allow_nan=False)
+    atomic_write(_record_path(cache, k), lambda tmp: tmp.write_text(text + "\n"))
+
+
+def cached(cache: Path, task: str, inputs: dict, code: str, refresh: bool, compute: Callable[[], results.Ref]) -> tuple[results.Ref, bool]:
+    """(reference, came from the cache): the recorded result of this computation, or `compute()`
+    run and recorded (always run when `refresh`)."""
+    k = key(task, inputs, code)
+    if not refresh and (ref := lookup(cache, k, task)) is not None:
+        return ref, True
+    ref = compute()
+    store(cache, k, task, ref)
+    return ref, False
+
+
+def _safe_sha(path: Path) -> str | None:
+    try:
+        sha = json.loads(path.read_text()).get("sha256")
+        return sha if isinstance(sha, str) else None
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def record_damage(cache: Path, path: Path) -> str | None:
+    """What is wrong with one record and the result it names, or None."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        return f"record {path.name} is unreadable ({type(e).__name__})"
+    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or not isinstance(record.get("sha256"), str) \
+            or not isinstance(record.get("meta"), dict):
+        return f"record {path.name} is not an mmdiag record"
+    return result_damage(cache / "results", record["sha256"])
+
+
+def result_damage(folder: Path, sha: str) -> str | None:
+    file = results.path(folder, sha)
+    if file is None:
+        return f"result name {sha[:16]!r} is not a sha256"
+    if not file.is_file():
+        return f"result {file.name} is missing"
+    if file_sha256(file) != sha:
+        return f"result {file.name} does not match its hash (truncated or edited)"
+    return None
+
+
+# `mmdiag cache`: info, verify, prune, clear
+
+
+def _size(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def info(cache: Path) -> dict:
+    kinds = {kind: dict(zip(("files", "bytes"), _size(cache / kind))) for kind in KINDS}
+    total = dict(zip(("files", "bytes"), _size(cache)))
+    kinds["other"] = {k: total[k] - sum(v[k] for v in kinds.values()) for k in total}  # runs.json, Dask scratch
+    return {"cache": str(cache), "kinds": kinds, "total": total, "runs": len(known_runs(cache))}
+
+
+def verify(cache: Path) -> list[str]:
+    """Every damaged entry, one line each: records (and the results they name), results
+    against their names, trained weights against their recorded hash."""
+    damage = [record_damage(cache, p) for p in sorted((cache / "records").glob("*.json"))]
+    damage += [result_damage(cache / "results", p.stem) for p in sorted((cache / "results").glob("*.safetensors"))]
+    damage += [f"weights {p.name} {w}" for p in sorted((cache / "models").glob("*.safetensors")) if (w := weights_damage(p))]
+    return list(dict.fromkeys(d for d in damage if d))
+
+
+def register_run(cache: Path, run_dir: Path) -> None:
+    """Remember a run folder written with this cache (what `prune` keeps)."""
+    runs = known_runs(cache)
+    folder = str(Path(run_dir).resolve())
+    if folder not in runs:
+        text = json.dumps(runs + [folder], indent=1)
+        atomic_write(cache / "runs.json", lambda tmp: tmp.write_text(text + "\n"))
+
+
+def known_runs(cache: Path) -> list[str]:
+    try:
+        runs = json.loads((cache / "runs.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
+
+
+def _referenced(cache: Path) -> set[str]:
+    """The results that the run folders still on disk refer to."""
+    shas = set()
+    for folder in known_runs(cache):
+        try:
+            run = json.loads((Path(folder) / "run.json").read_text())
+            shas |= {s["sha256"] for s in run["stages"].values() if isinstance(s.get("sha256"), str)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return shas
+
+
+def prune(cache: Path, unused_since: datetime | None = None) -> dict:
+    """Remove results no run folder refers to (or, with `unused_since`, those not used since
+    then) and the records naming them; returns what was removed."""
+    keep = _referenced(cache) if unused_since is None else None
+    removed = {"results": 0, "records": 0, "bytes": 0}
+    gone = set()
+    for path in sorted((cache / "results").glob("*.safetensors")):
+        stale = path.stem not in keep if keep is not None else path.stat().st_mtime < unused_since.timestamp()
+        if stale:
+            removed["bytes"] += path.stat().st_size
+            path.unlink()
+            gone.add(path.stem)
+            removed["results"] += 1
+    for path in sorted((cache / "records").glob("*.json")):
+        if _safe_sha(path) in gone or _safe_sha(path) is None:
+            path.unlink()
+            removed["records"] += 1
+    runs = [r for r in known_runs(cache) if (Path(r) / "run.json").is_file()]
+    if (cache / "runs.json").exists():
+        text = json.dumps(runs, indent=1)
+        atomic_write(cache / "runs.json", lambda tmp: tmp.write_text(text + "\n"))
+    return removed
+
+
+def clear(cache: Path, keep_models: bool = False) -> dict:
+    """Remove everything in the cache folder (but the trained weights with `keep_models`)."""
+    removed = {}
+    for entry in sorted(cache.iterdir()) if cache.is_dir() else []:
+        if keep_models and entry.name == "models":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            files, size = _size(entry)
+            shutil.rmtree(entry)
+        else:
+            files, size = 1, entry.lstat().st_size
+            entry.unlink()
+        removed[entry.name] = {"files": files, "bytes": size}
+    return removed
