@@ -182,14 +182,57 @@ def occlusion(game: Game) -> Tensor:
     return torch.cat(per_unit, dim=1).detach()
 
 
+def by_present(game: Game, estimate: Callable[[Game, "Compact"], Tensor]) -> Tensor:
+    """An estimator run on the groups of samples with equal numbers of present players, over
+    those players only: absent unit slots (padding positions a sample does not have) get
+    exactly 0 and cost no model evaluation. `estimate(sub_game, compact)` returns (b, n)."""
+    present = game.present
+    counts = present.sum(1)
+    out = torch.zeros(present.shape, device=present.device)
+    for n in counts.unique().tolist():
+        rows = (counts == n).nonzero().flatten()
+        sub = game.rows(rows)
+        compact = Compact(sub, present[rows].nonzero()[:, 1].reshape(len(rows), n))
+        out[rows] = out[rows].scatter(1, compact.index, estimate(sub, compact).to(out.dtype))
+        game.passes += sub.passes
+    return out
+
+
+@dataclass
+class Compact:
+    """A game seen through each sample's present players (index: (b, n) their positions)."""
+
+    game: Game
+    index: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.index.shape[1]
+
+    def value(self, keep: Tensor) -> Tensor:
+        """keep (b, K, n) over the present players -> (b, K) values (absent slots removed)."""
+        b, k, n = keep.shape
+        full = torch.zeros(b, k, self.game.n_players, dtype=torch.bool, device=keep.device)
+        return self.game.value(full.scatter(2, self.index[:, None, :].expand(b, k, n), keep))
+
+    def ends(self) -> Tensor:
+        """(b, 2): v(none), v(all)."""
+        b = self.index.shape[0]
+        return self.value(torch.stack([torch.zeros(b, self.n, dtype=torch.bool), torch.ones(b, self.n, dtype=torch.bool)], 1).to(self.index.device))
+
+
 def shapley_sampling(game: Game, pairs: int = 10, generator: torch.Generator | None = None) -> Tensor:
-    """Shapley values by antithetic permutation sampling: each of `pairs` random orders of the
-    players is walked forward and reversed; a player's value is its mean marginal contribution.
-    Every coalition of every walk of every sample goes through the model in large batches, and
-    the empty and full coalitions, shared by all walks, are evaluated once. Additivity holds
+    """Shapley values by antithetic permutation sampling (shap's PermutationExplainer): each of
+    `pairs` random orders of the players is walked forward and reversed; a player's value is its
+    mean marginal contribution. Every coalition of every walk of every sample goes through the
+    model in large batches, and the empty and full coalitions, shared by all walks, are
+    evaluated once: 2 pairs (n - 1) + 2 evaluations for n present players. Additivity holds
     exactly: the values sum to f(all) - f(none)."""
-    b, f = len(game.target), game.n_players
-    device = game.target.device
+    return by_present(game, lambda sub, c: _permutation_walks(c, pairs, generator))
+
+
+def _permutation_walks(c: Compact, pairs: int, generator) -> Tensor:
+    b, f, device = c.index.shape[0], c.n, c.index.device
     orders = torch.stack([torch.randperm(f, generator=generator) for _ in range(b * pairs)]).reshape(b, pairs, f).to(device)
     orders = torch.cat([orders, orders.flip(-1)], dim=1)  # (B, P, F) with P = 2 * pairs
     p = orders.shape[1]
@@ -197,12 +240,77 @@ def shapley_sampling(game: Game, pairs: int = 10, generator: torch.Generator | N
     rank = torch.empty_like(orders).scatter_(2, orders, torch.arange(f, device=device).expand(b, p, f))
     inner = torch.arange(1, f, device=device)  # coalitions 1 .. F-1 (0 and F are shared)
     keep = rank[:, :, None, :] < inner[None, None, :, None]  # (B, P, F-1, F)
-    values = game.value(keep.reshape(b, p * (f - 1), f)).reshape(b, p, f - 1)
-    ends = game.value(torch.stack([torch.zeros(b, f, dtype=torch.bool, device=device), torch.ones(b, f, dtype=torch.bool, device=device)], 1))
+    values = c.value(keep.reshape(b, p * (f - 1), f)).reshape(b, p, f - 1)
+    ends = c.ends()
     walk = torch.cat([ends[:, None, :1].expand(b, p, 1), values, ends[:, None, 1:].expand(b, p, 1)], dim=2)  # (B, P, F+1)
     marginal = walk.diff(dim=2)  # contribution of the k-th player of each walk
     phi = torch.zeros(b, p, f, device=device).scatter_(2, orders, marginal)
     return phi.mean(dim=1)
+
+
+def kernel_shapley(game: Game, pairs: int = 10, generator: torch.Generator | None = None) -> Tensor:
+    """Shapley values by KernelSHAP regression (Lundberg & Lee 2017) at the cost of
+    `shapley_sampling(pairs)`: 2 pairs (n - 1) coalitions besides the empty and full one. The
+    coalition sizes are enumerated from the outside in (1 and n-1 first) while the Shapley
+    kernel's share of the budget covers every coalition of a size, as shap's KernelExplainer
+    does; the rest is sampled from the kernel in complementary pairs (Covert & Lee 2021), each
+    weighted by the kernel mass it stands for. The weighted least-squares fit is solved under
+    the constraint sum(phi) = f(all) - f(none), so additivity holds exactly."""
+    return by_present(game, lambda sub, c: _kernel_regression(c, 2 * pairs * max(c.n - 1, 1), generator))
+
+
+def kernel_design(n: int, budget: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, int]:
+    """The coalitions (K, n) bool and weights (K,) of one KernelSHAP fit, and how many of the
+    rows (the first ones) are enumerated sizes shared by every sample."""
+    sizes = torch.arange(1, n, dtype=torch.float64)
+    mass = (n - 1) / (sizes * (n - sizes))
+    mass = mass / mass.sum()  # the kernel's weight of each coalition size
+    rows, weights, left, rest = [], [], budget, mass.sum().item()
+    for s in range(1, n // 2 + 1):
+        group = [s] if 2 * s == n else [s, n - s]
+        count = sum(math.comb(n, g) for g in group)
+        share = sum(mass[g - 1].item() for g in group)
+        if left * share / max(rest, 1e-12) < count:
+            break
+        for g in group:
+            for members in itertools.combinations(range(n), g):
+                rows.append(torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.tensor(members), True))
+                weights.append(mass[g - 1].item() / math.comb(n, g))
+        left, rest = left - count, rest - share
+        mass[[g - 1 for g in group]] = 0
+    enumerated = len(rows)
+    if left >= 2 and rest > 1e-12:
+        draws = left // 2
+        size = torch.multinomial(mass.float(), draws, replacement=True, generator=generator) + 1
+        scores = torch.rand(draws, n, generator=generator)
+        ranks = scores.argsort(1).argsort(1)
+        sampled = ranks < size[:, None]
+        rows += list(torch.cat([sampled, ~sampled]))
+        weights += [rest / (2 * draws)] * (2 * draws)
+    return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.bool), torch.tensor(weights, dtype=torch.float64), enumerated
+
+
+def _kernel_regression(c: Compact, budget: int, generator) -> Tensor:
+    b, n, device = c.index.shape[0], c.n, c.index.device
+    ends = c.ends().double()
+    gap = ends[:, 1] - ends[:, 0]
+    if n == 1:
+        return gap[:, None]
+    designs = [kernel_design(n, budget, generator) for _ in range(b)]  # the sampled part differs per sample
+    z = torch.stack([d[0] for d in designs]).to(device)  # (b, K, n)
+    w = torch.stack([d[1] for d in designs]).to(device)  # (b, K)
+    y = c.value(z).double() - ends[:, :1]
+    zf = z.double()
+    gram = torch.einsum("bk,bki,bkj->bij", w, zf, zf)
+    moment = torch.einsum("bk,bki,bk->bi", w, zf, y)
+    # the constrained fit's KKT system: [G 1; 1' 0] [phi; mu] = [m; gap]
+    # (a ridge of 1e-9 of the diagonal's scale keeps it solvable when few coalitions were drawn;
+    # the constraint row is exact either way)
+    ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(n, dtype=torch.float64, device=device)
+    kkt = torch.zeros(b, n + 1, n + 1, dtype=torch.float64, device=device)
+    kkt[:, :n, :n], kkt[:, :n, n], kkt[:, n, :n] = gram + ridge, 1.0, 1.0
+    rhs = torch.cat([moment, gap[:, None]], 1)
+    return torch.linalg.solve(kkt, rhs)[:, :n].float()
 
 
 def coalitions(n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -313,7 +421,8 @@ def bottleneck_attribution(
 ) -> Tensor:
     """The information bottleneck shared by IBA and M2IB, on one modality's encoded tensor:
     Z = lambda * x + (1 - lambda) * eps, eps ~ N(mu, sigma) per element, lambda = sigmoid(alpha);
-    minimise fit(Z) + beta * mean capacity (KL of the normalised representation). Every sample of
+    minimise fit(Z) + beta * mean capacity (KL of the normalised representation) over the
+    elements that belong to units (special tokens and padding excluded). Every sample of
     the batch is optimised at once: the parameters are per sample and Adam is element-wise, so
     one batched run equals one run per sample. `fit` gets the inputs with `copies` noise draws
     per sample (sample-major) and returns the summed per-sample loss. Returns the capacity per
@@ -332,12 +441,19 @@ def bottleneck_attribution(
         capacity = -0.5 * (1 + torch.log((1 - lam) ** 2 + 1e-12) - (lam * normalised) ** 2 - (1 - lam) ** 2)
         return lam, capacity * inside  # KL per element, in nats
 
+    inside_k = inside.repeat_interleave(config.copies, 0)
+    n_inside = inside.flatten(1).sum(1).clamp_min(1)
     for _ in range(config.steps):
         lam, capacity = bottleneck()
         lam_k = lam.repeat_interleave(config.copies, 0)
-        noise = mu + sigma * torch.randn(lam_k.shape, generator=generator).to(x.device)  # CPU generator: seeded alike everywhere
+        # noise only where units are (lambda = 1 elsewhere), drawn in element order: padding
+        # after a caption changes neither the draws nor the mean capacity
+        draws = torch.zeros(lam_k.shape, dtype=x.dtype)
+        draws[inside_k.cpu()] = torch.randn(int(inside_k.sum()), generator=generator, dtype=x.dtype)  # CPU generator: seeded alike everywhere
+        noise = mu + sigma * draws.to(x.device)
         z = lam_k * x.repeat_interleave(config.copies, 0) + (1 - lam_k) * noise
-        loss = fit({**others, modality: z}) / config.copies + config.beta * capacity.flatten(1).mean(1).sum()
+        # the mean capacity over the elements that belong to units, not over padding
+        loss = fit({**others, modality: z}) / config.copies + config.beta * (capacity.flatten(1).sum(1) / n_inside).sum()
         alpha.grad = torch.autograd.grad(loss, [alpha])[0]  # not the model's parameters: cheaper, and leaves them untouched
         opt.step()
         game.passes += b * config.copies

@@ -20,10 +20,13 @@ from pydantic import Field
 
 from pipeline.errors import MmdiagError
 from stages import attribution as attr
+from stages import captum_methods as cm
 from stages.base import Context, Stage, StageConfig, StageResult
 
-Method = Literal["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba", "m2ib"]
-COMPLETE = ("integrated_gradients", "shapley")  # methods with a completeness identity
+Method = Literal[
+    "grad_x_input", "integrated_gradients", "occlusion", "shapley", "shapley_kernel", "iba", "m2ib",
+    "lime", "kernel_shap", "deeplift", "deeplift_shap", "lrp", "grad_cam", "smoothgrad",
+]
 
 
 class UnimodalConfig(StageConfig):
@@ -33,7 +36,12 @@ class UnimodalConfig(StageConfig):
     batch_size: int = Field(default=64, gt=0)  # samples attributed together
     eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 128 on CPU, 8192 on CUDA
     ig_steps: int = Field(default=32, gt=1)
-    shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample
+    shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample (shapley_kernel: the same budget)
+    surrogate_samples: int | None = Field(default=None, gt=1)  # lime, kernel_shap perturbations; None: the shapley budget
+    deeplift_references: int = Field(default=8, ge=2)  # deeplift_shap: the removed input and 7 other samples
+    gradcam_layer: str | None = None  # a layer of the adapter's `layers`; None: the last one with an image map (B, C, h, w)
+    smoothgrad_samples: int = Field(default=16, gt=0)
+    smoothgrad_noise: float = Field(default=0.15, gt=0)  # noise sd as a share of the input's range (Smilkov et al.)
     iba_beta: float = 10.0
     m2ib_beta: float = 0.1
     # m2ib's bottleneck: None on the encoded inputs; "auto" after the adapter's default hidden
@@ -133,9 +141,27 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
         return attr.integrated_gradients(game, config.ig_steps)
     if method == "occlusion":
         return attr.occlusion(game), None
-    if method == "shapley":
-        scores = attr.shapley_sampling(game, config.shapley_pairs, generator)
+    if method in ("shapley", "shapley_kernel"):
+        estimate = attr.shapley_sampling if method == "shapley" else attr.kernel_shapley
+        scores = estimate(game, config.shapley_pairs, generator)
         return scores, scores.sum(1) - _gap(game)
+    if method in ("lime", "kernel_shap"):
+        scores = cm.surrogate(game, method, config.surrogate_samples or _shapley_budget(game, config))
+        return scores, (scores.sum(1) - _gap(game)) if method == "kernel_shap" else None
+    if method == "deeplift":
+        return cm.deeplift(game)
+    if method == "deeplift_shap":
+        return cm.deeplift_shap(game, config.deeplift_references, generator), None
+    if method == "lrp":
+        return cm.lrp(game), None
+    if method == "grad_cam":
+        name = config.gradcam_layer or _image_layer(game)
+        layers = game.adapter.layers()
+        if name not in layers:
+            raise MmdiagError(f"stages.unimodal.gradcam_layer: the model has no layer {name!r}; it has {', '.join(layers) or 'none'}")
+        return cm.grad_cam(game, layers[name], name), None
+    if method == "smoothgrad":
+        return cm.smoothgrad(game, config.smoothgrad_samples, config.smoothgrad_noise), None
     if method == "iba":
         iba = attr.IBAConfig(beta=config.iba_beta, steps=config.iba_steps, copies=config.iba_copies)
         return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
@@ -148,6 +174,21 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
             raise MmdiagError("stages.unimodal.m2ib_layers: this model's adapter names no default M2IB layers; give {modality: layer} or leave it unset")
         return torch.cat([m2ib_layer(game, m, layers[m], m2ib, generator) if m in layers else attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
     return torch.cat([attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
+
+
+def _shapley_budget(game: attr.Game, config: UnimodalConfig) -> int:
+    """The evaluations `shapley` spends on the sample with the most present players."""
+    return 2 * config.shapley_pairs * max(int(game.present.sum(1).max()) - 1, 1) + 2
+
+
+def _image_layer(game: attr.Game) -> str:
+    """The last of the adapter's named layers whose output is an image map (B, C, h, w)."""
+    with game.adapter.reading(list(game.adapter.layers())) as seen, torch.no_grad():
+        game.adapter.forward({m: t[:1] for m, t in game.encoded.items()})
+    maps = [name for name in game.adapter.layers() if name in seen and seen[name].dim() == 4]
+    if not maps:
+        raise MmdiagError("stages.unimodal.gradcam_layer: none of the model's named layers gives an image map (B, C, h, w); name one in the adapter's layers")
+    return maps[-1]
 
 
 def _gap(game: attr.Game) -> torch.Tensor:
@@ -336,5 +377,5 @@ STAGE = Stage(
     run,
     UnimodalConfig,
     writes=("unimodal.modality_share", "unimodal.modality_ablation", "unimodal.methods.<method>"),
-    modules=("stages.unimodal", "stages.attribution", "stages.m2ib_layer"),
+    modules=("stages.unimodal", "stages.attribution", "stages.captum_methods", "stages.m2ib_layer"),
 )

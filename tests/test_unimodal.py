@@ -54,6 +54,24 @@ def test_every_method_runs_and_reports_quality(demo_models_untrained):
     assert result.arrays["attr.shapley.true"].shape == (n, 64 + 9)
 
 
+def test_the_captum_methods_and_the_kernel_estimator_run_in_the_stage(demo_models_untrained):
+    adapter, data = demo_models_untrained
+    methods = ["shapley_kernel", "lime", "kernel_shap", "grad_cam", "smoothgrad"]
+    result = _run(adapter, data, methods=methods, n_correct=4, max_errors=4, shapley_pairs=1, smoothgrad_samples=2, sanity_samples=3, batch_size=5)
+    s = result.summary["methods"]
+    assert list(s) == methods
+    for name, m in s.items():
+        assert 0 <= m["deletion_auc"] <= 1 and m["sanity_rank_corr"] is not None and m["forward_passes"] > 0
+        assert (m["completeness_error"] is None) == (name not in ("shapley_kernel", "kernel_shap"))
+    assert s["shapley_kernel"]["completeness_error"] < 1e-5  # exact additivity
+    n = result.summary["n_explained"]
+    assert (result.arrays["attr.grad_cam.pred"][:, 64:] == 0).all() and result.arrays["attr.grad_cam.pred"].shape == (n, 64 + 9)
+    with pytest.raises(MmdiagError, match="lrp has no rule for the model's layer 'text' \\(MeanPool\\)"):
+        _run(adapter, data, methods=["lrp"], n_correct=2, max_errors=2, sanity_samples=0)
+    with pytest.raises(MmdiagError, match="deeplift does not hold on this model"):
+        _run(adapter, data, methods=["deeplift"], n_correct=2, max_errors=2, sanity_samples=0)
+
+
 @pytest.fixture(scope="module")
 def demo_models_untrained():
     from pipeline.demo.models import FiLMNet, demo_adapter

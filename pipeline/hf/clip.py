@@ -230,9 +230,13 @@ class _CLIP(ModelAdapter):
         return BottleneckSite(h, unit, inside, lambda z: _normalise(self._text_from(z, i + 1, eos.repeat_interleave(len(z) // b))))
 
     def _causal(self, h: Tensor):
+        import inspect
+
         from transformers.masking_utils import create_causal_mask
 
-        return create_causal_mask(config=self.clip.text_model.config, inputs_embeds=h, attention_mask=None, past_key_values=None)
+        # no cache: the argument is `past_key_values` in older transformers 5 releases, `cache` in newer ones
+        name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+        return create_causal_mask(config=self.clip.text_model.config, inputs_embeds=h, attention_mask=None, **{name: None})
 
 
 class _Matching(nn.Module):
