@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows import bench_composition, bench_m2ib, bench_representation
+from flows import bench_attribution, bench_composition, bench_m2ib, bench_representation
 from pipeline.device import resolve_device
 from pipeline.store import write_json
 
@@ -55,6 +55,7 @@ def run(device_name: str = "auto") -> list[dict]:
     row("evaluate demo-film on ood (2,000 samples)", secs, "s", samples_per_s=round(len(ood) / secs))
     rows += _demo_rows(device.type)
     rows += attribution_rows(adapter, ood, device)
+    rows += bench_attribution.estimator_rows(adapter.module, ood, device)
     rows += crossmodal_rows(adapter, ood, device)
     rows += intervention_rows(adapter, ood, device)
     rows += bench_representation.bench_rows(adapter, ood, device)
@@ -65,9 +66,9 @@ def run(device_name: str = "auto") -> list[dict]:
 
 def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     """Stage 1's methods on the same model and samples (n = the stage's default batch of samples):
-    cost per sample, our batched Shapley sampling against the shap package as MM-SHAP runs it,
-    batched IBA against one sample at a time, and every method's wall time over the floor
-    (inputs evaluated x time per input)."""
+    every method's cost per sample and wall time over the floor (inputs evaluated x time per
+    input), our batched Shapley sampling against the shap package as MM-SHAP runs it, batched
+    IBA against one sample at a time."""
     import torch
 
     from stages import attribution as attr
@@ -96,17 +97,12 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     per_grad = _per_input_gradient(adapter, encoded, batch)
     row(f"forward + backward, per model input in a batch of {batch} (floor)", per_grad * 1e6, "us")
 
+    rows += bench_attribution.method_rows(adapter, data, device, per_input, per_grad, n)
     config = UnimodalConfig(shapley_pairs=10)
     stats = attr.BottleneckStats.of(encoded)
-    for method in ("grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"):
-        attribute(method, game(), config, stats, torch.Generator().manual_seed(0))  # warm-up: first-call set-up is not per-sample cost
-        g = game()
-        generator = torch.Generator().manual_seed(0)
-        (scores, _), secs = _timed(lambda: attribute(method, g, config, stats, generator))
-        floor = (g.passes - g.backward) * per_input + g.backward * per_grad  # differentiated inputs cost a backward too
-        row(f"{method}: seconds per sample", secs / n, "s", forward_inputs=round(g.passes / n), backward_inputs=round(g.backward / n), over_floor=round(secs / floor, 2))
-        if method == "shapley":
-            ours, ours_secs = scores, secs / n
+    attribute("shapley", game(), config, stats, torch.Generator().manual_seed(0))  # warm-up
+    (ours, _), ours_secs = _timed(lambda: attribute("shapley", game(), config, stats, torch.Generator().manual_seed(0)))
+    ours_secs /= n
 
     try:
         import numpy as np
@@ -289,11 +285,10 @@ def _cell(v) -> str:
     return "n/a" if v is None else f"{v:.4g}"
 
 
-def main(json_path: Path = Path("bench.json"), device: str = "auto") -> int:
+def print_rows(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = run(device)
     table = Table(title="mmdiag benchmarks")
     for col in ("benchmark", "value", "unit", "device", "notes"):
         table.add_column(col, justify="right" if col == "value" else "left")
@@ -301,6 +296,11 @@ def main(json_path: Path = Path("bench.json"), device: str = "auto") -> int:
         notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("benchmark", "value", "unit", "device"))
         table.add_row(r["benchmark"], _cell(r["value"]), r["unit"], r["device"], notes)
     Console().print(table)
+
+
+def main(json_path: Path = Path("bench.json"), device: str = "auto") -> int:
+    rows = run(device)
+    print_rows(rows)
     write_json(json_path, {"rows": rows})
     print(json.dumps({"written": str(json_path), "rows": len(rows)}))
     return 0
