@@ -443,13 +443,17 @@ def bottleneck_attribution(
 
     inside_k = inside.repeat_interleave(config.copies, 0)
     n_inside = inside.flatten(1).sum(1).clamp_min(1)
+    every_element = bool(inside.all())
     for _ in range(config.steps):
         lam, capacity = bottleneck()
         lam_k = lam.repeat_interleave(config.copies, 0)
         # noise only where units are (lambda = 1 elsewhere), drawn in element order: padding
         # after a caption changes neither the draws nor the mean capacity
-        draws = torch.zeros(lam_k.shape, dtype=x.dtype)
-        draws[inside_k.cpu()] = torch.randn(int(inside_k.sum()), generator=generator, dtype=x.dtype)  # CPU generator: seeded alike everywhere
+        if every_element:  # images: no indexing to pay for
+            draws = torch.randn(lam_k.shape, generator=generator, dtype=x.dtype)  # CPU generator: seeded alike everywhere
+        else:
+            draws = torch.zeros(lam_k.shape, dtype=x.dtype)
+            draws[inside_k.cpu()] = torch.randn(int(inside_k.sum()), generator=generator, dtype=x.dtype)
         noise = mu + sigma * draws.to(x.device)
         z = lam_k * x.repeat_interleave(config.copies, 0) + (1 - lam_k) * noise
         # the mean capacity over the elements that belong to units, not over padding
