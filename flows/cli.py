@@ -113,6 +113,8 @@ def _cache_command(args: argparse.Namespace) -> int:
     from pipeline.store import cache_root
 
     root = cache_root(args.cache)
+    if root.exists() and not root.is_dir():
+        raise MmdiagError(f"--cache: {root} is a file, not a cache folder; give the folder (default: $MMDIAG_CACHE or ~/.cache/mmdiag)")
     if args.action == "info":
         from rich.console import Console
         from rich.table import Table
@@ -154,13 +156,14 @@ def _print_run(path: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from flows.flow import demo_configs, run
+        from flows.flow import demo_configs, run, writable
 
         from pipeline.demo.catalog import MODELS
 
         unknown = [m for m in args.models if m not in MODELS]
         if unknown:
             raise MmdiagError(f"--models: {unknown[0]!r} is not a built-in model; choose from {', '.join(MODELS)}")
+        writable(args.out, "--out")
         for config in demo_configs(args.out, device=args.device, models=tuple(args.models)):
             log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
             _print_run(run(config))
@@ -190,25 +193,29 @@ def _run(args: argparse.Namespace) -> int:
             _print_run(run(config, refresh=(args.stage,)))
         return 0
     if args.command == "compare":
-        from flows.rerun import compare, print_comparison
+        from flows.rerun import compare, load_summary, print_comparison
         from pipeline.store import write_json
 
+        for flag, path in (("--json", args.json), ("--html", args.html)):
+            if path is not None and path.is_dir():
+                raise MmdiagError(f"{flag}: {path} is a folder; give a file name, e.g. {path / ('diff' + flag[1:].replace('-', '.'))}")
         diff = compare(args.run_a, args.run_b)
         print_comparison(diff)
         if args.json:
             write_json(args.json, diff)
         if args.html:
             import reports
-            from pipeline.store import atomic_write, read_json
+            from pipeline.store import atomic_write
 
-            html = reports.render_compare(read_json(args.run_a / "summary.json"), read_json(args.run_b / "summary.json"), diff)
-            atomic_write(args.html, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+            html = reports.render_compare(load_summary(args.run_a), load_summary(args.run_b), diff)
+            atomic_write(args.html, lambda tmp: tmp.write_text(html, encoding="utf-8", errors="replace"))
             print(args.html)
         return 0
     if args.command == "example":
-        from flows.flow import run
+        from flows.flow import run, writable
         from pipeline.examples.easyvqa import config
 
+        writable(args.out, "--out")
         _print_run(run(config(args.out, device=args.device)))
         return 0
     if args.command == "cache":
@@ -239,11 +246,55 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except MmdiagError as e:
-        print(f"mmdiag: error: {e}", file=sys.stderr)
+        print(f"mmdiag: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("mmdiag: interrupted; finished results are kept, nothing half-written was left", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused: a path the user gave
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mmdiag: error: {where}{e.strerror or e}; check that path (exists, writable, not a file where a folder belongs)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug (ours, or in a plugged-in model): one line and the traceback in a file
+        user = _user_error(e)
+        if user is not None:
+            print(f"mmdiag: error: {_one_line(str(user))}", file=sys.stderr)
+            return 2
+        if args.verbose:
+            raise
+        log_file = _write_traceback(e)
+        print(f"mmdiag: internal error ({type(e).__name__}: {_one_line(str(e))[:200]}); this is a bug, not your input; "
+              f"the traceback is in {log_file} (rerun with -v to print it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _user_error(e: BaseException) -> MmdiagError | None:
+    """A user's mistake that reached us wrapped (Prefect re-raises a task's error as the cause
+    or context of its own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MmdiagError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_traceback(e: BaseException) -> Path:
+    import tempfile
+    import traceback
+    from datetime import datetime
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    fd, name = tempfile.mkstemp(prefix=f"mmdiag-error-{stamp}-", suffix=".log")
+    with open(fd, "w") as f:
+        f.write(text)
+    return Path(name)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from flows.settings import configure, quiet_user_errors
-from pipeline.config import DiagConfig, ModelSpec
+from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
-from pipeline.store import SUMMARY_SCHEMA, atomic_write, cache_root, new_run
+from pipeline.store import SUMMARY_SCHEMA, atomic_write, cache_root, clean_stale, new_run
 from stages import registry
 
 
@@ -38,6 +38,9 @@ def versions() -> dict[str, str]:
     return out
 
 
+MAX_SETTING = 10_000_000  # a stage's counts (steps, samples, pairs...): beyond it a run would never end
+
+
 def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
     """Every registered stage's settings, validated by its own config class."""
     known = {s.name: s for s in registry.stages()}
@@ -46,12 +49,19 @@ def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
             raise MmdiagError(f"stages.{name}: unknown stage; the stages are: {', '.join(known) or 'none registered yet'}")
     out = {}
     for name, stage in known.items():
+        given = config.stages.get(name, {})
+        if not isinstance(given, dict):
+            raise MmdiagError(f"stages.{name}: must be a mapping of settings (got {given!r}); write {{setting: value}}")
         try:
-            out[name] = stage.config.model_validate(config.stages.get(name, {})).model_dump(mode="json")
+            out[name] = stage.config.model_validate(given).model_dump(mode="json")
         except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise MmdiagError(f"stages.{name}.{key}: {err['msg']}") from None
+            line = field_error(e.errors()[0], prefix=f"stages.{name}")
+            if e.errors()[0]["type"] == "extra_forbidden":
+                line += f" (its settings: {', '.join(stage.config.model_fields)})"
+            raise MmdiagError(line) from None
+        for key, value in out[name].items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SETTING:
+                raise MmdiagError(f"stages.{name}.{key}: {value} is more than any run can use (at most {MAX_SETTING:,}); set a smaller value")
     return out
 
 
@@ -174,7 +184,8 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
             for rel, text in (stage.files(result) if stage and stage.files else {}).items():
                 atomic_write(store.path(rel), lambda tmp, text=text: tmp.write_text(text))
         store.write_json("errors.json", {"cards": analysis["errors"]["cards"]})
-        atomic_write(store.path("report.html"), lambda tmp: tmp.write_text(html, encoding="utf-8"))
+        # errors="replace": a lone surrogate in a caption becomes U+FFFD instead of failing the write
+        atomic_write(store.path("report.html"), lambda tmp: tmp.write_text(html, encoding="utf-8", errors="replace"))
         store.write_json("run.json", provenance)
         store.write_json("summary.json", summary)
     return Path(config.out) / config.run
@@ -252,16 +263,43 @@ def _clean_exit_on_signals():
 
 def preflight(config: DiagConfig) -> dict[str, dict]:
     """Check everything a user can get wrong before Prefect starts (so the error is one line,
-    not a failed flow run): plugins, stage settings, the data, the model's name or files.
-    Returns the data references."""
+    not a failed flow run): plugins, stage settings, the runner, the output and cache folders,
+    the data of every split, the model (built, or trained on first use) and its contract with
+    the data. Returns the data references; the model is handed to the flow's first task."""
+    import torch
+
     from flows.tasks import data_ref
     from pipeline.resolve import check_model
+
+    from flows.tasks import adapter_for, data_for, hand_over, model_ref
+    from pipeline.device import resolve_device
+    from pipeline.resolve import check_contract
 
     registry.load_plugins(config.plugins)
     stage_settings(config)
     check_model(config.model)
     task_runner(config)
-    return {s: data_ref(config.data, s, config.seed) for s in config.data.splits}
+    writable(config.out, "out")
+    if config.cache is not None:
+        writable(config.cache, "cache")
+    cache = cache_root(config.cache)
+    data = {s: data_ref(config.data, s, config.seed, cache) for s in config.data.splits}
+    ref, cached = model_ref(config.model, cache, resolve_device(config.device).type)
+    check_contract(adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split]), config.data.split)
+    hand_over(config.model, ref, cached)
+    return data
+
+
+def writable(folder: Path, field: str) -> None:
+    """A folder the run can write into: an existing folder we may write, or one we may create."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MmdiagError(f"{field}: {folder} is a file, not a folder; give a folder")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise MmdiagError(f"{field}: cannot write to {probe}; give a folder you can write to")
 
 
 def task_runner(config: DiagConfig):
@@ -292,6 +330,10 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     """Run the diagnosis flow for a config; returns the run folder."""
     configure(cache_root(config.cache))  # before anything imports Prefect
     data = preflight(config)
+    _watch_this_process()
+    cache = cache_root(config.cache)
+    for folder in (cache / "results", cache / "records", cache / "models"):
+        clean_stale(folder)
     from prefect import flow
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -300,6 +342,19 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=task_runner(config))(_flow_body)
     with _clean_exit_on_signals(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
+
+
+_watchdog = None
+
+
+def _watch_this_process() -> None:
+    """Once per process: a watchdog that stops Prefect's temporary server (and a local Dask
+    cluster) if this process is killed with SIGKILL, which leaves it no time to do so."""
+    global _watchdog
+    if _watchdog is None:
+        from flows import watchdog
+
+        _watchdog = watchdog.start() or False
 
 
 def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:

@@ -10,14 +10,28 @@ from pydantic import ValidationError
 
 from pipeline.config import DiagConfig
 from pipeline.errors import MmdiagError
-from pipeline.store import read_json
+from pipeline.store import SUMMARY_SCHEMA, read_json
 
 
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MmdiagError(f"RUN_DIR: no run folder at {run_dir}; give a folder written by `mmdiag diagnose` or `mmdiag demo`")
-    return read_json(run_dir / "run.json")
+    run = read_json(run_dir / "run.json")
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise MmdiagError(f"{run_dir}/run.json: not an mmdiag run record (no config); give a folder written by `mmdiag diagnose`, or run it again")
+    return run
+
+
+def load_summary(run_dir: Path) -> dict:
+    summary = read_json(Path(run_dir) / "summary.json")
+    if not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA:
+        found = summary.get("schema") if isinstance(summary, dict) else type(summary).__name__
+        raise MmdiagError(f"{run_dir}/summary.json: not an {SUMMARY_SCHEMA} summary (found {found!r}); run `mmdiag diagnose` again for this run")
+    model = summary.get("model")
+    if not isinstance(summary.get("stages"), dict) or not isinstance(model, dict) or not {"fingerprint", "accuracy"} <= set(model):
+        raise MmdiagError(f"{run_dir}/summary.json: its model or stages block is missing or damaged; run `mmdiag diagnose` again for this run")
+    return summary
 
 
 def parse_sets(stage: str, pairs: list[str]) -> dict[str, Any]:
@@ -34,7 +48,10 @@ def parse_sets(stage: str, pairs: list[str]) -> dict[str, Any]:
         if key not in fields:
             known = ", ".join(fields) or "none"
             raise MmdiagError(f"--set: stage {stage!r} has no setting {key!r}; its settings are: {known}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MmdiagError(f"--set: the value of {key!r} ({value!r}) is not YAML; quote text, write lists as [a, b]") from None
     return out
 
 
@@ -79,7 +96,7 @@ IGNORED = ("stages.", "run.")  # timings and provenance move every run; they are
 def compare(run_a: Path, run_b: Path, tolerance: float = 1e-9) -> dict:
     """What changed from run A to run B: accuracy, per-slice accuracy, every figure that moved."""
     load_run(run_a), load_run(run_b)
-    a, b = read_json(Path(run_a) / "summary.json"), read_json(Path(run_b) / "summary.json")
+    a, b = load_summary(run_a), load_summary(run_b)
     la, lb = _leaves(a), _leaves(b)
     moved = [
         {"figure": k, "a": la.get(k), "b": lb.get(k), "change": (lb[k] - la[k]) if k in la and k in lb else None}

@@ -62,8 +62,8 @@ def model_ref(spec: ModelSpec, cache: Path, device: str) -> tuple[dict, bool]:
     return ref, cached
 
 
-def data_ref(spec: DataSpec, split: str, seed: int) -> dict:
-    data = load_data(spec, split, seed)
+def data_ref(spec: DataSpec, split: str, seed: int, cache: Path | None = None) -> dict:
+    data = load_data(spec, split, seed, cache)
     ref = {"spec": spec.model_dump_json(), "split": split, "seed": seed, "n": len(data), "fingerprint": data.fingerprint()}
     _loaded[("data", ref["spec"], split, seed, ref["fingerprint"])] = data
     return ref
@@ -78,18 +78,28 @@ def adapter_for(model: dict, cache: Path):
     return _loaded[key]
 
 
-def data_for(ref: dict):
+def data_for(ref: dict, cache: Path | None = None):
     key = ("data", ref["spec"], ref["split"], ref["seed"], ref["fingerprint"])
     if key not in _loaded:
-        if data_ref(DataSpec.model_validate_json(ref["spec"]), ref["split"], ref["seed"])["fingerprint"] != ref["fingerprint"]:
+        if data_ref(DataSpec.model_validate_json(ref["spec"]), ref["split"], ref["seed"], cache)["fingerprint"] != ref["fingerprint"]:
             raise MmdiagError(f"data: split {ref['split']!r} is not the data this run was started with; start the run again")
     return _loaded[key]
 
 
+# The model the pre-flight loaded and checked, for the flow's first task (taken once, so a later
+# run in this process loads its model afresh)
+_handed: dict[str, tuple[dict, bool]] = {}
+
+
+def hand_over(spec: ModelSpec, ref: dict, cached: bool) -> None:
+    _handed[spec.model_dump_json()] = (ref, cached)
+
+
 @task(name="prepare-model", cache_policy=NO_CACHE, persist_result=False)
 def prepare_model(spec_json: str, cache: str, device: str) -> dict:
-    """Load the model; a built-in demo model is trained here on first use (weights cache)."""
-    ref, cached = model_ref(ModelSpec.model_validate_json(spec_json), Path(cache), device)
+    """The model: the one the pre-flight loaded, or loaded here (a built-in demo model is
+    trained on first use, into the weights cache)."""
+    ref, cached = _handed.pop(spec_json, None) or model_ref(ModelSpec.model_validate_json(spec_json), Path(cache), device)
     return {**ref, "weights_from_cache": cached}
 
 
@@ -103,7 +113,7 @@ def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, d
     start = time.perf_counter()
     dev = resolve_device(device)
     adapter = adapter_for(model, cache)
-    logits = {s: predict(adapter, data_for(ref), dev, batch_size) for s, ref in data.items()}
+    logits = {s: predict(adapter, data_for(ref, cache), dev, batch_size) for s, ref in data.items()}
     analysed = data_for(data[split])
     per_split = {s: {"n": len(data_for(ref)), "accuracy": accuracy(logits[s], data_for(ref).labels)} for s, ref in data.items()}
     summary = model_summary(analysed, logits[split], split, per_split)
@@ -139,7 +149,7 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
     start = time.perf_counter()
     entry = registry.get(stage)
     evaluated, _ = results.load(evaluation, cache / "results")
-    samples, logits = data_for(data), torch.from_numpy(evaluated.arrays["logits"])
+    samples, logits = data_for(data, cache), torch.from_numpy(evaluated.arrays["logits"])
     if shard is not None:
         rows = torch.tensor_split(torch.arange(len(samples)), shard[1])[shard[0]]
         samples, logits = samples.subset(rows), logits[rows]

@@ -37,6 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import MmdiagError
 
 
+MAX_SAMPLES = 10_000_000  # per split; beyond it, data must be streamed
+MAX_NAME_BYTES = 200  # a run folder's name, leaving room in a 255-byte file name for staging
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,8 +65,8 @@ class DataSpec(_Strict):
     name: str | None = "shapes"
     factory: str | None = None
     split: str = "ood"
-    splits: list[str] = Field(default_factory=lambda: ["iid", "ood", "anti"])
-    n: int | None = Field(default=None, gt=0)
+    splits: list[str] | None = None  # None: the built-in data's splits, or `split` alone for a factory
+    n: int | None = Field(default=None, gt=0, le=MAX_SAMPLES)
 
     @model_validator(mode="before")
     @classmethod
@@ -73,9 +77,12 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self):
+        _one_of(self, "data")
+        if self.splits is None:
+            self.splits = ["iid", "ood", "anti"] if self.name is not None else [self.split]
         if self.split not in self.splits:
             self.splits = [*self.splits, self.split]
-        return _one_of(self, "data")
+        return self
 
 
 class RunnerSpec(_Strict):
@@ -90,10 +97,10 @@ class DiagConfig(_Strict):
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    batch_size: int = Field(default=256, gt=0)
-    out: Path = Path("runs")
-    cache: Path | None = None  # results, Prefect cache keys and trained weights; default ~/.cache/mmdiag
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    batch_size: int = Field(default=256, gt=0, le=1_000_000)
+    out: Path = Path("runs")  # relative to the config file's folder
+    cache: Path | None = None  # results, records and trained weights; default ~/.cache/mmdiag; relative to the config file
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-stage settings, by stage name
     plugins: list[str] = Field(default_factory=list)  # modules imported first (e.g. to register stages)
     runner: RunnerSpec = Field(default_factory=RunnerSpec)
@@ -101,25 +108,51 @@ class DiagConfig(_Strict):
     @field_validator("run")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        if not v or "/" in v or "\\" in v or v.startswith(".") or not v.isprintable():
+            raise ValueError("must be a plain, printable folder name (no '/', no control characters, not starting with '.'); rename the run")
+        if len(v.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(f"is {len(v.encode('utf-8', 'surrogatepass'))} bytes long; a run name may have at most {MAX_NAME_BYTES}; shorten it")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds a lone surrogate character, which no file system can store; rename the run") from None
         return v
 
 
-def _first_error(e: ValidationError, source: str) -> MmdiagError:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    kind, msg = err["type"], err["msg"]
+_RANGES = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+
+
+def field_error(err: dict, prefix: str = "") -> str:
+    """One pydantic error as "field: what is wrong (got value); what to do"."""
+    where = ".".join([*([prefix] if prefix else []), *map(str, err["loc"])]) or "config"
+    kind, got = err["type"], err.get("input")
+    shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
     if kind == "extra_forbidden":
-        msg = "unknown key; remove it or check its spelling"
-    elif kind == "missing":
-        msg = "required; add it"
-    else:
-        msg = msg.removeprefix("Value error, ")
-        if "input" in err and kind not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {err['input']!r})"
+        return f"{where}: unknown key; remove it or check its spelling"
+    if kind == "missing":
+        return f"{where}: required; add it"
+    if kind in _RANGES:
+        return f"{where}: must be {_RANGES[kind].format(**err['ctx'])} (got {shown}); set a value in range"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{where}: must be a whole number (got {shown}); write it without quotes or decimals, e.g. 100000 rather than 1e5"
+    if kind in ("float_parsing", "float_type"):
+        return f"{where}: must be a number (got {shown}); write a number"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{where}: must be true or false (got {shown})"
+    if kind == "literal_error":
+        return f"{where}: must be {err['ctx']['expected']} (got {shown}); choose one of those"
+    if kind in ("string_type", "list_type", "dict_type", "model_type", "model_attributes_type", "path_type"):
+        wanted = {"string_type": "text", "list_type": "a list", "dict_type": "a mapping", "path_type": "a path"}.get(kind, "a mapping of keys")
+        return f"{where}: must be {wanted} (got {shown}); fix its YAML"
+    if kind == "too_short":
+        return f"{where}: must not be empty; give at least one entry"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" + ("" if kind == "value_error" else f" (got {shown}); fix this value")
+
+
+def _first_error(e: ValidationError, source: str) -> MmdiagError:
     more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
-    return MmdiagError(f"{source}: {where}: {msg}{more}")
+    return MmdiagError(f"{source}: {field_error(e.errors()[0])}{more}")
 
 
 def parse_config(data: Any, source: str = "config") -> DiagConfig:
@@ -131,31 +164,97 @@ def parse_config(data: Any, source: str = "config") -> DiagConfig:
         raise _first_error(e, source) from None
 
 
-def load_config(path: str | Path) -> DiagConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise MmdiagError(f"--config: no file at {path}; give the path of a YAML config")
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise MmdiagError(f"{loader.name}: line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path):
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise MmdiagError(f"{path}: not a text file (not UTF-8); give a YAML config") from None
+    except OSError as e:
+        raise MmdiagError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+    loader = None
+    try:
+        loader = _UniqueKeys(text)  # the reader refuses control characters here already
+        loader.name = str(path)
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise MmdiagError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    config = parse_config(data or {}, source=str(path))
-    if config.model.weights is not None and not config.model.weights.is_absolute():
-        config.model.weights = path.parent / config.model.weights
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def load_config(path: str | Path) -> DiagConfig:
+    """A config file; every relative path in it (out, cache, model.weights) is relative to the
+    folder that holds the file, wherever the command runs."""
+    path = Path(path)
+    if path.is_dir():
+        raise MmdiagError(f"--config: {path} is a folder; give the path of a YAML config file")
+    if not path.is_file():
+        raise MmdiagError(f"--config: no file at {path}; give the path of a YAML config")
+    config = parse_config(read_yaml(path) or {}, source=str(path))
+    here = path.resolve().parent
+    config.out = here / config.out.expanduser()
+    if config.cache is not None:
+        config.cache = here / config.cache.expanduser()
+    if config.model.weights is not None:
+        config.model.weights = here / config.model.weights.expanduser()
     return config
 
 
 def import_callable(ref: str, field: str) -> Callable:
     module_name, _, attr = ref.partition(":")
-    if not attr:
+    if not attr or not module_name:
         raise MmdiagError(f"{field}: {ref!r} should look like 'package.module:callable'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise MmdiagError(f"{field}: cannot import {module_name!r} ({e}); check the module path") from None
+    except SyntaxError as e:
+        raise MmdiagError(f"{field}: {module_name!r} has a syntax error ({e.msg}, line {e.lineno}); fix the module") from None
+    except Exception as e:  # the module's own code failed while it was imported
+        raise MmdiagError(f"{field}: importing {module_name!r} raised {type(e).__name__}: {' '.join(str(e).split())}; fix the module") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise MmdiagError(f"{field}: {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def call_factory(ref: str, field: str, offered: dict[str, Any], required: tuple[str, ...] = ()) -> Any:
+    """Call a user's factory with the keyword arguments its signature asks for (all of
+    `offered` if it takes **kwargs; `required` always); its own errors become one line."""
+    import inspect
+
+    fn = import_callable(ref, field)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = dict(offered)
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params or k in required}
+    try:
+        return fn(**kwargs)
+    except MmdiagError:
+        raise
+    except Exception as e:
+        raise MmdiagError(f"{field}: {ref} raised {type(e).__name__}: {' '.join(str(e).split())}; fix the factory") from None

@@ -44,6 +44,15 @@ class Counterfactual:
         )
 
 
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__}" + (f" of length {len(x)}" if hasattr(x, "__len__") else "")
+
+
 @dataclass
 class SampleSet(torch.utils.data.Dataset):
     inputs: dict[str, Tensor]
@@ -77,11 +86,18 @@ class SampleSet(torch.utils.data.Dataset):
         }
 
     def validate(self) -> None:
+        if not torch.is_tensor(self.labels) or self.labels.dim() != 1:
+            raise MmdiagError(f"data ({self.name}): labels must be a 1-D tensor of class indices; got {_describe(self.labels)}")
+        if self.labels.dtype not in _INTEGER:
+            raise MmdiagError(f"data ({self.name}): labels must be integer class indices, got {self.labels.dtype}; use labels.long()")
         n = len(self.labels)
         if n == 0:
             raise MmdiagError(f"data ({self.name}): the data set is empty")
         if not self.inputs:
             raise MmdiagError(f"data ({self.name}): samples have no inputs")
+        for m, x in self.inputs.items():
+            if not torch.is_tensor(x) or x.dim() < 2:
+                raise MmdiagError(f"data ({self.name}): inputs.{m} must be a tensor with a batch axis and at least one more (N, ...); got {_describe(x)}")
         for m, x in self.inputs.items():
             if len(x) != n:
                 raise MmdiagError(f"data ({self.name}): inputs.{m} has {len(x)} rows for {n} labels")
@@ -89,10 +105,19 @@ class SampleSet(torch.utils.data.Dataset):
                 bad = int((~torch.isfinite(x)).reshape(n, -1).any(1).nonzero()[0])
                 raise MmdiagError(f"data ({self.name}): inputs.{m} of sample {bad} holds NaN or inf; clean the data")
         for k, v in self.meta.items():
+            if not torch.is_tensor(v) or v.dim() != 1 or v.dtype not in _INTEGER:
+                raise MmdiagError(f"data ({self.name}): meta.{k} must be a 1-D integer tensor (a concept's value per sample, -1 unknown); got {_describe(v)}; use .long()")
             if len(v) != n:
                 raise MmdiagError(f"data ({self.name}): meta.{k} has {len(v)} values for {n} samples")
+        for k, v in self.display.items():
+            if not isinstance(v, (list, tuple)) or len(v) != n:
+                raise MmdiagError(f"data ({self.name}): display.{k} must be a list with one entry per sample ({n}); got {_describe(v)}")
+        if not isinstance(self.class_names, list) or not all(isinstance(c, str) for c in self.class_names):
+            raise MmdiagError(f"data ({self.name}): class_names must be a list of strings")
         for m, regions in self.truth.items():
             for r, t in regions.items():
+                if not torch.is_tensor(t) or t.dim() < 2:
+                    raise MmdiagError(f"data ({self.name}): truth.{m}.{r} must be a tensor of masks (N, ...) over the input's grid; got {_describe(t)}")
                 if len(t) != n:
                     raise MmdiagError(f"data ({self.name}): truth.{m}.{r} has {len(t)} masks for {n} samples")
         n_classes = len(self.class_names)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.adapter import ModelAdapter
-from pipeline.config import DataSpec, ModelSpec, import_callable
+from pipeline.config import DataSpec, ModelSpec, call_factory, import_callable
+from pipeline.store import cache_root
 from pipeline.data import SampleSet
 from pipeline.demo import catalog
 from pipeline.errors import MmdiagError
@@ -18,6 +19,15 @@ def check_model(spec: ModelSpec) -> None:
     """What can be checked without building the model: the name, the files, the import."""
     if spec.weights is not None and not spec.weights.is_file():
         raise MmdiagError(f"model.weights: no file at {spec.weights}; give the path of a .safetensors state dict")
+    if spec.weights is not None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(spec.weights), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors' own error types
+            raise MmdiagError(f"model.weights: {spec.weights} is not a readable safetensors file ({' '.join(str(e).split())[:120]}); "
+                              "save the state dict with safetensors.torch.save_file") from None
     if spec.name is not None and spec.name not in catalog.MODELS:
         raise MmdiagError(f"model.name: unknown model {spec.name!r}; choose one of {', '.join(catalog.MODELS)} or set model.factory")
     if spec.factory is not None:
@@ -31,7 +41,7 @@ def load_model(spec: ModelSpec, cache: Path | None = None, device: str = "cpu") 
     if spec.name is not None:
         adapter, cached = catalog.load_model(spec.name, cache=cache, device=device)
     else:
-        adapter = import_callable(spec.factory, "model.factory")()
+        adapter = call_factory(spec.factory, "model.factory", {"cache": cache_root(cache), "device": device})
         if not isinstance(adapter, ModelAdapter):
             raise MmdiagError(f"model.factory: {spec.factory} returned {type(adapter).__name__}, not a ModelAdapter")
     if spec.weights is not None:
@@ -42,15 +52,53 @@ def load_model(spec: ModelSpec, cache: Path | None = None, device: str = "cpu") 
     return adapter.eval(), cached
 
 
-def load_data(spec: DataSpec, split: str, seed: int) -> SampleSet:
+def load_data(spec: DataSpec, split: str, seed: int, cache: Path | None = None) -> SampleSet:
     if spec.name is not None:
         if spec.name not in catalog.DATA:
             raise MmdiagError(f"data.name: unknown data {spec.name!r}; choose one of {', '.join(catalog.DATA)} or set data.factory")
         return catalog.load_data(spec.name, split, spec.n, seed)
-    data = import_callable(spec.factory, "data.factory")(split=split, n=spec.n, seed=seed)
+    data = call_factory(spec.factory, "data.factory", {"split": split, "n": spec.n, "seed": seed, "cache": cache_root(cache)}, required=("split", "n", "seed"))
     if not isinstance(data, SampleSet):
         raise MmdiagError(f"data.factory: {spec.factory} returned {type(data).__name__}, not a SampleSet")
     return data
+
+
+def check_contract(adapter: ModelAdapter, data: SampleSet, split: str) -> None:
+    """The adapter on two samples of the data, before any stage runs: encode, units, forward
+    from the encoded inputs (which a TorchAdapter with `embeddings` must accept), the logits'
+    shape against the class names, and every truth mask against its modality's units."""
+    where = f"on 2 samples of split {split!r}"
+    inputs = {m: x[:2] for m, x in data.inputs.items()}
+    missing = [m for m in adapter.modalities if m not in inputs]
+    if missing:
+        raise MmdiagError(f"data: inputs have no {missing[0]!r}; the model takes {', '.join(adapter.modalities)}")
+    unknown = [m for m in data.truth if m not in adapter.modalities]
+    if unknown:
+        raise MmdiagError(f"data.truth: modality {unknown[0]!r} is not one of the model's ({', '.join(adapter.modalities)}); rename or drop those masks")
+    with torch.no_grad():
+        encoded = _step(lambda: adapter.encode(inputs), f"model: encoding the inputs {where} failed", "the data's inputs do not fit the model's encode")
+        units = _step(lambda: adapter.units(inputs, encoded), f"model: splitting the inputs {where} into units failed", "check the adapter's unit specs against the inputs")
+        logits = _step(lambda: adapter.forward(encoded), f"model: forward of the encoded inputs {where} failed",
+                       "the model must accept what encode returns (embedded text for a modality named in `embeddings`)")
+    if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != 2:
+        raise MmdiagError(f"model: forward returned {tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__} for 2 samples; a classifier returns (B, C) logits")
+    if not torch.isfinite(logits).all():
+        raise MmdiagError(f"model: non-finite logits {where}; check the weights and the inputs")
+    if data.class_names and logits.shape[1] != len(data.class_names):
+        raise MmdiagError(f"model: forward returns {logits.shape[1]} logits, the data has {len(data.class_names)} class_names; make them agree")
+    for m, regions in data.truth.items():
+        for r, masks in regions.items():
+            _step(lambda: units[m].coverage(masks[:2].to(encoded[m].device)),
+                  f"data.truth.{m}.{r}: masks shaped {tuple(masks.shape[1:])} do not fit the {m} input's grid", "give one value per pixel (images) or token position (text)")
+
+
+def _step(fn, what: str, fix: str):
+    try:
+        return fn()
+    except MmdiagError:
+        raise
+    except Exception as e:  # the user's model code: its error, in one line
+        raise MmdiagError(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); {fix}") from None
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` and rename tmp onto `path`; on any failure nothing appears at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -193,6 +194,34 @@ class RunStore:
         return read_arrays(self.path(rel))
 
 
+_STALE = re.compile(r"^\..*\.(\d+)\.[^./]+\.(partial|old|tmp)$")
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove the staging folders and temporary files that a killed process left in `folder`
+    (their names carry the writer's pid; those of a live process are left alone)."""
+    removed = []
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
+        match = _STALE.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 @contextmanager
 def new_run(out: Path, name: str) -> Iterator[RunStore]:
     """Build a run folder beside its final place and swap it in only when the block succeeds:
@@ -204,12 +233,13 @@ def new_run(out: Path, name: str) -> Iterator[RunStore]:
         final = final.resolve()
         out, name = final.parent, final.name
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
+    clean_stale(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=out))
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield RunStore(staging)
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=out))
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".old", dir=out))
             os.replace(final, old / name)
             os.replace(staging, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ Method = Literal[
 
 
 class UnimodalConfig(StageConfig):
-    methods: list[Method] = ["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"]
+    methods: list[Method] = Field(default=["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"], min_length=1)
     n_correct: int = Field(default=50, ge=0)  # correct predictions explained beside the errors
     max_errors: int | None = Field(default=120, gt=0)  # a random subset when there are more errors (every error gets interventions)
     batch_size: int = Field(default=64, gt=0)  # samples attributed together

@@ -307,3 +307,36 @@ def test_a_unicode_run_name_and_a_symlinked_run_folder_work_end_to_end(toy, tmp_
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert _summary(target)["second"]["shifted"] == pytest.approx(before + 1)
     assert not [p for p in target.parent.iterdir() if p.name != "kept"]  # no staging folders left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["first", "third"])
+def test_sigkill_leaves_no_orphan_and_the_next_run_equals_an_uninterrupted_one(toy, tmp_path, block):
+    from flows.watchdog import _alive, children
+
+    cfg, run, computed = toy
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": block, "TOY_ONLY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while block not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    spawned = children(proc.pid)  # the temporary Prefect server and the watchdog
+    assert spawned
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 15
+    while any(_alive(c) for c in spawned) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in spawned if _alive(c)]  # nothing outlives the killed run
+    assert not run.exists()
+    computed()
+
+    assert main(["diagnose", "--config", str(cfg)]) == 0  # the next run
+    assert computed() == ["first", "second", "third"][["first", "second", "third"].index(block):]
+    assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]
+    resumed = _summary(run)
+    assert main(["rerun", str(run), "--stage", "first"]) == 0
+    fresh = _summary(run)
+    for stage in ("first", "second", "third"):
+        assert fresh[stage] == resumed[stage]

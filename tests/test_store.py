@@ -81,3 +81,23 @@ def test_a_run_folder_that_is_a_link_is_written_where_it_points(tmp_path):
         store.write_json("run.json", {"v": 2})
     assert (tmp_path / "runs" / "r").is_symlink()
     assert read_json(target / "run.json") == {"v": 2}
+
+
+def test_the_next_run_removes_what_a_killed_one_left_behind(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.store import clean_stale, new_run
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "runs"
+    (out / f".r.{dead}.abc123.partial").mkdir(parents=True)
+    (out / f".r.{dead}.abc123.partial" / "summary.json").write_text("{")
+    (out / f".summary.json.{dead}.x1y2.tmp").write_text("{")
+    live = out / f".r.{os.getpid()}.zz.partial"  # a run going on right now: left alone
+    live.mkdir()
+    with new_run(out, "r") as store:
+        store.write_json("summary.json", {"ok": True})
+    assert sorted(p.name for p in out.iterdir()) == sorted(["r", live.name])
+    assert clean_stale(out) == []
