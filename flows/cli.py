@@ -205,10 +205,10 @@ def _run(args: argparse.Namespace) -> int:
             write_json(args.json, diff)
         if args.html:
             import reports
-            from pipeline.store import atomic_write
+            from pipeline.store import write_text
 
             html = reports.render_compare(load_summary(args.run_a), load_summary(args.run_b), diff)
-            atomic_write(args.html, lambda tmp: tmp.write_text(html, encoding="utf-8", errors="replace"))
+            write_text(args.html, html)
             print(args.html)
         return 0
     if args.command == "example":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import MmdiagError
-from pipeline.store import atomic_write, read_json
+from pipeline.store import read_json, write_text
 
 
 def fix_demo(out: Path, device: str = "auto", name: str = "demo-film") -> Path:
@@ -27,5 +27,5 @@ def fix_demo(out: Path, device: str = "auto", name: str = "demo-film") -> Path:
     diff = compare(before, after)
     page = Path(out) / f"{name}-fix.html"
     html = reports.render_compare(summary, read_json(after / "summary.json"), diff)
-    atomic_write(page, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    write_text(page, html)
     return page

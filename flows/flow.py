@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from flows.settings import configure, quiet_user_errors
 from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
-from pipeline.store import SUMMARY_SCHEMA, atomic_write, cache_root, clean_stale, new_run
+from pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
 from stages import registry
 
 
@@ -182,10 +182,9 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
             store.write_json(f"stages/{name}/result.json", {"summary": result.summary, "details": result.details, **meta})
             stage = registry.get(name) if name != "model" else None
             for rel, text in (stage.files(result) if stage and stage.files else {}).items():
-                atomic_write(store.path(rel), lambda tmp, text=text: tmp.write_text(text))
+                write_text(store.path(rel), text)
         store.write_json("errors.json", {"cards": analysis["errors"]["cards"]})
-        # errors="replace": a lone surrogate in a caption becomes U+FFFD instead of failing the write
-        atomic_write(store.path("report.html"), lambda tmp: tmp.write_text(html, encoding="utf-8", errors="replace"))
+        write_text(store.path("report.html"), html)
         store.write_json("run.json", provenance)
         store.write_json("summary.json", summary)
     return Path(config.out) / config.run

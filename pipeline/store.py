@@ -61,6 +61,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """UTF-8 text, atomically; a lone surrogate (from a caption, say) becomes U+FFFD instead of
+    failing the write."""
+    clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # pairs joined, lone ones -> U+FFFD
+    return atomic_write(path, lambda tmp: tmp.write_text(clean, encoding="utf-8"))
+
+
 def write_json(path: Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_jsonable)
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))

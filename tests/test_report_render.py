@@ -128,3 +128,15 @@ def test_thumbnails_are_small_for_any_image(shape, grid):
     assert (thumbs["overlay"] is None) == (grid is None)
     pixels = imread(io.BytesIO(base64.b64decode(thumbs["raw"].split(",", 1)[1])), format="png")
     assert max(pixels.shape[:2]) <= figures.THUMB and pixels.shape[2] in (3, 4)
+
+
+def test_a_lone_surrogate_in_a_caption_is_replaced_not_a_failed_write(tmp_path):
+    from pipeline.store import write_text
+
+    data = fx.make_data()
+    first_error = (fx.predictions(data, "shortcut") != data.labels.numpy()).nonzero()[0][0]
+    data.display["caption"][first_error] = "the circle \ud800 is red"
+    summary, results, _ = fx.run("shortcut", data=data)
+    html = render(summary, results, data, analyse(summary, results, data), fx.provenance(summary))
+    page = write_text(tmp_path / "report.html", html)
+    assert "\ufffd" in page.read_text(encoding="utf-8")
