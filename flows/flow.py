@@ -365,6 +365,10 @@ def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("de
 
 
 def spec_for_new_model(config: DiagConfig, weights: Path) -> ModelSpec:
+    from pipeline.resolve import check_model
+
     if not weights.is_file():
         raise MmdiagError(f"--model: no file at {weights}; give the new checkpoint (.safetensors)")
-    return config.model.model_copy(update={"weights": weights.resolve()})
+    spec = config.model.model_copy(update={"weights": weights.resolve()})
+    check_model(spec)
+    return spec
