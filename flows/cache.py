@@ -6,7 +6,8 @@ copied to another machine and is reused as it is):
     results/<sha256>.safetensors   stage results, named by the hash of their content
     records/<key>.json             one per computation: its task, the result's sha256, meta
     models/<name>.safetensors      trained weights, each with <name>.safetensors.sha256
-    runs.json                      the run folders written with this cache (for `prune`)
+    runs.json                      the run folders written with this cache (for `prune`): each by
+                                   its absolute path and its path relative to the cache
     prefect/                       Prefect's home (its database and logs)
 
 Prefect's own result cache is not used: its records hold absolute paths (a moved cache fails),
@@ -22,11 +23,14 @@ import json
 import logging
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from flows import results
+from pipeline.errors import MmdiagError
 from pipeline.store import atomic_write, file_sha256, weights_damage
 
 log = logging.getLogger("mmdiag")
@@ -52,19 +56,22 @@ def _drop(cache: Path, k: str, what: str, task: str) -> None:
 
 def lookup(cache: Path, k: str, task: str) -> results.Ref | None:
     """The reference recorded for key `k`, after checking its result file; None on a miss. A
-    damaged record or result is removed (one warning line) and counts as a miss."""
+    damaged record is removed (one warning line) and counts as a miss; a damaged result file is
+    left for the recomputation to replace atomically (another process may be doing so now)."""
     path = _record_path(cache, k)
     if not path.exists():
         return None
-    problem = record_damage(cache, path)
+    record, problem = _read_record(path)
+    problem = problem or result_damage(cache / "results", record["sha256"])
     if problem:
-        sha = _safe_sha(path)
-        if sha and result_damage(cache / "results", sha) and (file := results.path(cache / "results", sha)):
-            file.unlink(missing_ok=True)  # content-addressed: a file that fails its name is garbage
         _drop(cache, k, problem, task)
         return None
-    record = json.loads(path.read_text())
-    os.utime(results.path(cache / "results", record["sha256"]))  # last use, for `prune --unused-since`
+    try:
+        os.utime(results.path(cache / "results", record["sha256"]))  # last use, for `prune --unused-since`
+    except FileNotFoundError:  # pruned a moment ago
+        return None
+    except OSError:  # a read-only shared cache: the hit still counts
+        pass
     return {"sha256": record["sha256"], "meta": record["meta"]}
 
 
@@ -86,24 +93,22 @@ def cached(cache: Path, task: str, inputs: dict, code: str, refresh: bool, compu
     return ref, False
 
 
-def _safe_sha(path: Path) -> str | None:
+def _read_record(path: Path) -> tuple[dict | None, str | None]:
+    """(record, None), or (None, what is wrong with it)."""
     try:
-        sha = json.loads(path.read_text()).get("sha256")
-        return sha if isinstance(sha, str) else None
-    except (ValueError, OSError, AttributeError):
-        return None
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        return None, f"record {path.name} is unreadable ({type(e).__name__})"
+    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or not isinstance(record.get("sha256"), str) \
+            or not isinstance(record.get("meta"), dict):
+        return None, f"record {path.name} is not an mmdiag record"
+    return record, None
 
 
 def record_damage(cache: Path, path: Path) -> str | None:
     """What is wrong with one record and the result it names, or None."""
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        return f"record {path.name} is unreadable ({type(e).__name__})"
-    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or not isinstance(record.get("sha256"), str) \
-            or not isinstance(record.get("meta"), dict):
-        return f"record {path.name} is not an mmdiag record"
-    return result_damage(cache / "results", record["sha256"])
+    record, problem = _read_record(path)
+    return problem or result_damage(cache / "results", record["sha256"])
 
 
 def result_damage(folder: Path, sha: str) -> str | None:
@@ -141,30 +146,62 @@ def verify(cache: Path) -> list[str]:
     return list(dict.fromkeys(d for d in damage if d))
 
 
+GRACE_S = 3600  # results written or used this recently are never pruned: a run may be using them
+
+
+@contextmanager
+def _runs_lock(cache: Path):
+    """runs.json is read, changed and replaced by runs finishing and by `prune`: one at a time."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "runs.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def register_run(cache: Path, run_dir: Path) -> None:
-    """Remember a run folder written with this cache (what `prune` keeps)."""
-    runs = known_runs(cache)
-    folder = str(Path(run_dir).resolve())
-    if folder not in runs:
-        text = json.dumps(runs + [folder], indent=1)
+    """Remember a run folder written with this cache (what `prune` keeps), by its absolute path
+    and by its path relative to the cache (found again when both moved together)."""
+    folder = Path(run_dir).resolve()
+    entry = {"path": str(folder), "relative": os.path.relpath(folder, cache)}
+    with _runs_lock(cache):
+        runs = [r for r in _run_entries(cache) if r["path"] != entry["path"]]
+        text = json.dumps(runs + [entry], indent=1)
         atomic_write(cache / "runs.json", lambda tmp: tmp.write_text(text + "\n"))
 
 
-def known_runs(cache: Path) -> list[str]:
+def _run_entries(cache: Path) -> list[dict]:
     try:
         runs = json.loads((cache / "runs.json").read_text())
     except (OSError, ValueError):
         return []
-    return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
+    return [r for r in runs if isinstance(r, dict) and isinstance(r.get("path"), str)] if isinstance(runs, list) else []
+
+
+def known_runs(cache: Path) -> list[str]:
+    """The run folders written with this cache that are still where they were (or, relative to
+    the cache, where they moved with it)."""
+    found = []
+    for r in _run_entries(cache):
+        for candidate in (cache / r.get("relative", ""), Path(r["path"])):
+            if (candidate / "run.json").is_file():
+                found.append(str(candidate.resolve()))
+                break
+    return found
 
 
 def _referenced(cache: Path) -> set[str]:
-    """The results that the run folders still on disk refer to."""
+    """The results that the run folders still on disk refer to (a sharded stage's parts too)."""
     shas = set()
     for folder in known_runs(cache):
         try:
             run = json.loads((Path(folder) / "run.json").read_text())
-            shas |= {s["sha256"] for s in run["stages"].values() if isinstance(s.get("sha256"), str)}
+            for s in run["stages"].values():
+                shas |= {x for x in [s.get("sha256"), *s.get("parts", [])] if isinstance(x, str)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return shas
@@ -172,32 +209,45 @@ def _referenced(cache: Path) -> set[str]:
 
 def prune(cache: Path, unused_since: datetime | None = None) -> dict:
     """Remove results no run folder refers to (or, with `unused_since`, those not used since
-    then) and the records naming them; returns what was removed."""
-    keep = _referenced(cache) if unused_since is None else None
+    then) and the records naming them; results used within the last hour are always kept.
+    Refused when run folders were recorded but none can be found (moved?): that would remove
+    everything."""
     removed = {"results": 0, "records": 0, "bytes": 0}
-    gone = set()
-    for path in sorted((cache / "results").glob("*.safetensors")):
-        stale = path.stem not in keep if keep is not None else path.stat().st_mtime < unused_since.timestamp()
-        if stale:
-            removed["bytes"] += path.stat().st_size
-            path.unlink()
-            gone.add(path.stem)
-            removed["results"] += 1
-    for path in sorted((cache / "records").glob("*.json")):
-        if _safe_sha(path) in gone or _safe_sha(path) is None:
-            path.unlink()
-            removed["records"] += 1
-    runs = [r for r in known_runs(cache) if (Path(r) / "run.json").is_file()]
-    if (cache / "runs.json").exists():
-        text = json.dumps(runs, indent=1)
-        atomic_write(cache / "runs.json", lambda tmp: tmp.write_text(text + "\n"))
+    with _runs_lock(cache):
+        if unused_since is None and _run_entries(cache) and not known_runs(cache):
+            raise MmdiagError(f"cache prune: none of the {len(_run_entries(cache))} run folders written with {cache} can be found "
+                              "(moved?), so every result would go; nothing removed. Use --unused-since DATE, or `mmdiag cache clear`")
+        keep = _referenced(cache) if unused_since is None else None
+        cutoff = time.time() - GRACE_S
+        if unused_since is not None:
+            cutoff = min(cutoff, unused_since.timestamp())
+        gone = set()
+        for path in sorted((cache / "results").glob("*.safetensors")):
+            used = path.stat().st_mtime
+            if used < cutoff and (keep is None or path.stem not in keep):
+                removed["bytes"] += path.stat().st_size
+                path.unlink()
+                gone.add(path.stem)
+                removed["results"] += 1
+        for path in sorted((cache / "records").glob("*.json")):
+            record, problem = _read_record(path)
+            if problem or record["sha256"] in gone:
+                path.unlink()
+                removed["records"] += 1
     return removed
 
 
+OURS = (*KINDS, "dask", "keys", "runs.json", "runs.lock")  # `keys`: Prefect's records, from before mmdiag kept its own
+
+
 def clear(cache: Path, keep_models: bool = False) -> dict:
-    """Remove everything in the cache folder (but the trained weights with `keep_models`)."""
+    """Remove what mmdiag keeps in the cache folder (but the trained weights with
+    `keep_models`); a folder holding none of it is refused, nothing removed."""
+    entries = [cache / name for name in OURS if (cache / name).exists() or (cache / name).is_symlink()]
+    if not entries and cache.is_dir() and any(cache.iterdir()):
+        raise MmdiagError(f"cache clear: {cache} does not look like an mmdiag cache (no results/, records/, models/ or prefect/); nothing removed")
     removed = {}
-    for entry in sorted(cache.iterdir()) if cache.is_dir() else []:
+    for entry in entries:
         if keep_models and entry.name == "models":
             continue
         if entry.is_dir() and not entry.is_symlink():

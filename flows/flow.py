@@ -93,9 +93,10 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
             upstream=upstream,
             **common,
         )
-        refs[stage.name], cached = _compute(stage, stage_task, model, {**inputs, "refresh": stage.name in refresh}, config.runner.shards, cache)
-        status[stage.name] = _status(cached, refs[stage.name], model["fingerprint"])
-        if stage_model and stage.name == stage_model["stage"]:
+        if not (stage_model and stage.name == stage_model["stage"]):
+            refs[stage.name], cached = _compute(stage, stage_task, model, {**inputs, "refresh": stage.name in refresh}, config.runner.shards, cache)
+            status[stage.name] = _status(cached, refs[stage.name], model["fingerprint"])
+        else:
             # `rerun --model`: this stage alone is computed again for the new model; the others
             # keep the results they have for the old one, and the run says so.
             new = {k: v for k, v in tasks.prepare_model(stage_model["spec"], str(cache), device).items() if k != "weights_from_cache"}
@@ -130,7 +131,8 @@ def _compute(stage, stage_task, model: dict, inputs: dict, shards: int, cache: P
 
 def _status(cached: bool, ref: dict, model_fingerprint: str) -> dict:
     # key: the content hash of the result; equal keys mean the same figures and arrays
-    return {"cached": cached, "key": ref["sha256"][:16], "sha256": ref["sha256"], "model": model_fingerprint}
+    parts = {"parts": ref["meta"]["parts"]} if "parts" in ref.get("meta", {}) else {}
+    return {"cached": cached, "key": ref["sha256"][:16], "sha256": ref["sha256"], "model": model_fingerprint, **parts}
 
 
 def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dict:
@@ -145,7 +147,7 @@ def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dic
         if name != "model":
             summary[name] = result.summary
     summary["stages"] = {
-        name: {"seconds": loaded[name][1].get("seconds"), **{k: v for k, v in st.items() if k != "sha256"}} for name, st in status.items()
+        name: {"seconds": loaded[name][1].get("seconds"), **{k: v for k, v in st.items() if k not in ("sha256", "parts")}} for name, st in status.items()
     }
     if len(fingerprints) > 1:
         summary["run"]["mixed_models"] = (
@@ -283,6 +285,9 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
         writable(config.cache, "cache")
     cache = cache_root(config.cache)
     data = {s: data_ref(config.data, s, config.seed, cache) for s in config.data.splits}
+    if config.runner.shards > data[config.data.split]["n"]:
+        raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {data[config.data.split]['n']} samples of split "
+                          f"{config.data.split!r}; use at most one shard per sample")
     ref, cached = model_ref(config.model, cache, resolve_device(config.device).type)
     check_contract(adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split]), config.data.split)
     hand_over(config.model, ref, cached)

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import DiagConfig
+from pipeline.config import DiagConfig, field_error
 from pipeline.errors import MmdiagError
 from pipeline.store import SUMMARY_SCHEMA, read_json
 
@@ -64,15 +64,23 @@ def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
     from stages import registry
 
     registry.load_plugins(config.plugins)
-    place = {"out": Path(run_dir).parent, "run": Path(run_dir).name}
+    run_dir = Path(run_dir).absolute()  # `rerun .` names the folder by its own name
+    place = {"out": run_dir.parent, "run": run_dir.name}
     if stage == "model":  # the evaluation: no settings of its own; readers recompute if it changed
         if sets:
             raise MmdiagError("--set: the model evaluation has no settings; set batch_size or device in the config instead")
-        return config.model_copy(update=place)
+        return _validated(config, place, run_dir)
     registry.get(stage)
     stages = dict(config.stages)
     stages[stage] = {**stages.get(stage, {}), **parse_sets(stage, sets)}
-    return config.model_copy(update={"stages": stages, **place})
+    return _validated(config, {"stages": stages, **place}, run_dir)
+
+
+def _validated(config: DiagConfig, update: dict, run_dir: Path) -> DiagConfig:
+    try:
+        return DiagConfig.model_validate({**config.model_dump(), **update})
+    except ValidationError as e:
+        raise MmdiagError(f"{run_dir}: {field_error(e.errors()[0])}") from None
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,13 @@ def code_version(stage: str | None = None) -> str:
     for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def _keyed(model: dict) -> dict:
+    """The model as a cache key sees it: where its weights file lives does not matter (their
+    content is in the fingerprint), so a moved project stays cached."""
+    spec = json.loads(model["spec"])
+    return {"spec": {k: v for k, v in spec.items() if k != "weights"}, "fingerprint": model["fingerprint"]}
 
 
 def _answer(cache: Path, name: str, inputs: dict, stage: str | None, refresh: bool, compute):
@@ -105,7 +113,7 @@ def prepare_model(spec_json: str, cache: str, device: str) -> dict:
 
 @task(name="evaluate", tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
 def evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: str, refresh: bool = False):
-    inputs = {"model": model, "data": data, "split": split, "batch_size": batch_size, "device": device}
+    inputs = {"model": _keyed(model), "data": data, "split": split, "batch_size": batch_size, "device": device}
     return _answer(Path(cache), "evaluate", inputs, None, refresh, lambda: _evaluate(model, data, split, batch_size, device, Path(cache)))
 
 
@@ -114,8 +122,8 @@ def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, d
     dev = resolve_device(device)
     adapter = adapter_for(model, cache)
     logits = {s: predict(adapter, data_for(ref, cache), dev, batch_size) for s, ref in data.items()}
-    analysed = data_for(data[split])
-    per_split = {s: {"n": len(data_for(ref)), "accuracy": accuracy(logits[s], data_for(ref).labels)} for s, ref in data.items()}
+    analysed = data_for(data[split], cache)
+    per_split = {s: {"n": len(data_for(ref, cache)), "accuracy": accuracy(logits[s], data_for(ref, cache).labels)} for s, ref in data.items()}
     summary = model_summary(analysed, logits[split], split, per_split)
     arrays = {"ids": analysed.ids.numpy(), "labels": analysed.labels.numpy(), "logits": logits[split].numpy()}
     meta = {"seconds": round(time.perf_counter() - start, 3)}
@@ -142,7 +150,7 @@ def run_stage(
     registry.load_plugins(plugins)
     inputs = dict(stage=stage, settings=settings, model=model, data=data, evaluation=evaluation, upstream=upstream,
                   seed=seed, device=device, plugins=list(plugins), shard=shard)
-    return _answer(Path(cache), "stage", inputs, stage, refresh, lambda: _run_stage(**inputs, cache=Path(cache)))
+    return _answer(Path(cache), "stage", {**inputs, "model": _keyed(model)}, stage, refresh, lambda: _run_stage(**inputs, cache=Path(cache)))
 
 
 def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device, plugins, shard, cache: Path) -> results.Ref:
@@ -170,5 +178,6 @@ def merge_shards(stage: str, parts: list[results.Ref], cache: Path) -> results.R
     """The shards' results combined by the stage's own `merge` (cheap: no model calls)."""
     loaded = [results.load(ref, cache / "results") for ref in parts]
     merged = registry.get(stage).merge([result for result, _ in loaded])
-    meta = {**loaded[0][1], "seconds": round(sum(m["seconds"] for _, m in loaded), 3), "shard": None, "shards": len(parts)}
+    meta = {**loaded[0][1], "seconds": round(sum(m["seconds"] for _, m in loaded), 3), "shard": None, "shards": len(parts),
+            "parts": [ref["sha256"] for ref in parts]}  # kept by `mmdiag cache prune` with the merge
     return results.save(cache / "results", merged, meta)

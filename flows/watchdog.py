@@ -22,27 +22,36 @@ def start() -> subprocess.Popen | None:
     """Watch this process (where /proc exists); the watchdog ends by itself after it."""
     if not Path("/proc/self/stat").exists():
         return None
+    already = [str(c) for c in children(os.getpid())]  # not ours to end: they were there before mmdiag ran
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.watchdog", str(os.getpid())],
+        [sys.executable, "-m", "flows.watchdog", str(os.getpid()), *already],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to the terminal's group does not end it before its work
     )
 
 
-def _parent_of(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the name (which may hold spaces): state, ppid, ..."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, who it is."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def children(pid: int) -> list[int]:
@@ -53,12 +62,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def watch(pid: int) -> None:
-    known: set[int] = set()
-    while _alive(pid):
-        known = {c for c in known if _alive(c)} | set(children(pid))
+def watch(pid: int, exclude: set[int] = frozenset()) -> None:
+    """Wait for `pid` to end, then terminate (SIGTERM, then SIGKILL) the children it had started,
+    each still the same process (pid and start time)."""
+    born = _started(pid)
+    known: dict[int, str] = {}
+    while _alive(pid) and _started(pid) == born:
+        known = {c: t for c, t in known.items() if _started(c) == t}
+        known.update({c: _started(c) for c in children(pid) if c not in exclude and c not in known})
         time.sleep(POLL_S)
-    left = [c for c in known if _alive(c)]
+    left = [c for c, t in known.items() if t is not None and _alive(c) and _started(c) == t]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for c in left:
             try:
@@ -68,10 +81,10 @@ def watch(pid: int) -> None:
         deadline = time.time() + 5
         while time.time() < deadline and any(_alive(c) for c in left):
             time.sleep(0.1)
-        left = [c for c in left if _alive(c)]
+        left = [c for c in left if _alive(c) and _started(c) == known[c]]
         if not left:
             return
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), {int(a) for a in sys.argv[2:]})

@@ -89,7 +89,7 @@ class RunnerSpec(_Strict):
     kind: Literal["local", "dask"] = "local"  # local: Prefect's thread pool; dask: a Dask cluster
     address: str | None = None  # a running Dask scheduler (tcp://host:8786); None starts a local cluster
     workers: int = Field(default=2, gt=0)  # worker processes of a local Dask cluster
-    shards: int = Field(default=1, gt=0)  # per-sample stages split into this many mapped tasks
+    shards: int = Field(default=1, gt=0, le=1024)  # per-sample stages split into this many mapped tasks
 
 
 class DiagConfig(_Strict):
@@ -172,7 +172,11 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            repeated = key in seen
+        except TypeError:  # an unhashable key: PyYAML's own error says so
+            break
+        if repeated:
             raise MmdiagError(f"{loader.name}: line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)

@@ -190,9 +190,18 @@ class SampleSet(torch.utils.data.Dataset):
             yield rows, {m: x[rows].to(device) for m, x in self.inputs.items()}
 
     def fingerprint(self) -> str:
-        """Content hash of the inputs, labels and ids: same data, same fingerprint."""
+        """Content hash of everything a stage may read: inputs, labels, ids, concepts, truth
+        masks, counterfactuals, and the names, links and display strings: a fixed concept label
+        or mask recomputes what reads it."""
+        import hashlib
+        import json
+
         named = {f"inputs.{m}": x for m, x in self.inputs.items()}
+        named.update({f"meta.{k}": v for k, v in self.meta.items()})
+        named.update({f"truth.{m}.{r}": t for m, regions in self.truth.items() for r, t in regions.items()})
         for c, cf in self.counterfactuals.items():
             named.update({f"counterfactuals.{c}.{m}": x for m, x in cf.inputs.items()})
             named.update({f"counterfactuals.{c}.{p}": getattr(cf, p) for p in ("labels", "valid") if getattr(cf, p) is not None})
-        return fingerprint_tensors({**named, "labels": self.labels, "ids": self.ids})
+        tensors = fingerprint_tensors({**named, "labels": self.labels, "ids": self.ids})
+        described = json.dumps([self.class_names, self.display, self.truth_concepts, self.class_concepts], sort_keys=True, default=str)
+        return hashlib.sha256((tensors + described).encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -67,8 +67,9 @@ def check_contract(adapter: ModelAdapter, data: SampleSet, split: str) -> None:
     """The adapter on two samples of the data, before any stage runs: encode, units, forward
     from the encoded inputs (which a TorchAdapter with `embeddings` must accept), the logits'
     shape against the class names, and every truth mask against its modality's units."""
-    where = f"on 2 samples of split {split!r}"
-    inputs = {m: x[:2] for m, x in data.inputs.items()}
+    b = min(2, len(data))
+    where = f"on {b} samples of split {split!r}"
+    inputs = {m: x[:b] for m, x in data.inputs.items()}
     missing = [m for m in adapter.modalities if m not in inputs]
     if missing:
         raise MmdiagError(f"data: inputs have no {missing[0]!r}; the model takes {', '.join(adapter.modalities)}")
@@ -80,15 +81,15 @@ def check_contract(adapter: ModelAdapter, data: SampleSet, split: str) -> None:
         units = _step(lambda: adapter.units(inputs, encoded), f"model: splitting the inputs {where} into units failed", "check the adapter's unit specs against the inputs")
         logits = _step(lambda: adapter.forward(encoded), f"model: forward of the encoded inputs {where} failed",
                        "the model must accept what encode returns (embedded text for a modality named in `embeddings`)")
-    if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != 2:
-        raise MmdiagError(f"model: forward returned {tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__} for 2 samples; a classifier returns (B, C) logits")
+    if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != b:
+        raise MmdiagError(f"model: forward returned {tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__} for {b} samples; a classifier returns (B, C) logits")
     if not torch.isfinite(logits).all():
         raise MmdiagError(f"model: non-finite logits {where}; check the weights and the inputs")
     if data.class_names and logits.shape[1] != len(data.class_names):
         raise MmdiagError(f"model: forward returns {logits.shape[1]} logits, the data has {len(data.class_names)} class_names; make them agree")
     for m, regions in data.truth.items():
         for r, masks in regions.items():
-            _step(lambda: units[m].coverage(masks[:2].to(encoded[m].device)),
+            _step(lambda: units[m].coverage(masks[:b].to(encoded[m].device)),
                   f"data.truth.{m}.{r}: masks shaped {tuple(masks.shape[1:])} do not fit the {m} input's grid", "give one value per pixel (images) or token position (text)")
 
 

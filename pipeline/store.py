@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +41,8 @@ def _umask() -> int:
 def cache_root(configured: Path | None = None) -> Path:
     """Where trained weights, stage results and cache keys live: the config's `cache`, else
     $MMDIAG_CACHE, else ~/.cache/mmdiag."""
-    if configured is None:
-        configured = Path(os.environ.get("MMDIAG_CACHE", Path.home() / ".cache" / "mmdiag"))
+    if configured is None:  # an empty MMDIAG_CACHE counts as unset, never as "here"
+        configured = Path(os.environ.get("MMDIAG_CACHE") or Path.home() / ".cache" / "mmdiag")
     return Path(configured).expanduser().resolve()
 
 
@@ -49,7 +50,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` and rename tmp onto `path`; on any failure nothing appears at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -201,21 +202,37 @@ class RunStore:
         return read_arrays(self.path(rel))
 
 
-_STALE = re.compile(r"^\..*\.(\d+)\.[^./]+\.(partial|old|tmp)$")
+_STALE = re.compile(r"^\.(.*)\.([A-Za-z0-9-]+)-(\d+)\.[^./]+\.(partial|old|tmp)$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _writer() -> str:
+    """Who writes a temporary file or folder: host and pid (a shared folder has writers on
+    other machines, whose pids mean nothing here)."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def clean_stale(folder: Path) -> list[Path]:
-    """Remove the staging folders and temporary files that a killed process left in `folder`
-    (their names carry the writer's pid; those of a live process are left alone)."""
+    """Remove the staging folders and temporary files that a killed process of this host left
+    in `folder` (their names carry host and pid; those of live processes, and of other hosts,
+    are left alone). A previous run folder set aside just before a kill (`.old`) is put back
+    when the new one never arrived."""
     removed = []
     for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
         match = _STALE.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+        if not match or match.group(2) != _host() or _pid_alive(int(match.group(3))):
+            continue
+        kept = entry / match.group(1)
+        if match.group(4) == "old" and kept.is_dir() and not (Path(folder) / match.group(1)).exists():
+            os.replace(kept, Path(folder) / match.group(1))
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 
@@ -241,12 +258,12 @@ def new_run(out: Path, name: str) -> Iterator[RunStore]:
         out, name = final.parent, final.name
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{_writer()}.", suffix=".partial", dir=out))
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield RunStore(staging)
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".old", dir=out))
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.{_writer()}.", suffix=".old", dir=out))
             os.replace(final, old / name)
             os.replace(staging, final)
             shutil.rmtree(old, ignore_errors=True)

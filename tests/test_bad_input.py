@@ -125,6 +125,9 @@ CONFIGS = {
     "runner kind": (GOOD + "runner: {kind: k8s}\n", "runner.kind: must be"),
     "runner shards zero": (GOOD + "runner: {shards: 0}\n", "runner.shards: must be > 0"),
     "runner workers zero": (GOOD + "runner: {workers: 0}\n", "runner.workers: must be > 0"),
+    "more shards than samples": (GOOD + "runner: {shards: 100}\n", "runner.shards: 100 shards for 24 samples"),
+    "shards beyond any machine": (GOOD + "runner: {shards: 100000}\n", "runner.shards: must be <= 1024"),
+    "an unhashable key": (GOOD + "? [a, b]\n: 1\n", "not valid YAML"),
     "dask without a server": (GOOD + "runner: {kind: dask}\n", "runner.kind: dask needs a Prefect server"),
     # factory references
     "factory without colon": ("model: {factory: bad_input_kit.build}\n" + GOOD_DATA, "model.factory: 'bad_input_kit.build' should look like"),

@@ -12,6 +12,7 @@ import torch
 
 from flows import cache, results
 from flows.cli import main
+from pipeline.errors import MmdiagError
 from stages import StageResult
 
 
@@ -98,25 +99,56 @@ def test_damaged_trained_weights_are_trained_again_with_one_warning(tmp_path, ca
     assert cache.verify(tmp_path) == [] and load_or_train(config, cache=tmp_path)[1]
 
 
+def _age(folder, hours=2):
+    """Make every result look last used `hours` ago (prune keeps what was used in the last hour)."""
+    import os
+    import time
+
+    for path in (folder / "results").glob("*"):
+        os.utime(path, (time.time() - hours * 3600,) * 2)
+
+
 def test_prune_keeps_what_run_folders_refer_to(tmp_path, capsys):
     calls = []
-    kept, _ = cache.cached(tmp_path, "stage", {"x": 1}, "code", False, _compute(tmp_path, calls, 1.0))
-    cache.cached(tmp_path, "stage", {"x": 2}, "code", False, _compute(tmp_path, calls, 2.0))
+    cache_dir = tmp_path / "cache"
+    kept, _ = cache.cached(cache_dir, "stage", {"x": 1}, "code", False, _compute(cache_dir, calls, 1.0))
+    cache.cached(cache_dir, "stage", {"x": 2}, "code", False, _compute(cache_dir, calls, 2.0))
+    assert cache.prune(cache_dir)["results"] == 0  # no run folders known, but all used within the hour
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"stages": {"first": {"sha256": kept["sha256"]}}}))
-    cache.register_run(tmp_path, run)
-    cache.register_run(tmp_path, tmp_path / "runs" / "deleted")
-    assert main(["cache", "prune", "--cache", str(tmp_path)]) == 0
+    cache.register_run(cache_dir, run)
+    cache.register_run(cache_dir, tmp_path / "runs" / "deleted")
+    _age(cache_dir)
+    assert main(["cache", "prune", "--cache", str(cache_dir)]) == 0
     assert "removed 1 results and 1 records" in capsys.readouterr().out
-    assert [p.stem for p in (tmp_path / "results").glob("*")] == [kept["sha256"]]
-    assert cache.cached(tmp_path, "stage", {"x": 1}, "code", False, _compute(tmp_path, calls))[1]
-    assert cache.known_runs(tmp_path) == [str(run.resolve())]
+    assert [p.stem for p in (cache_dir / "results").glob("*")] == [kept["sha256"]]
+    assert cache.cached(cache_dir, "stage", {"x": 1}, "code", False, _compute(cache_dir, calls))[1]
+    assert cache.known_runs(cache_dir) == [str(run.resolve())]
+
+    # cache and runs moved together: the run is found by its path relative to the cache
+    shutil.move(tmp_path, tmp_path.parent / (tmp_path.name + "-moved"))
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    assert cache.known_runs(moved / "cache") == [str((moved / "runs" / "r").resolve())]
+    # the cache alone moved and no run folder can be found: refused, nothing removed
+    shutil.move(moved / "runs", moved / "elsewhere")
+    _age(moved / "cache")
+    with pytest.raises(MmdiagError, match="none of the 2 run folders"):
+        cache.prune(moved / "cache")
+    assert len(list((moved / "cache" / "results").glob("*"))) == 1
 
     # by last use: a hit counts as use
-    tomorrow = datetime.now(timezone.utc) + timedelta(days=1)
-    assert cache.prune(tmp_path, unused_since=datetime.now(timezone.utc) - timedelta(days=1))["results"] == 0
-    assert cache.prune(tmp_path, unused_since=tomorrow)["results"] == 1
+    root = moved / "cache"
+    assert cache.prune(root, unused_since=datetime.now(timezone.utc) - timedelta(days=1))["results"] == 0
+    assert cache.prune(root, unused_since=datetime.now(timezone.utc) + timedelta(days=1))["results"] == 1
+    shutil.move(moved, tmp_path)
+
+
+def test_clear_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    (tmp_path / "thesis.tex").write_text("years of work")
+    with pytest.raises(MmdiagError, match="does not look like an mmdiag cache"):
+        cache.clear(tmp_path)
+    assert (tmp_path / "thesis.tex").exists()
 
 
 def test_info_verify_and_clear_commands(tmp_path, capsys):

@@ -88,16 +88,20 @@ def test_the_next_run_removes_what_a_killed_one_left_behind(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.store import clean_stale, new_run
+    from pipeline.store import _host, clean_stale, new_run
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     out = tmp_path / "runs"
-    (out / f".r.{dead}.abc123.partial").mkdir(parents=True)
-    (out / f".r.{dead}.abc123.partial" / "summary.json").write_text("{")
-    (out / f".summary.json.{dead}.x1y2.tmp").write_text("{")
-    live = out / f".r.{os.getpid()}.zz.partial"  # a run going on right now: left alone
+    me = _host()
+    (out / f".r.{me}-{dead}.abc123.partial").mkdir(parents=True)
+    (out / f".r.{me}-{dead}.abc123.partial" / "summary.json").write_text("{")
+    (out / f".summary.json.{me}-{dead}.x1y2.tmp").write_text("{")
+    live = out / f".r.{me}-{os.getpid()}.zz.partial"  # a run going on right now: left alone
     live.mkdir()
+    elsewhere = out / f".r.otherhost-{dead}.zz.partial"  # another machine's writer: left alone
+    elsewhere.mkdir()
+    (out / f".prev.{me}-{dead}.q.old" / "prev").mkdir(parents=True)  # killed between its two renames
     with new_run(out, "r") as store:
         store.write_json("summary.json", {"ok": True})
-    assert sorted(p.name for p in out.iterdir()) == sorted(["r", live.name])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["r", "prev", live.name, elsewhere.name])
     assert clean_stale(out) == []
