@@ -6,6 +6,7 @@ stages' result references and swapped in whole (pipeline.store.new_run).
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import signal
@@ -24,6 +25,8 @@ from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
 from pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
 from stages import registry
+
+log = logging.getLogger("mmdiag")
 
 
 def versions() -> dict[str, str]:
@@ -267,14 +270,8 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
     not a failed flow run): plugins, stage settings, the runner, the output and cache folders,
     the data of every split, the model (built, or trained on first use) and its contract with
     the data. Returns the data references; the model is handed to the flow's first task."""
-    import torch
-
     from flows.tasks import data_ref
     from pipeline.resolve import check_model
-
-    from flows.tasks import adapter_for, data_for, hand_over, model_ref
-    from pipeline.device import resolve_device
-    from pipeline.resolve import check_contract
 
     registry.load_plugins(config.plugins)
     stage_settings(config)
@@ -288,10 +285,23 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
     if config.runner.shards > data[config.data.split]["n"]:
         raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {data[config.data.split]['n']} samples of split "
                           f"{config.data.split!r}; use at most one shard per sample")
-    ref, cached = model_ref(config.model, cache, resolve_device(config.device).type)
-    check_contract(adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split]), config.data.split)
-    hand_over(config.model, ref, cached)
+    preflight_model(config, config.model, data)
     return data
+
+
+def preflight_model(config: DiagConfig, spec: ModelSpec, data: dict[str, dict]) -> None:
+    """Build (or train) the model, check its contract with the analysed split, and hand it to
+    the flow's first task."""
+    import torch
+
+    from flows.tasks import adapter_for, data_for, hand_over, model_ref
+    from pipeline.device import resolve_device
+    from pipeline.resolve import check_contract
+
+    cache = cache_root(config.cache)
+    ref, cached = model_ref(spec, cache, resolve_device(config.device).type)
+    check_contract(adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split]), config.data.split)
+    hand_over(spec, ref, cached)
 
 
 def writable(folder: Path, field: str) -> None:
@@ -334,6 +344,8 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     """Run the diagnosis flow for a config; returns the run folder."""
     configure(cache_root(config.cache))  # before anything imports Prefect
     data = preflight(config)
+    if stage_model is not None:  # `rerun --model`: the new checkpoint must fit before anything runs
+        preflight_model(config, ModelSpec.model_validate_json(stage_model["spec"]), data)
     _watch_this_process()
     cache = cache_root(config.cache)
     for folder in (cache / "results", cache / "records", cache / "models"):
@@ -344,6 +356,8 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     quiet_user_errors()
 
     diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=task_runner(config))(_flow_body)
+    if not os.environ.get("PREFECT_API_URL"):
+        log.info("%s: running the flow (Prefect's temporary server starts first: a few seconds)", config.run)
     with _clean_exit_on_signals(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
 

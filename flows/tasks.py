@@ -23,6 +23,7 @@ from prefect.states import Completed
 
 from flows import cache as store
 from flows import results
+from flows.progress import Reporter
 from pipeline.config import DataSpec, ModelSpec
 from pipeline.device import resolve_device
 from pipeline.errors import MmdiagError
@@ -167,9 +168,11 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
         device=resolve_device(device),
         seed=seed,
         logits=logits,
+        progress=Reporter(stage if shard is None else f"{stage} shard {shard[0] + 1}/{shard[1]}"),
     )
     read = {name: results.load(ref, cache / "results")[0] for name, ref in upstream.items()}
     result = entry.run(ctx, entry.config.model_validate(settings), read)
+    ctx.progress("done", 1.0)
     meta = {"seconds": round(time.perf_counter() - start, 3), "model": model["fingerprint"], "shard": shard}
     return results.save(cache / "results", result, meta)
 

@@ -110,7 +110,9 @@ def unit_interactions(ctx: Context, config: CrossmodalConfig, rows: torch.Tensor
     blocks, labels, present = defaultdict(list), [], []
     sii, sii_pairs = [], []
     cost = {k: {"seconds": 0.0, "forward_passes": 0} for k in ("mixed_gradients", "shapley_interaction")}
-    for batch, inputs in data.batches(config.batch_size, ctx.device):
+    n_batches = -(-len(data) // config.batch_size)
+    for b, (batch, inputs) in enumerate(data.batches(config.batch_size, ctx.device)):
+        ctx.progress(f"mixed gradients and interaction indices, batch {b + 1}/{n_batches}", b / n_batches)
         with torch.no_grad():
             encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
         units = adapter.units(inputs, encoded)

@@ -97,7 +97,9 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
     def add(key: str, value: torch.Tensor) -> None:
         parts.setdefault(key, []).append(value.detach().cpu())
 
-    for rows, inputs in data.batches(config.batch_size, device):
+    n_batches = -(-len(data) // config.batch_size)
+    for b, (rows, inputs) in enumerate(data.batches(config.batch_size, device)):
+        ctx.progress(f"batch {b + 1}/{n_batches}", b / n_batches)
         with torch.no_grad():
             encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
         units = adapter.units(inputs, encoded)

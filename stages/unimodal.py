@@ -226,7 +226,9 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
     stats = _stats(ctx, data, adapter) if {"iba", "m2ib"} & set(config.methods) else None
     generator = torch.Generator().manual_seed(ctx.seed)
     got, cost = _Gathered(), {meth: {"seconds": 0.0, "passes": 0} for meth in config.methods}
-    for batch, encoded, units in _batches(ctx, data, config.batch_size, adapter):
+    n_batches = -(-len(data) // config.batch_size)
+    steps = n_batches * len(config.methods) + bool(config.sanity_samples)  # the sanity check: one more
+    for b, (batch, encoded, units) in enumerate(_batches(ctx, data, config.batch_size, adapter)):
         game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config))
         wrong = (pred[batch] != data.labels[batch]).to(ctx.device)
         # towards the true class: only errors need it (elsewhere it is the predicted class)
@@ -246,6 +248,7 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
             got.add(("insertion", meth), insertion)
             if residual is not None:
                 got.add(("residual", meth), residual)
+            ctx.progress(f"{meth}, batch {b + 1}/{n_batches}", (b * len(config.methods) + config.methods.index(meth) + 1) / steps)
         got.add("present", game.present)
         got.add("gap", _gap(game))
         phi, interaction, pairs = modality_games(game)
@@ -257,6 +260,7 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
         sizes = [u.n for u in units.values()]
     n_maps = len(rows) + int((pred != data.labels).sum())  # maps computed per method
     sanity = _sanity(ctx, config, data, pred, got) if config.sanity_samples else {}
+    ctx.progress("sanity check", 1.0)
     return _result(config, adapter.modalities, sizes, data, rows, pred, got, cost, regions, sanity, n_maps)
 
 

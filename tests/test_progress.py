@@ -1,0 +1,43 @@
+"""Live progress: a stage reports its steps through the context, and the reporter writes at
+most one line per interval, with the time left."""
+
+import logging
+
+import torch
+
+import planted as pl
+from flows.progress import Reporter
+from inprocess import QUICK
+from pipeline.resolve import predict
+from stages import Context, registry
+
+
+def test_every_per_sample_stage_reports_rising_progress_to_the_end():
+    world = pl.World(label=lambda c: c["colour"])
+    model = pl.train(world, steps=50)
+    data = pl.samples(world, 60, seed=1)
+    logits = predict(model, data, torch.device("cpu"))
+    found = {}
+    for name in ("unimodal", "crossmodal", "intervention"):
+        seen = []
+        stage = registry.get(name)
+        ctx = Context(model, data, torch.device("cpu"), 0, logits, progress=lambda what, f: seen.append((what, f)))
+        found[name] = stage.run(ctx, stage.config.model_validate({**QUICK[name], "batch_size": 16}), found)
+        fractions = [f for _, f in seen]
+        assert len(seen) >= 2 and fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1, (name, seen)
+
+
+def test_the_reporter_writes_a_line_per_interval_with_the_time_left(caplog):
+    now = [0.0]
+    report = Reporter("demo-film: unimodal", every=3.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="mmdiag"):
+        for t, f in [(1, 0.1), (2, 0.2), (4, 0.4), (5, 0.5), (8, 0.8), (8.5, 1.0), (9, 1.0)]:
+            now[0] = t
+            report("shapley, batch 1/3", f)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "demo-film: unimodal:  10% (shapley, batch 1/3), ~9 s left",
+        "demo-film: unimodal:  40% (shapley, batch 1/3), ~6 s left",
+        "demo-film: unimodal:  80% (shapley, batch 1/3), ~2 s left",
+        "demo-film: unimodal: 100% (shapley, batch 1/3)",
+    ]
