@@ -38,13 +38,15 @@ def recombination_table(forward: Callable[[dict[str, Tensor]], Tensor], encoded:
     mods = list(encoded)
     n = len(next(iter(encoded.values())))
     total = n ** len(mods)
-    chunks = []
+    logits = None  # preallocated once the class count is known: many small chunks joined at the end fragment the heap
     for start in range(0, total, batch_size):
         flat = torch.arange(start, min(start + batch_size, total))
         index = torch.stack(torch.unravel_index(flat, (n,) * len(mods)))  # (M, chunk)
         with torch.no_grad():
-            chunks.append(forward({m: encoded[m][index[j].to(encoded[m].device)] for j, m in enumerate(mods)}).float())
-    logits = torch.cat(chunks)
+            chunk = forward({m: encoded[m][index[j].to(encoded[m].device)] for j, m in enumerate(mods)})
+        if logits is None:
+            logits = torch.empty(total, chunk.shape[-1], dtype=torch.float32, device=chunk.device)
+        logits[start : start + len(flat)] = chunk.float()
     return logits.reshape(*(n,) * len(mods), logits.shape[-1]), total
 
 
