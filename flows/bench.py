@@ -79,13 +79,8 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     def row(name, value, unit, **extra):
         rows.append({"benchmark": name, "value": None if value is None else round(value, 4), "unit": unit, "device": device.type, **extra})
 
-    subset = data.subset(torch.arange(n))
-    inputs = {m: x.to(device) for m, x in subset.inputs.items()}
-    adapter.to(device).eval()
-    with torch.no_grad():
-        encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
-        target = adapter.forward(encoded).argmax(1)
-    units = adapter.units(inputs, encoded)
+    samples = bench_attribution.explained(adapter, data, device, n)
+    encoded, units, target = samples
 
     def game():
         return attr.Game(adapter, encoded, units, target, attr.default_batch(device))
@@ -97,7 +92,7 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     per_grad = _per_input_gradient(adapter, encoded, batch)
     row(f"forward + backward, per model input in a batch of {batch} (floor)", per_grad * 1e6, "us")
 
-    rows += bench_attribution.method_rows(adapter, data, device, per_input, per_grad, n)
+    rows += bench_attribution.method_rows(adapter, samples, device, per_input, per_grad)
     config = UnimodalConfig(shapley_pairs=10)
     stats = attr.BottleneckStats.of(encoded)
     attribute("shapley", game(), config, stats, torch.Generator().manual_seed(0))  # warm-up

@@ -15,7 +15,20 @@ METHODS = (
 SLOW = ("lime", "kernel_shap")  # Captum fits a linear model per sample: timed on fewer samples
 
 
-def method_rows(adapter, data, device, per_input: float, per_grad: float, n: int = 64, n_slow: int = 16) -> list[dict]:
+def explained(adapter, data, device, n: int):
+    """The first n samples as every benchmark of stage 1 plays them: encoded inputs, their
+    units and the predicted classes."""
+    import torch
+
+    adapter.to(device).eval()
+    inputs = {m: x.to(device) for m, x in data.subset(torch.arange(n)).inputs.items()}
+    with torch.no_grad():
+        encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
+        target = adapter.forward(encoded).argmax(1)
+    return encoded, adapter.units(inputs, encoded), target
+
+
+def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_slow: int = 16) -> list[dict]:
     """Every stage-1 method on the same demo-film samples and targets: model inputs per
     sample, seconds per sample, wall time over the floor (inputs evaluated x the time per
     input in a full batch, forward or forward + backward), or the refusal where the method
@@ -26,13 +39,8 @@ def method_rows(adapter, data, device, per_input: float, per_grad: float, n: int
     from stages import attribution as attr
     from stages.unimodal import UnimodalConfig, attribute
 
-    adapter.to(device).eval()
-    subset = data.subset(torch.arange(n))
-    inputs = {m: x.to(device) for m, x in subset.inputs.items()}
-    with torch.no_grad():
-        encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
-        target = adapter.forward(encoded).argmax(1)
-    units = adapter.units(inputs, encoded)
+    encoded, units, target = samples
+    n = len(target)
     stats = attr.BottleneckStats.of(encoded)
     config = UnimodalConfig()
     rows = []
@@ -67,13 +75,8 @@ def estimator_rows(adapter_module, data, device, n: int = 16, seeds: int = 3, bu
     from pipeline.demo.models import demo_adapter
     from stages import attribution as attr
 
-    adapter = demo_adapter(adapter_module, patch=16).to(device).eval()
-    subset = data.subset(torch.arange(n))
-    inputs = {m: x.to(device) for m, x in subset.inputs.items()}
-    with torch.no_grad():
-        encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
-        target = adapter.forward(encoded).argmax(1)
-    units = adapter.units(inputs, encoded)
+    adapter = demo_adapter(adapter_module, patch=16)
+    encoded, units, target = explained(adapter, data, device, n)
 
     def game():
         return attr.Game(adapter, encoded, units, target, attr.default_batch(device))
@@ -136,8 +139,6 @@ def main(json_path: str = "bench-attribution.json") -> int:
     import json
     import sys
 
-    import torch
-
     from flows.bench import _per_input_forward, _per_input_gradient, print_rows
     from pipeline.demo import shapes
     from pipeline.demo.catalog import load_model
@@ -145,13 +146,12 @@ def main(json_path: str = "bench-attribution.json") -> int:
     from stages.attribution import default_batch
 
     device = resolve_device("auto")
-    adapter = load_model("demo-film")[0].to(device).eval()
+    adapter = load_model("demo-film")[0]
     ood = shapes.split("ood")
-    with torch.no_grad():
-        encoded = adapter.encode({m: x[:64].to(device) for m, x in ood.inputs.items()})
+    samples = explained(adapter, ood, device, 64)
     batch = default_batch(device)
-    floors = _per_input_forward(adapter, encoded, batch), _per_input_gradient(adapter, encoded, batch)
-    rows = method_rows(adapter, ood, device, *floors) + estimator_rows(adapter.module, ood, device)
+    floors = _per_input_forward(adapter, samples[0], batch), _per_input_gradient(adapter, samples[0], batch)
+    rows = method_rows(adapter, samples, device, *floors) + estimator_rows(adapter.module, ood, device)
     print_rows(rows)
     write_json(json_path, {"rows": rows})
     print(json.dumps({"written": json_path, "rows": len(rows)}), file=sys.stderr)

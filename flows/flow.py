@@ -265,18 +265,19 @@ def _clean_exit_on_signals():
             signal.signal(sig, handler)
 
 
-def preflight(config: DiagConfig) -> dict[str, dict]:
+def preflight(config: DiagConfig) -> tuple[dict[str, dict], Any]:
     """Check everything a user can get wrong before Prefect starts (so the error is one line,
     not a failed flow run): plugins, stage settings, the runner, the output and cache folders,
     the data of every split, the model (built, or trained on first use) and its contract with
-    the data. Returns the data references; the model is handed to the flow's first task."""
+    the data. Returns the data references and the task runner; the model is handed to the
+    flow's first task."""
     from flows.tasks import data_ref
     from pipeline.resolve import check_model
 
     registry.load_plugins(config.plugins)
     stage_settings(config)
     check_model(config.model)
-    task_runner(config)
+    runner = task_runner(config)
     writable(config.out, "out")
     if config.cache is not None:
         writable(config.cache, "cache")
@@ -286,7 +287,7 @@ def preflight(config: DiagConfig) -> dict[str, dict]:
         raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {data[config.data.split]['n']} samples of split "
                           f"{config.data.split!r}; use at most one shard per sample")
     preflight_model(config, config.model, data)
-    return data
+    return data, runner
 
 
 def preflight_model(config: DiagConfig, spec: ModelSpec, data: dict[str, dict]) -> None:
@@ -343,7 +344,7 @@ def task_runner(config: DiagConfig):
 def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | None = None) -> Path:
     """Run the diagnosis flow for a config; returns the run folder."""
     configure(cache_root(config.cache))  # before anything imports Prefect
-    data = preflight(config)
+    data, runner = preflight(config)
     if stage_model is not None:  # `rerun --model`: the new checkpoint must fit before anything runs
         preflight_model(config, ModelSpec.model_validate_json(stage_model["spec"]), data)
     _watch_this_process()
@@ -355,7 +356,7 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
 
     quiet_user_errors()
 
-    diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=task_runner(config))(_flow_body)
+    diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=runner)(_flow_body)
     if not os.environ.get("PREFECT_API_URL"):
         log.info("%s: running the flow (Prefect's temporary server starts first: a few seconds)", config.run)
     with _clean_exit_on_signals(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

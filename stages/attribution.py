@@ -259,35 +259,51 @@ def kernel_shapley(game: Game, pairs: int = 10, generator: torch.Generator | Non
     return by_present(game, lambda sub, c: _kernel_regression(c, 2 * pairs * max(c.n - 1, 1), generator))
 
 
-def kernel_design(n: int, budget: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, int]:
-    """The coalitions (K, n) bool and weights (K,) of one KernelSHAP fit, and how many of the
-    rows (the first ones) are enumerated sizes shared by every sample."""
-    sizes = torch.arange(1, n, dtype=torch.float64)
-    mass = (n - 1) / (sizes * (n - sizes))
-    mass = mass / mass.sum()  # the kernel's weight of each coalition size
-    rows, weights, left, rest = [], [], budget, mass.sum().item()
-    for s in range(1, n // 2 + 1):
-        group = [s] if 2 * s == n else [s, n - s]
-        count = sum(math.comb(n, g) for g in group)
-        share = sum(mass[g - 1].item() for g in group)
-        if left * share / max(rest, 1e-12) < count:
-            break
-        for g in group:
-            for members in itertools.combinations(range(n), g):
-                rows.append(torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.tensor(members), True))
-                weights.append(mass[g - 1].item() / math.comb(n, g))
-        left, rest = left - count, rest - share
-        mass[[g - 1 for g in group]] = 0
-    enumerated = len(rows)
-    if left >= 2 and rest > 1e-12:
-        draws = left // 2
-        size = torch.multinomial(mass.float(), draws, replacement=True, generator=generator) + 1
-        scores = torch.rand(draws, n, generator=generator)
-        ranks = scores.argsort(1).argsort(1)
+@dataclass
+class KernelDesign:
+    """The coalitions of a KernelSHAP fit over n players: the sizes enumerated whole (shared by
+    every sample) with their kernel weights, and what is left of the budget and of the kernel's
+    mass for the sampled part."""
+
+    rows: Tensor  # (E, n) bool
+    weights: Tensor  # (E,)
+    left: int  # evaluations left to sample
+    rest: float  # kernel mass the sampled coalitions stand for
+    mass: Tensor  # (n - 1,) kernel mass per coalition size still to sample (0 where enumerated)
+
+    @classmethod
+    def of(cls, n: int, budget: int) -> "KernelDesign":
+        sizes = torch.arange(1, n, dtype=torch.float64)
+        mass = (n - 1) / (sizes * (n - sizes))
+        mass = mass / mass.sum()  # the kernel's weight of each coalition size
+        rows, weights, left, rest = [], [], budget, 1.0
+        for s in range(1, n // 2 + 1):
+            group = [s] if 2 * s == n else [s, n - s]
+            count = sum(math.comb(n, g) for g in group)
+            share = sum(mass[g - 1].item() for g in group)
+            if left * share / max(rest, 1e-12) < count:
+                break
+            for g in group:
+                members = torch.tensor(list(itertools.combinations(range(n), g)))
+                rows.append(torch.zeros(len(members), n, dtype=torch.bool).scatter_(1, members, True))
+                weights.append(torch.full((len(members),), mass[g - 1].item() / math.comb(n, g), dtype=torch.float64))
+            left, rest = left - count, rest - share
+            mass[[g - 1 for g in group]] = 0
+        empty = (torch.zeros(0, n, dtype=torch.bool), torch.zeros(0, dtype=torch.float64))
+        return cls(torch.cat(rows) if rows else empty[0], torch.cat(weights) if weights else empty[1], left, rest, mass)
+
+    def draw(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One sample's coalitions (K, n) and weights (K,): the enumerated ones, then the rest of
+        the budget drawn from the kernel in complementary pairs."""
+        n = self.rows.shape[1]
+        if self.left < 2 or self.rest <= 1e-12:
+            return self.rows, self.weights
+        draws = self.left // 2
+        size = torch.multinomial(self.mass.float(), draws, replacement=True, generator=generator) + 1
+        ranks = torch.rand(draws, n, generator=generator).argsort(1).argsort(1)
         sampled = ranks < size[:, None]
-        rows += list(torch.cat([sampled, ~sampled]))
-        weights += [rest / (2 * draws)] * (2 * draws)
-    return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.bool), torch.tensor(weights, dtype=torch.float64), enumerated
+        weights = torch.full((2 * draws,), self.rest / (2 * draws), dtype=torch.float64)
+        return torch.cat([self.rows, sampled, ~sampled]), torch.cat([self.weights, weights])
 
 
 def _kernel_regression(c: Compact, budget: int, generator) -> Tensor:
@@ -296,9 +312,10 @@ def _kernel_regression(c: Compact, budget: int, generator) -> Tensor:
     gap = ends[:, 1] - ends[:, 0]
     if n == 1:
         return gap[:, None]
-    designs = [kernel_design(n, budget, generator) for _ in range(b)]  # the sampled part differs per sample
-    z = torch.stack([d[0] for d in designs]).to(device)  # (b, K, n)
-    w = torch.stack([d[1] for d in designs]).to(device)  # (b, K)
+    design = KernelDesign.of(n, budget)
+    draws = [design.draw(generator) for _ in range(b)]  # the sampled part differs per sample
+    z = torch.stack([d[0] for d in draws]).to(device)  # (b, K, n)
+    w = torch.stack([d[1] for d in draws]).to(device)  # (b, K)
     y = c.value(z).double() - ends[:, :1]
     zf = z.double()
     gram = torch.einsum("bk,bki,bkj->bij", w, zf, zf)

@@ -10,6 +10,8 @@ model, it is refused with one line that says why.
 from __future__ import annotations
 
 import itertools
+import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -211,18 +213,12 @@ def _ends_gap(game: Game, base: dict[str, Tensor]) -> Tensor:
         return (game.target_logit({m: t.detach() for m, t in game.encoded.items()}) - game.target_logit(base)).detach()
 
 
-class _quiet_captum:
+@contextmanager
+def _quiet_captum():
     """Captum warns on every call that it sets hooks on the model's activations."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(hooks|non-linear|Setting forward|did not already require gradients).*")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        yield
 
 
 # --- Grad-CAM and SmoothGrad
