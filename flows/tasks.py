@@ -161,7 +161,7 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
     samples, logits = data_for(data, cache), torch.from_numpy(evaluated.arrays["logits"])
     if shard is not None:
         rows = torch.tensor_split(torch.arange(len(samples)), shard[1])[shard[0]]
-        samples, logits = samples.subset(rows), logits[rows]
+        samples, logits = samples.view(rows), logits[rows]
     ctx = Context(
         adapter=adapter_for(model, cache).to(resolve_device(device)),
         data=samples,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import MmdiagError
-from pipeline.store import fingerprint_tensors
+from pipeline.store import ContentHash
 
 
 @dataclass
@@ -76,6 +76,12 @@ class SampleSet(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
+        """Sample `i` as a dict: what a streamed source's items look like (pipeline.sources)."""
+        flipped = {
+            c: {"inputs": {m: x[i] for m, x in cf.inputs.items()}, **({} if cf.labels is None else {"label": int(cf.labels[i])})}
+            for c, cf in self.counterfactuals.items()
+            if cf.valid is None or bool(cf.valid[i])
+        }
         return {
             "id": int(self.ids[i]),
             "inputs": {m: x[i] for m, x in self.inputs.items()},
@@ -83,6 +89,7 @@ class SampleSet(torch.utils.data.Dataset):
             "meta": {k: int(v[i]) for k, v in self.meta.items()},
             "truth": {m: {r: t[i] for r, t in regions.items()} for m, regions in self.truth.items()},
             "display": {k: v[i] for k, v in self.display.items()},
+            **({"counterfactuals": flipped} if flipped else {}),
         }
 
     def validate(self) -> None:
@@ -95,15 +102,7 @@ class SampleSet(torch.utils.data.Dataset):
             raise MmdiagError(f"data ({self.name}): the data set is empty")
         if not self.inputs:
             raise MmdiagError(f"data ({self.name}): samples have no inputs")
-        for m, x in self.inputs.items():
-            if not torch.is_tensor(x) or x.dim() < 2:
-                raise MmdiagError(f"data ({self.name}): inputs.{m} must be a tensor with a batch axis and at least one more (N, ...); got {_describe(x)}")
-        for m, x in self.inputs.items():
-            if len(x) != n:
-                raise MmdiagError(f"data ({self.name}): inputs.{m} has {len(x)} rows for {n} labels")
-            if x.is_floating_point() and not torch.isfinite(x).all():
-                bad = int((~torch.isfinite(x)).reshape(n, -1).any(1).nonzero()[0])
-                raise MmdiagError(f"data ({self.name}): inputs.{m} of sample {bad} holds NaN or inf; clean the data")
+        self._validate_columns(n)
         for k, v in self.meta.items():
             if not torch.is_tensor(v) or v.dim() != 1 or v.dtype not in _INTEGER:
                 raise MmdiagError(f"data ({self.name}): meta.{k} must be a 1-D integer tensor (a concept's value per sample, -1 unknown); got {_describe(v)}; use .long()")
@@ -114,16 +113,28 @@ class SampleSet(torch.utils.data.Dataset):
                 raise MmdiagError(f"data ({self.name}): display.{k} must be a list with one entry per sample ({n}); got {_describe(v)}")
         if not isinstance(self.class_names, list) or not all(isinstance(c, str) for c in self.class_names):
             raise MmdiagError(f"data ({self.name}): class_names must be a list of strings")
+        n_classes = len(self.class_names)
+        if n_classes and (self.labels.min() < 0 or self.labels.max() >= n_classes):
+            raise MmdiagError(f"data ({self.name}): labels must lie in 0..{n_classes - 1} (class_names)")
+        self._validate_links(n)
+
+    def _validate_columns(self, n: int) -> None:
+        """The large tensors: inputs and truth masks (a streamed set checks them as it reads)."""
+        for m, x in self.inputs.items():
+            if not torch.is_tensor(x) or x.dim() < 2:
+                raise MmdiagError(f"data ({self.name}): inputs.{m} must be a tensor with a batch axis and at least one more (N, ...); got {_describe(x)}")
+        for m, x in self.inputs.items():
+            if len(x) != n:
+                raise MmdiagError(f"data ({self.name}): inputs.{m} has {len(x)} rows for {n} labels")
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).reshape(n, -1).any(1).nonzero()[0])
+                raise MmdiagError(f"data ({self.name}): inputs.{m} of sample {bad} holds NaN or inf; clean the data")
         for m, regions in self.truth.items():
             for r, t in regions.items():
                 if not torch.is_tensor(t) or t.dim() < 2:
                     raise MmdiagError(f"data ({self.name}): truth.{m}.{r} must be a tensor of masks (N, ...) over the input's grid; got {_describe(t)}")
                 if len(t) != n:
                     raise MmdiagError(f"data ({self.name}): truth.{m}.{r} has {len(t)} masks for {n} samples")
-        n_classes = len(self.class_names)
-        if n_classes and (self.labels.min() < 0 or self.labels.max() >= n_classes):
-            raise MmdiagError(f"data ({self.name}): labels must lie in 0..{n_classes - 1} (class_names)")
-        self._validate_links(n)
 
     def _validate_links(self, n: int) -> None:
         where = f"data ({self.name})"
@@ -184,24 +195,41 @@ class SampleSet(torch.utils.data.Dataset):
             counterfactuals={c: cf.subset(index) for c, cf in self.counterfactuals.items()},
         )
 
+    def view(self, index: Tensor) -> "SampleSet":
+        """The samples at `index`, without reading them yet where the data is streamed (a
+        shard of a stage); in memory the same as `subset`."""
+        return self.subset(index)
+
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[slice, dict[str, Tensor]]]:
         for start in range(0, len(self), batch_size):
             rows = slice(start, min(start + batch_size, len(self)))
             yield rows, {m: x[rows].to(device) for m, x in self.inputs.items()}
 
+    def large(self) -> dict[str, Tensor]:
+        """The columns that grow with the data (a streamed set hashes them as it reads)."""
+        named = {f"inputs.{m}": x for m, x in self.inputs.items()}
+        named.update({f"truth.{m}.{r}": t for m, regions in self.truth.items() for r, t in regions.items()})
+        named.update({f"counterfactuals.{c}.{m}": x for c, cf in self.counterfactuals.items() for m, x in cf.inputs.items()})
+        return named
+
     def fingerprint(self) -> str:
         """Content hash of everything a stage may read: inputs, labels, ids, concepts, truth
         masks, counterfactuals, and the names, links and display strings: a fixed concept label
         or mask recomputes what reads it."""
+        h = ContentHash()
+        for name, t in self.large().items():
+            h.update(name, t)
+        return self._fingerprint(h)
+
+    def _fingerprint(self, h: ContentHash) -> str:
+        """The fingerprint from a hash already fed with the large columns."""
         import hashlib
         import json
 
-        named = {f"inputs.{m}": x for m, x in self.inputs.items()}
-        named.update({f"meta.{k}": v for k, v in self.meta.items()})
-        named.update({f"truth.{m}.{r}": t for m, regions in self.truth.items() for r, t in regions.items()})
+        small = {f"meta.{k}": v for k, v in self.meta.items()}
         for c, cf in self.counterfactuals.items():
-            named.update({f"counterfactuals.{c}.{m}": x for m, x in cf.inputs.items()})
-            named.update({f"counterfactuals.{c}.{p}": getattr(cf, p) for p in ("labels", "valid") if getattr(cf, p) is not None})
-        tensors = fingerprint_tensors({**named, "labels": self.labels, "ids": self.ids})
+            small.update({f"counterfactuals.{c}.{p}": getattr(cf, p) for p in ("labels", "valid") if getattr(cf, p) is not None})
+        for name, t in {**small, "labels": self.labels, "ids": self.ids}.items():
+            h.update(name, t)
         described = json.dumps([self.class_names, self.display, self.truth_concepts, self.class_concepts], sort_keys=True, default=str)
-        return hashlib.sha256((tensors + described).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return hashlib.sha256((h.hexdigest() + described).encode("utf-8", "surrogatepass")).hexdigest()[:16]

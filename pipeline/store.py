@@ -110,14 +110,34 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+class ContentHash:
+    """`fingerprint_tensors` fed a block of rows at a time: a data set streamed from disk gets
+    the same fingerprint as the same data held in memory."""
+
+    def __init__(self):
+        self._parts: dict[str, tuple] = {}  # name -> (sha256 of the bytes, dtype, rows, row shape)
+
+    def update(self, name: str, rows: torch.Tensor) -> None:
+        rows = rows.detach().cpu().contiguous()
+        h, dtype, n, shape = self._parts.get(name) or (hashlib.sha256(), rows.dtype, 0, tuple(rows.shape[1:]))
+        if (rows.dtype, tuple(rows.shape[1:])) != (dtype, shape):
+            raise ValueError(f"{name}: rows of {rows.dtype} {tuple(rows.shape[1:])} after rows of {dtype} {shape}")
+        h.update(rows.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._parts[name] = (h, dtype, n + len(rows), shape)
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for name, (part, dtype, n, shape) in sorted(self._parts.items()):
+            h.update(f"{name}:{dtype}:{(n, *shape)}:{part.hexdigest()};".encode())
+        return h.hexdigest()[:16]
+
+
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """Content hash of named tensors (names, dtypes, shapes and every byte)."""
-    h = hashlib.sha256()
-    for name, t in sorted(tensors.items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    h = ContentHash()
+    for name, t in tensors.items():
+        h.update(name, t.reshape(1, *t.shape) if t.dim() == 0 else t)
+    return h.hexdigest()
 
 
 def fingerprint_module(module: nn.Module) -> str:

@@ -116,21 +116,28 @@ def unit_labels(data: SampleSet, modality: str, row: int, n_units: int) -> list[
     return [words[k] if k < len(words) else f"u{k}" for k in range(n_units)]
 
 
+COVERAGE_ROWS = 1024
+
+
 def coverage(data: SampleSet, modality: str, region: str, n_units: int) -> np.ndarray | None:
     """(N, n_units): how much of each unit lies in a truth region (patch coverage for images, the
     mask itself for token positions); None where the mask does not fit the units."""
     mask = data.truth.get(modality, {}).get(region)
     if mask is None:
         return None
-    m = mask.numpy().astype(np.float32)
     grid = image_grid(data, modality, n_units)
-    if grid and m.ndim == 3:
-        r, c = grid
-        ph, pw = m.shape[1] // r, m.shape[2] // c
-        return m.reshape(len(m), r, ph, c, pw).mean((2, 4)).reshape(len(m), n_units)
-    if m.ndim == 2 and m.shape[1] <= n_units:
-        return np.pad(m, ((0, 0), (0, n_units - m.shape[1])))
-    return None
+    shape = tuple(mask.shape[1:])
+    if not ((grid and len(shape) == 2) or (len(shape) == 1 and shape[0] <= n_units)):
+        return None
+    out = np.empty((len(mask), n_units), np.float32)
+    for start in range(0, len(mask), COVERAGE_ROWS):  # a block at a time: the masks of a streamed set stay on disk
+        m = np.asarray(mask[start : start + COVERAGE_ROWS].numpy(), np.float32)
+        if grid:
+            r, c = grid
+            out[start : start + len(m)] = m.reshape(len(m), r, shape[0] // r, c, shape[1] // c).mean((2, 4)).reshape(len(m), n_units)
+        else:
+            out[start : start + len(m)] = np.pad(m, ((0, 0), (0, n_units - shape[0])))
+    return out
 
 
 def binary_concepts(data: SampleSet) -> dict[str, np.ndarray]:

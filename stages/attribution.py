@@ -28,6 +28,35 @@ def default_batch(device: torch.device) -> int:
 
 
 @dataclass
+class Draws:
+    """Random streams, one per sample, each seeded by (seed, salt, the sample's id): what a
+    sample draws does not depend on which batch it is in, so a stage's result does not depend on
+    its batch size. `Draws.shared(g, b)` gives every sample the one generator `g` (the draws then
+    follow the batch, as a plain generator does)."""
+
+    generators: list[torch.Generator]
+
+    @classmethod
+    def seeded(cls, seed: int, ids: Tensor, salt: int = 0) -> "Draws":
+        return cls([torch.Generator().manual_seed(((seed * 1_000_003 + salt) * 1_000_033 + int(i)) % 2**63) for i in ids.tolist()])
+
+    @classmethod
+    def shared(cls, generator: torch.Generator | None, b: int) -> "Draws":
+        return cls([generator or torch.default_generator] * b)
+
+    def take(self, rows) -> "Draws":
+        if isinstance(rows, slice):
+            return Draws(self.generators[rows])
+        rows = torch.as_tensor(rows).cpu()
+        index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+        return Draws([self.generators[i] for i in index.tolist()])
+
+    def each(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+        """draw(generator) for every sample, stacked (B, ...)."""
+        return torch.stack([draw(g) for g in self.generators])
+
+
+@dataclass
 class Game:
     adapter: ModelAdapter
     encoded: dict[str, Tensor]
@@ -36,6 +65,11 @@ class Game:
     batch_size: int = 128  # model inputs per forward pass: default_batch on a CPU (the stages pass the device's)
     passes: int = 0  # model inputs evaluated (forward), for the cost accounting
     backward: int = 0  # model inputs differentiated
+    draws: Draws | None = None  # per-sample random streams; None: the method's generator, shared
+
+    def streams(self, generator: torch.Generator | None) -> Draws:
+        """Where the samples' random draws come from."""
+        return self.draws if self.draws is not None else Draws.shared(generator, len(self.target))
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -61,7 +95,8 @@ class Game:
     def rows(self, rows: slice) -> "Game":
         """The game of some samples of the batch."""
         units = {m: u.take(rows) for m, u in self.units.items()}
-        return Game(self.adapter, {m: t[rows] for m, t in self.encoded.items()}, units, self.target[rows], self.batch_size)
+        draws = None if self.draws is None else self.draws.take(rows)
+        return Game(self.adapter, {m: t[rows] for m, t in self.encoded.items()}, units, self.target[rows], self.batch_size, draws=draws)
 
     def sample(self, i: int) -> "Game":
         return self.rows(slice(i, i + 1))
@@ -233,7 +268,7 @@ def shapley_sampling(game: Game, pairs: int = 10, generator: torch.Generator | N
 
 def _permutation_walks(c: Compact, pairs: int, generator) -> Tensor:
     b, f, device = c.index.shape[0], c.n, c.index.device
-    orders = torch.stack([torch.randperm(f, generator=generator) for _ in range(b * pairs)]).reshape(b, pairs, f).to(device)
+    orders = c.game.streams(generator).each(lambda g: torch.stack([torch.randperm(f, generator=g) for _ in range(pairs)])).to(device)
     orders = torch.cat([orders, orders.flip(-1)], dim=1)  # (B, P, F) with P = 2 * pairs
     p = orders.shape[1]
     # rank[b, p, j] = position of player j in walk p; coalition k holds the players of rank < k
@@ -313,7 +348,7 @@ def _kernel_regression(c: Compact, budget: int, generator) -> Tensor:
     if n == 1:
         return gap[:, None]
     design = KernelDesign.of(n, budget)
-    draws = [design.draw(generator) for _ in range(b)]  # the sampled part differs per sample
+    draws = [design.draw(g) for g in c.game.streams(generator).generators]  # the sampled part differs per sample
     z = torch.stack([d[0] for d in draws]).to(device)  # (b, K, n)
     w = torch.stack([d[1] for d in draws]).to(device)  # (b, K)
     y = c.value(z).double() - ends[:, :1]
@@ -458,7 +493,8 @@ def bottleneck_attribution(
         capacity = -0.5 * (1 + torch.log((1 - lam) ** 2 + 1e-12) - (lam * normalised) ** 2 - (1 - lam) ** 2)
         return lam, capacity * inside  # KL per element, in nats
 
-    inside_k = inside.repeat_interleave(config.copies, 0)
+    streams = game.streams(generator)
+    inside_cpu = inside.cpu()[:, None].expand(b, config.copies, *x.shape[1:])
     n_inside = inside.flatten(1).sum(1).clamp_min(1)
     every_element = bool(inside.all())
     for _ in range(config.steps):
@@ -466,12 +502,14 @@ def bottleneck_attribution(
         lam_k = lam.repeat_interleave(config.copies, 0)
         # noise only where units are (lambda = 1 elsewhere), drawn in element order: padding
         # after a caption changes neither the draws nor the mean capacity
+        # (CPU generators, one per sample: seeded alike on every device and in every batch)
         if every_element:  # images: no indexing to pay for
-            draws = torch.randn(lam_k.shape, generator=generator, dtype=x.dtype)  # CPU generator: seeded alike everywhere
+            draws = streams.each(lambda g: torch.randn((config.copies, *x.shape[1:]), generator=g, dtype=x.dtype))
         else:
-            draws = torch.zeros(lam_k.shape, dtype=x.dtype)
-            draws[inside_k.cpu()] = torch.randn(int(inside_k.sum()), generator=generator, dtype=x.dtype)
-        noise = mu + sigma * draws.to(x.device)
+            draws = torch.zeros((b, config.copies, *x.shape[1:]), dtype=x.dtype)
+            for i, g in enumerate(streams.generators):
+                draws[i][inside_cpu[i]] = torch.randn(int(inside_cpu[i].sum()), generator=g, dtype=x.dtype)
+        noise = mu + sigma * draws.reshape(lam_k.shape).to(x.device)
         z = lam_k * x.repeat_interleave(config.copies, 0) + (1 - lam_k) * noise
         # the mean capacity over the elements that belong to units, not over padding
         loss = fit({**others, modality: z}) / config.copies + config.beta * (capacity.flatten(1).sum(1) / n_inside).sum()

@@ -73,9 +73,18 @@ def _sample_masks(game: Game, i: int) -> tuple[tuple[Tensor, ...], tuple[Tensor,
     return tuple(masks), tuple(baselines), slots
 
 
-def surrogate(game: Game, method: str, samples: int) -> Tensor:
+@contextmanager
+def _seeded(generator: torch.Generator):
+    """Captum draws from torch's global generator: seeded here from the sample's own stream,
+    and put back as it was afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        yield
+
+
+def surrogate(game: Game, method: str, samples: int | None, pairs: int) -> Tensor:
     """Captum's Lime or KernelShap on each sample, `samples` perturbations over its present
-    units. LIME: Captum's exponential kernel on the cosine distance, fitted by unregularised
+    units (None: what Shapley sampling with `pairs` spends on it, 2 pairs (n - 1) + 2). LIME: Captum's exponential kernel on the cosine distance, fitted by unregularised
     weighted least squares (Captum's default Lasso shrinks small scores to exactly 0), so that
     on a linear model it recovers coefficient x (x - baseline) exactly; KernelSHAP: Captum's
     Shapley-kernel regression (additivity is not enforced: its completeness error says how far)."""
@@ -85,18 +94,19 @@ def surrogate(game: Game, method: str, samples: int) -> Tensor:
     forward = _Forward(game)
     explainer = Lime(forward, interpretable_model=SkLearnLinearRegression()) if method == "lime" else KernelShap(forward)
     out = torch.zeros(len(game.target), game.n_players, device=game.target.device)
-    for i in range(len(game.target)):
+    for i, g in enumerate(game.streams(None).generators):
         masks, baselines, slots = _sample_masks(game, i)
         one = tuple(x[i : i + 1] for x in _inputs(game))
-        attrs = explainer.attribute(
-            one,
-            baselines=baselines,
-            target=int(game.target[i]),
-            feature_mask=masks,
-            n_samples=samples,
-            perturbations_per_eval=max(1, game.batch_size),
-            return_input_shape=False,
-        )
+        with _seeded(g):
+            attrs = explainer.attribute(
+                one,
+                baselines=baselines,
+                target=int(game.target[i]),
+                feature_mask=masks,
+                n_samples=samples or 2 * pairs * max(len(slots) - 1, 1) + 2,
+                perturbations_per_eval=max(1, game.batch_size),
+                return_input_shape=False,
+            )
         out[i, slots] = attrs[0, : len(slots)].detach().to(out.dtype)
     return out
 
@@ -250,8 +260,13 @@ def grad_cam(game: Game, layer: nn.Module, layer_name: str) -> Tensor:
 
 def smoothgrad(game: Game, samples: int, noise: float) -> Tensor:
     """Captum's NoiseTunnel (SmoothGrad) around gradient x (input - baseline), as our
-    grad_x_input: the mean over `samples` noisy copies, noise of `noise` x the input's range,
-    added to the units' elements only (special tokens stay as they are)."""
+    grad_x_input: the mean over `samples` noisy copies, noise of `noise` x the sample's own
+    range (Smilkov et al.), added to the units' elements only (special tokens stay as they
+    are). One sample at a time, its noise from its own stream."""
+    return game.in_chunks(1, lambda one: _smoothgrad(one, samples, noise))
+
+
+def _smoothgrad(game: Game, samples: int, noise: float) -> Tensor:
     from captum.attr import InputXGradient, NoiseTunnel
 
     mods = game.modalities
@@ -266,12 +281,12 @@ def smoothgrad(game: Game, samples: int, noise: float) -> Tensor:
     forward, before = Shifted(game), game.passes
     deltas = tuple((game.encoded[m] - base[m]).detach() for m in mods)
     stdevs = tuple(float(noise * (game.encoded[m].max() - game.encoded[m].min()).clamp_min(1e-12)) for m in mods)
-    with _quiet_captum():
+    with _quiet_captum(), _seeded(game.streams(None).generators[0]):
         attrs = NoiseTunnel(InputXGradient(forward)).attribute(
             deltas,
             nt_type="smoothgrad",
             nt_samples=samples,
-            nt_samples_batch_size=max(1, game.batch_size // max(len(game.target), 1)),
+            nt_samples_batch_size=max(1, game.batch_size),
             stdevs=stdevs,
             target=game.target,
         )

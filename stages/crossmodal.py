@@ -106,7 +106,6 @@ def unit_interactions(ctx: Context, config: CrossmodalConfig, rows: torch.Tensor
     each sample's strongest pairs, for the samples at `rows` (towards their predicted class)."""
     adapter, mods = ctx.adapter, ctx.adapter.modalities
     data = ctx.data.subset(rows)
-    generator = torch.Generator().manual_seed(ctx.seed)
     blocks, labels, present = defaultdict(list), [], []
     sii, sii_pairs = [], []
     cost = {k: {"seconds": 0.0, "forward_passes": 0} for k in ("mixed_gradients", "shapley_interaction")}
@@ -116,7 +115,7 @@ def unit_interactions(ctx: Context, config: CrossmodalConfig, rows: torch.Tensor
         with torch.no_grad():
             encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
         units = adapter.units(inputs, encoded)
-        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config))
+        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, data.ids[batch]))
         start, before = time.perf_counter(), game.passes
         found = {}
         for a, b in itertools.combinations(mods, 2):
@@ -134,7 +133,7 @@ def unit_interactions(ctx: Context, config: CrossmodalConfig, rows: torch.Tensor
         if config.shapley_pairs:
             pairs = strongest(found, game, config.shapley_pairs)
             start, before = time.perf_counter(), game.passes
-            sii.append(inter.shapley_interaction(game, pairs.to(ctx.device), config.shapley_draws, generator).cpu())
+            sii.append(inter.shapley_interaction(game, pairs.to(ctx.device), config.shapley_draws).cpu())
             sii_pairs.append(pairs)
             cost["shapley_interaction"]["seconds"] += time.perf_counter() - start
             cost["shapley_interaction"]["forward_passes"] += game.passes - before

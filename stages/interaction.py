@@ -158,13 +158,14 @@ def shapley_interaction(game: Game, pairs: Tensor, draws: int, generator: torch.
     f = game.n_players
     device = game.target.device
     # a random order of the players, and a size: S = the first `size` players other than i, j
-    order = torch.rand(b, p, draws, f, generator=generator).argsort(-1).to(device)
+    streams = game.streams(generator)
+    order = streams.each(lambda g: torch.rand(p, draws, f, generator=g)).argsort(-1).to(device)
     rank = torch.empty_like(order).scatter_(3, order, torch.arange(f, device=device).expand_as(order))
     i, j = pairs[..., 0][..., None, None], pairs[..., 1][..., None, None]
     rank_i, rank_j = rank.gather(3, i.expand(b, p, draws, 1)), rank.gather(3, j.expand(b, p, draws, 1))
     # ranks among the other players: skip i and j
     rank_wo = rank - (rank > rank_i).long() - (rank > rank_j).long()
-    size = (torch.rand(b, p, draws, 1, generator=generator) * (f - 1)).floor().long().to(device)
+    size = (streams.each(lambda g: torch.rand(p, draws, 1, generator=g)) * (f - 1)).floor().long().to(device)
     s = rank_wo < size
     players = torch.arange(f, device=device)
     is_i, is_j = players == i, players == j

@@ -53,7 +53,8 @@ def _m2ib_layer(game: Game, modality: str, layer: str, config: IBAConfig, genera
     normalised = (r - mu) / sigma
     alpha = torch.full_like(r, config.init, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=config.lr)
-    noise_gen = torch.Generator(r.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    # one generator per sample, on the device, seeded from the sample's own stream
+    noise_gens = [torch.Generator(r.device).manual_seed(int(torch.randint(2**62, (1,), generator=g))) for g in game.streams(generator).generators]
     copies = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
 
     def bottleneck():
@@ -65,7 +66,8 @@ def _m2ib_layer(game: Game, modality: str, layer: str, config: IBAConfig, genera
     for _ in range(config.steps):
         lam, capacity = bottleneck()
         lam_k = copies(lam)
-        eps = copies(mu) + copies(sigma) * torch.randn(lam_k.shape, generator=noise_gen, device=r.device, dtype=r.dtype)
+        draws = torch.cat([torch.randn((k, *r.shape[1:]), generator=g, device=r.device, dtype=r.dtype) for g in noise_gens])
+        eps = copies(mu) + copies(sigma) * draws
         z = lam_k * copies(r) + (1 - lam_k) * eps
         fit = -torch.nn.functional.cosine_similarity(site.rest(z), other, dim=-1).sum() / k
         loss = fit + config.beta * (capacity.flatten(1).sum(1) / per_sample).sum()

@@ -37,7 +37,7 @@ class UnimodalConfig(StageConfig):
     eval_batch: int | None = Field(default=None, gt=0)  # model inputs per forward; None: 128 on CPU, 8192 on CUDA
     ig_steps: int = Field(default=32, gt=1)
     shapley_pairs: int = Field(default=5, gt=0)  # antithetic permutation pairs per sample (shapley_kernel: the same budget)
-    surrogate_samples: int | None = Field(default=None, gt=1)  # lime, kernel_shap perturbations; None: the shapley budget
+    surrogate_samples: int | None = Field(default=None, gt=1)  # lime, kernel_shap perturbations; None: what shapley spends on that sample
     deeplift_references: int = Field(default=8, ge=2)  # deeplift_shap: the removed input and 7 other samples
     gradcam_layer: str | None = None  # a layer of the adapter's `layers`; None: the last one with an image map (B, C, h, w)
     smoothgrad_samples: int = Field(default=16, gt=0)
@@ -146,7 +146,7 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
         scores = estimate(game, config.shapley_pairs, generator)
         return scores, scores.sum(1) - _gap(game)
     if method in ("lime", "kernel_shap"):
-        scores = cm.surrogate(game, method, config.surrogate_samples or _shapley_budget(game, config))
+        scores = cm.surrogate(game, method, config.surrogate_samples, config.shapley_pairs)
         return scores, (scores.sum(1) - _gap(game)) if method == "kernel_shap" else None
     if method == "deeplift":
         return cm.deeplift(game)
@@ -174,11 +174,6 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
             raise MmdiagError("stages.unimodal.m2ib_layers: this model's adapter names no default M2IB layers; give {modality: layer} or leave it unset")
         return torch.cat([m2ib_layer(game, m, layers[m], m2ib, generator) if m in layers else attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
     return torch.cat([attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
-
-
-def _shapley_budget(game: attr.Game, config: UnimodalConfig) -> int:
-    """The evaluations `shapley` spends on the sample with the most present players."""
-    return 2 * config.shapley_pairs * max(int(game.present.sum(1).max()) - 1, 1) + 2
 
 
 def _image_layer(game: attr.Game) -> str:
@@ -224,15 +219,17 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
     if "m2ib" in config.methods and not adapter.has_shared_space:
         raise MmdiagError("stages.unimodal.methods: m2ib needs a model with a shared embedding space (e.g. CLIP); remove it for this model")
     stats = _stats(ctx, data, adapter) if {"iba", "m2ib"} & set(config.methods) else None
-    generator = torch.Generator().manual_seed(ctx.seed)
+    generator = torch.Generator().manual_seed(ctx.seed)  # deeplift_shap's choice of references alone
     got, cost = _Gathered(), {meth: {"seconds": 0.0, "passes": 0} for meth in config.methods}
     n_batches = -(-len(data) // config.batch_size)
     steps = n_batches * len(config.methods) + bool(config.sanity_samples)  # the sanity check: one more
     for b, (batch, encoded, units) in enumerate(_batches(ctx, data, config.batch_size, adapter)):
-        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config))
+        draws = attr.Draws.seeded(ctx.seed, data.ids[batch])  # a sample's draws, whatever its batch
+        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=draws)
         wrong = (pred[batch] != data.labels[batch]).to(ctx.device)
         # towards the true class: only errors need it (elsewhere it is the predicted class)
-        towards_truth = attr.Game(adapter, {m: t[wrong] for m, t in encoded.items()}, {m: u.take(wrong) for m, u in units.items()}, data.labels[batch].to(ctx.device)[wrong], game.batch_size)
+        towards_truth = attr.Game(adapter, {m: t[wrong] for m, t in encoded.items()}, {m: u.take(wrong) for m, u in units.items()},
+                                  data.labels[batch].to(ctx.device)[wrong], game.batch_size, draws=draws.take(wrong))
         for meth in config.methods:
             start, before = time.perf_counter(), game.passes + towards_truth.passes
             scores, residual = attribute(meth, game, config, stats, generator)
@@ -282,10 +279,10 @@ def _sanity(ctx, config, data, pred, got) -> dict[str, float]:
     random = _randomised(ctx.adapter, ctx.seed)
     subset = data.subset(torch.arange(min(config.sanity_samples, len(data))))
     stats = _stats(ctx, subset, random) if {"iba", "m2ib"} & set(config.methods) else None
-    generator = torch.Generator().manual_seed(ctx.seed + 1)
+    generator = torch.Generator().manual_seed(ctx.seed + 1)  # deeplift_shap's choice of references alone
     corr = {meth: [] for meth in config.methods}
     for batch, encoded, units in _batches(ctx, subset, config.batch_size, random):
-        game = attr.Game(random, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config))
+        game = attr.Game(random, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, subset.ids[batch], salt=1))
         for meth in config.methods:
             scores, _ = attribute(meth, game, config, stats, generator)
             original = got[("map", meth, "pred")][batch]
