@@ -1,9 +1,10 @@
 """Contracts every stage shares: model adapters, samples, config, the run store, the device,
-the one user-facing error type, and the embedded demo."""
+streamed sources, the one user-facing error type, and the embedded demo."""
 
 from pipeline.adapter import ModelAdapter, TorchAdapter
 from pipeline.data import Counterfactual, SampleSet
 from pipeline.errors import MmdiagError
+from pipeline.sources import StreamedSampleSet, hf_dataset, image_table, streamed
 from pipeline.units import FeatureGroups, PatchGrid, Tokens, Units
 
 __all__ = [
@@ -13,7 +14,11 @@ __all__ = [
     "ModelAdapter",
     "PatchGrid",
     "SampleSet",
+    "StreamedSampleSet",
     "Tokens",
     "TorchAdapter",
     "Units",
+    "hf_dataset",
+    "image_table",
+    "streamed",
 ]

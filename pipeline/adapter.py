@@ -52,6 +52,20 @@ class ModelAdapter(ABC):
     def has_shared_space(self) -> bool:
         return type(self).shared_embeddings is not ModelAdapter.shared_embeddings
 
+    def separate(self, encoded: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """For late-fusion models, whose modalities meet only in `fuse`: each modality's
+        features, computed from that modality alone. EMAP then encodes each modality once and
+        evaluates only the fusion on its N^M recombinations."""
+        raise MmdiagError("model: this adapter declares no late fusion (separate and fuse)")
+
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        """Logits from the features `separate` gives: fuse(separate(x)) == forward(x)."""
+        raise MmdiagError("model: this adapter declares no late fusion (separate and fuse)")
+
+    @property
+    def has_late_fusion(self) -> bool:
+        return type(self).fuse is not ModelAdapter.fuse
+
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         return self.forward(self.encode(inputs))
 
@@ -101,6 +115,8 @@ class TorchAdapter(ModelAdapter):
     Discrete modalities (token ids) name their embedding submodule in `embeddings`: `encode`
     applies it, and the module's forward must then accept the embedded (float) tensor for that
     modality as well as the ids. `layers` and `head` name submodules by their dotted path.
+    A late-fusion module names its two halves in `fusion`: (method giving {modality: features}
+    from the encoded inputs, each from its own modality; method giving the logits from them).
     """
 
     def __init__(
@@ -113,8 +129,13 @@ class TorchAdapter(ModelAdapter):
         layers: Mapping[str, str] | None = None,
         head: str | None = None,
         class_names: Sequence[str] | None = None,
+        fusion: tuple[str, str] | None = None,
     ):
         self.module = module
+        self.fusion_names = fusion
+        for name in fusion or ():
+            if not callable(getattr(module, name, None)):
+                raise MmdiagError(f"fusion: the module has no method {name!r}; name its (separate, fuse) methods")
         self.modalities = tuple(modalities)
         self.unit_specs = dict(units)
         self.embedding_names = dict(embeddings or {})
@@ -156,6 +177,20 @@ class TorchAdapter(ModelAdapter):
 
     def forward(self, encoded):
         return self.module({m: encoded[m] for m in self.modalities})
+
+    def separate(self, encoded):
+        if self.fusion_names is None:
+            return super().separate(encoded)
+        return getattr(self.module, self.fusion_names[0])({m: encoded[m] for m in self.modalities})
+
+    def fuse(self, features):
+        if self.fusion_names is None:
+            return super().fuse(features)
+        return getattr(self.module, self.fusion_names[1])(features)
+
+    @property
+    def has_late_fusion(self) -> bool:
+        return self.fusion_names is not None
 
     def units(self, inputs, encoded):
         return {m: self.unit_specs[m].build(inputs[m], encoded[m], self.embed(m)) for m in self.modalities}

@@ -87,10 +87,31 @@ def check_contract(adapter: ModelAdapter, data: SampleSet, split: str) -> None:
         raise MmdiagError(f"model: non-finite logits {where}; check the weights and the inputs")
     if data.class_names and logits.shape[1] != len(data.class_names):
         raise MmdiagError(f"model: forward returns {logits.shape[1]} logits, the data has {len(data.class_names)} class_names; make them agree")
+    if adapter.has_late_fusion and b == 2:
+        check_late_fusion(adapter, encoded, logits, where)
     for m, regions in data.truth.items():
         for r, masks in regions.items():
             _step(lambda: units[m].coverage(masks[:b].to(encoded[m].device)),
                   f"data.truth.{m}.{r}: masks shaped {tuple(masks.shape[1:])} do not fit the {m} input's grid", "give one value per pixel (images) or token position (text)")
+
+
+def check_late_fusion(adapter: ModelAdapter, encoded: dict, logits: torch.Tensor, where: str) -> None:
+    """What EMAP's encode-once path relies on, shown on the model itself: fuse(separate(x))
+    gives forward(x), and each modality's features do not change when the other modalities
+    come from another sample."""
+    fix = "the modalities must meet only in fuse; remove the late-fusion declaration (fusion=) if they meet earlier"
+    with torch.no_grad():
+        features = _step(lambda: adapter.separate(encoded), f"model: separate {where} failed", fix)
+        fused = _step(lambda: adapter.fuse(features), f"model: fuse {where} failed", fix)
+        if not torch.allclose(fused.float(), logits.float(), rtol=1e-4, atol=1e-4 * float(logits.abs().max().clamp_min(1))):
+            raise MmdiagError(f"model: fuse(separate(x)) differs from forward(x) {where} (by {float((fused - logits).abs().max()):.3g}); {fix}")
+        first, *others = adapter.modalities
+        swapped = {**encoded, **{m: encoded[m].flip(0) for m in others}}  # modality `first` with the others of another sample
+        moved = adapter.separate(swapped)
+    for m in adapter.modalities:
+        expected = features[m] if m == first else features[m].flip(0)
+        if not torch.allclose(moved[m].float(), expected.float(), rtol=1e-4, atol=1e-5 * float(expected.abs().max().clamp_min(1))):
+            raise MmdiagError(f"model: separate's {m} features change with the other modalities' inputs {where}; {fix}")
 
 
 def _step(fn, what: str, fix: str):

@@ -377,23 +377,20 @@ class _Rows(torch.utils.data.Dataset):
     the text tokenized, the label and concepts as integers."""
 
     def __init__(self, get: Callable[[int], dict], n: int, *, image: str, text: str | None, label: str,
-                 concepts: Sequence[str], tokenize, image_size: int, load_image: Callable[[Any], Any], classes: dict):
+                 concepts: Sequence[str], tokenize, transform, load_image: Callable[[Any], Any], classes: dict):
         self.get, self.n, self.image, self.text, self.label = get, n, image, text, label
-        self.concepts, self.tokenize, self.image_size, self.load_image, self.classes = list(concepts), tokenize, image_size, load_image, classes
+        self.concepts, self.tokenize, self.transform, self.load_image, self.classes = list(concepts), tokenize, transform, load_image, classes
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        import numpy as np
-
         row = self.get(i)
         for key in [self.image, self.label, *([self.text] if self.text else []), *self.concepts]:
             value = row.get(key)
             if value is None or (isinstance(value, float) and value != value) or value == "":
                 raise MmdiagError(f"column {key!r} is empty; fill it or remove the row")
-        picture = self.load_image(row[self.image]).convert("RGB").resize((self.image_size, self.image_size))
-        inputs = {"image": torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()}
+        inputs = {"image": self.transform(self.load_image(row[self.image]).convert("RGB"))}
         display = {}
         if self.text:
             caption = str(row[self.text])
@@ -409,6 +406,19 @@ class _Rows(torch.utils.data.Dataset):
             except (TypeError, ValueError):
                 raise MmdiagError(f"column {c!r}: {row[c]!r} is not an integer concept value (-1 unknown)") from None
         return {"inputs": inputs, "label": self.classes[label], "meta": meta, "display": display}
+
+
+@dataclass(frozen=True)
+class Resized:
+    """The default image transform: RGB resized to size x size, floats in [0, 1], (3, H, W)."""
+
+    size: int = 224
+
+    def __call__(self, picture) -> Tensor:
+        import numpy as np
+
+        picture = picture.resize((self.size, self.size))
+        return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -472,6 +482,7 @@ def image_table(
     label: str = "label",
     concepts: Sequence[str] = (),
     class_names: Sequence[str] | None = None,
+    transform: Callable[[Any], Tensor] | None = None,
     image_size: int = 224,
     name: str | None = None,
     batch_size: int = 64,
@@ -480,7 +491,9 @@ def image_table(
     """A folder of images and a CSV or Parquet table, one row per sample: the image's file (in
     column `image`, relative to `images`, default the table's folder), the caption (`text`,
     turned into ids by `tokenize`: captions -> (B, L) ids of one length), the label (a class
-    index or name) and integer concept columns. Images are read, RGB, resized to `image_size`.
+    index or name) and integer concept columns. Images are read as RGB and turned into tensors by
+    `transform` (default: resized to `image_size`, values in [0, 1]); for a Hugging Face model,
+    `pipeline.hf.hf_readers(adapter)` gives its processor's transform and tokenizer.
     With `workers`, loader processes read the rows (the tokenize function must then pickle: a
     module-level function, not a lambda)."""
     table = Path(table)
@@ -493,7 +506,7 @@ def image_table(
         raise MmdiagError(f"data: {table.name} has no column {missing[0]!r}; its columns are {', '.join(rows[0])}")
     classes, names = _classes([r.get(label) for r in rows], class_names)
     source = _Rows(rows.__getitem__, len(rows), image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
-                   image_size=image_size, load_image=_ImageFile(folder), classes=classes)
+                   transform=transform or Resized(image_size), load_image=_ImageFile(folder), classes=classes)
     return streamed(source, class_names=names, name=name or table.stem, batch_size=batch_size, workers=workers)
 
 
@@ -506,6 +519,7 @@ def hf_dataset(
     label: str = "label",
     concepts: Sequence[str] = (),
     class_names: Sequence[str] | None = None,
+    transform: Callable[[Any], Tensor] | None = None,
     image_size: int = 224,
     name: str | None = None,
     batch_size: int = 64,
@@ -528,5 +542,5 @@ def hf_dataset(
         class_names = feature.names
     classes, names = _classes(ds[label], class_names)  # one Arrow column: no image is decoded
     source = _Rows(ds.__getitem__, len(ds), image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
-                   image_size=image_size, load_image=_hf_image, classes=classes)
+                   transform=transform or Resized(image_size), load_image=_hf_image, classes=classes)
     return streamed(source, class_names=names, name=name or "hf-dataset", batch_size=batch_size, workers=workers)

@@ -197,3 +197,69 @@ def test_demo_not_interacts_with_the_named_shape(demo_models, ood):
         mass = {r: float(((with_not * units["image"].coverage(negated.truth["image"][r])).sum(1) / with_not.sum(1)).mean()) for r in ("named_shape", "other_shape", "watermark")}
         assert mass["named_shape"] > margin * mass["other_shape"], (name, mass)
         assert mass["watermark"] < 0.05
+
+
+def _planted_late(modalities=("image", "text", "audio")):
+    import planted as pl
+
+    world = pl.World(label=lambda c: c["colour"], modalities=modalities)
+    adapter = pl.train(world, steps=30)
+    net = adapter.module
+    net.separate = net.encode  # the per-modality encoders: the modalities meet only after them
+    net.fuse = lambda z: net.head(net.fused(torch.cat([z[m] for m in net.modalities], 1)))
+    late = TorchAdapter(net, adapter.modalities, adapter.unit_specs, embeddings=adapter.embedding_names, layers=adapter.layer_names,
+                        head="head", class_names=adapter.class_names, fusion=("separate", "fuse"))
+    return adapter, late, pl.samples(world, 40, seed=3)
+
+
+def test_late_fusion_emap_encodes_each_modality_once_and_equals_the_full_table():
+    full, late, data = _planted_late()
+    logits = predict(full, data, torch.device("cpu"))
+    config = crossmodal.CrossmodalConfig(n_reference=12)
+    a = crossmodal.emap(Context(full, data, torch.device("cpu"), 0, logits), config)
+    b = crossmodal.emap(Context(late, data, torch.device("cpu"), 0, logits), config)
+    assert torch.allclose(a["full"], b["full"], atol=1e-5) and torch.allclose(a["additive"], b["additive"], atol=1e-5)
+    assert a["cost"]["forward_passes"] == 12**3 and not a["cost"]["late_fusion"]
+    assert b["cost"] | {"seconds": 0} == {"seconds": 0, "forward_passes": 12, "fusion_evaluations": 12**3, "late_fusion": True}
+
+
+class _Leaky(torch.nn.Module):
+    """Declares late fusion, but its 'image' features already mix in the text."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(2, 4), torch.nn.Linear(8, 2)
+
+    def separate(self, x):
+        return {"image": self.a(x["image"]) + x["text"].mean(1, keepdim=True), "text": self.b(x["text"])}
+
+    def fuse(self, z):
+        return self.head(torch.cat([z["image"], z["text"]], 1))
+
+    def forward(self, x):
+        return self.fuse(self.separate(x))
+
+
+def test_a_late_fusion_declaration_is_checked_on_the_model(demo_models):
+    from pipeline.demo.models import demo_adapter
+    from pipeline.resolve import check_contract
+
+    _, late, data = _planted_late(("image", "text"))
+    check_contract(late, data, "test")  # a true declaration passes
+    film = demo_models("demo-film").module  # FiLM: the text modulates the image's convolutions
+    wrong = demo_adapter(film)
+    wrong.fusion_names = ("separate", "fuse")
+    film.separate = lambda x: {"image": torch.relu(film.conv3(torch.nn.functional.max_pool2d(torch.relu(film.conv2(film.first(x["image"]))), 2))).amax(dim=(2, 3)),
+                               "text": film.text(film.words(x["text"]))}
+    film.fuse = lambda z: film.classify(torch.cat([z["image"], z["text"]], 1))
+    try:
+        with pytest.raises(MmdiagError, match=r"fuse\(separate\(x\)\) differs from forward\(x\)"):
+            check_contract(wrong, shapes.split("ood", n=4), "ood")
+    finally:
+        del film.separate, film.fuse
+    g = torch.Generator().manual_seed(0)
+    leaky = TorchAdapter(_Leaky(), ("image", "text"), {"image": FeatureGroups([0, 1, 2], modality="image"), "text": FeatureGroups([0, 1], modality="text")},
+                         fusion=("separate", "fuse"))
+    two = SampleSet(inputs={"image": torch.randn(2, 3, generator=g), "text": torch.randn(2, 2, generator=g)}, labels=torch.tensor([0, 1]))
+    with pytest.raises(MmdiagError, match="separate's image features change with the other modalities"):
+        check_contract(leaky, two, "test")

@@ -275,3 +275,26 @@ def test_rows_that_disagree_are_refused_with_their_row():
     nan = [{"inputs": {"x": torch.tensor([0.0, float("nan")])}, "label": 0}] * 3
     with pytest.raises(MmdiagError, match="row 0: inputs.x holds NaN"):
         streamed(nan)
+
+
+def test_a_table_read_with_a_hugging_face_processor_equals_hf_samples(tmp_path):
+    from PIL import Image
+
+    from pipeline.hf import hf_readers, hf_samples, load_clip
+    from test_hf import CAPTIONS, images, save_clip
+
+    clip = load_clip(save_clip(tmp_path / "clip"), local_files_only=True)
+    pictures = images(len(CAPTIONS))
+    lines = ["image,caption,label"]
+    for i, (p, c) in enumerate(zip(pictures, CAPTIONS)):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{c},{i % 2}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    table = image_table(tmp_path / "pairs.csv", **hf_readers(clip, length=16), class_names=clip.class_names)
+    direct = hf_samples(clip, pictures, CAPTIONS, [i % 2 for i in range(len(CAPTIONS))])
+    rows = torch.arange(len(CAPTIONS))
+    assert torch.allclose(table.subset(rows).inputs["image"], direct.inputs["image"], atol=1e-6)
+    streamed_ids, ids = table.subset(rows).inputs["text"], direct.inputs["text"]
+    assert torch.equal(streamed_ids[:, : ids.shape[1]], ids) and streamed_ids.shape[1] == 16
+    with torch.no_grad():  # padded to the model's length: the same scores
+        assert torch.allclose(clip(table.subset(rows).inputs), clip(direct.inputs), atol=1e-5)

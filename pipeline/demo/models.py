@@ -82,12 +82,17 @@ class FiLMNet(_Fusion):
 
 
 class LateFusionNet(_Fusion):
-    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
-        t = self.text(self.words(inputs["text"]))
+    def separate(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each modality's features, from that modality alone."""
         x = self.first(inputs["image"])
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        x = torch.relu(self.conv3(x))
-        return self.classify(torch.cat([x.amax(dim=(2, 3)), t], dim=1))
+        return {"image": torch.relu(self.conv3(x)).amax(dim=(2, 3)), "text": self.text(self.words(inputs["text"]))}
+
+    def fuse(self, features: dict[str, Tensor]) -> Tensor:
+        return self.classify(torch.cat([features["image"], features["text"]], dim=1))
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        return self.fuse(self.separate(inputs))
 
 
 class JointTransformer(nn.Module):
@@ -137,4 +142,5 @@ def demo_adapter(module: nn.Module, patch: int = 4) -> TorchAdapter:
         layers={"image": "image", "text": "text", "fused": "fused", "decision": "hidden"},
         head="head",
         class_names=CLASS_NAMES,
+        fusion=("separate", "fuse") if isinstance(module, LateFusionNet) else None,
     )

@@ -263,12 +263,21 @@ class CLIPAdapter(_CLIP):
 
     def score(self, encoded) -> Tensor:
         """(B,) the pair's scaled cosine similarity: CLIP's logits_per_image of the pair."""
-        e = self.shared_embeddings(encoded)
+        return self._similarity(self.shared_embeddings(encoded))
+
+    def _similarity(self, e: dict[str, Tensor]) -> Tensor:
         return self.clip.logit_scale.exp() * self.module.decision(e["image"] * e["text"]).sum(-1)
 
-    def forward(self, encoded):
-        d = self.score(encoded) - self.threshold
+    def separate(self, encoded):
+        """CLIP is late fusion: the modalities meet only in the cosine of their embeddings."""
+        return self.shared_embeddings(encoded)
+
+    def fuse(self, features):
+        d = self._similarity(features) - self.threshold
         return torch.stack([-d / 2, d / 2], dim=1)
+
+    def forward(self, encoded):
+        return self.fuse(self.shared_embeddings(encoded))
 
     def head(self):
         scale = float(self.clip.logit_scale.detach().exp())

@@ -146,3 +146,34 @@ def hf_samples(
         class_names=list(class_names if class_names is not None else adapter.class_names),
         name=name,
     )
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """A PIL image -> the processor's pixel values (3, H, W): what hf_samples gives, a row at a time."""
+
+    image_processor: Any
+
+    def __call__(self, picture) -> Tensor:
+        return self.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0].float()
+
+
+@dataclass(frozen=True)
+class PaddedTokens:
+    """Texts -> ids (N, length), padded to one length whatever the text (streamed rows must
+    stack), truncated to it."""
+
+    tokenizer: Any
+    length: int
+
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.length, return_tensors="pt")["input_ids"]
+
+
+def hf_readers(adapter: Any, length: int | None = None) -> dict[str, Any]:
+    """The `transform` and `tokenize` of a Hugging Face adapter's processor, for the streamed
+    sources (pipeline.sources.image_table, hf_dataset): image_table(table, **hf_readers(clip))."""
+    processor = getattr(adapter, "processor", None)
+    if processor is None:
+        raise MmdiagError("data: the model was loaded without a processor; load it from a folder that has one, or pass processor=")
+    return {"transform": ProcessedImage(processor.image_processor), "tokenize": PaddedTokens(processor.tokenizer, length or adapter.max_length)}
