@@ -344,10 +344,11 @@ def task_runner(config: DiagConfig):
 def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | None = None) -> Path:
     """Run the diagnosis flow for a config; returns the run folder."""
     configure(cache_root(config.cache))  # before anything imports Prefect
+    _watch_this_process()  # before the server starts: the watchdog notes every child from here on
+    server = _start_server_early()
     data, runner = preflight(config)
     if stage_model is not None:  # `rerun --model`: the new checkpoint must fit before anything runs
         preflight_model(config, ModelSpec.model_validate_json(stage_model["spec"]), data)
-    _watch_this_process()
     cache = cache_root(config.cache)
     for folder in (cache / "results", cache / "records", cache / "models"):
         clean_stale(folder)
@@ -360,7 +361,25 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     if not os.environ.get("PREFECT_API_URL"):
         log.info("%s: running the flow (Prefect's temporary server starts first: a few seconds)", config.run)
     with _clean_exit_on_signals(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        if server is not None:
+            server.join()  # healthy before the flow's client talks to it
         return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
+
+
+def _start_server_early() -> threading.Thread | None:
+    """Prefect's temporary server takes seconds to start: started here, in a thread, it gets
+    ready while the pre-flight loads the data and the model (the flow later finds the same
+    instance running). Not with a server of the user's (PREFECT_API_URL)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running:
+        return None
+    thread = threading.Thread(target=server.start, name="mmdiag-prefect-server", daemon=True)
+    thread.start()
+    return thread
 
 
 _watchdog = None

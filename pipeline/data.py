@@ -215,11 +215,13 @@ class SampleSet(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """Content hash of everything a stage may read: inputs, labels, ids, concepts, truth
         masks, counterfactuals, and the names, links and display strings: a fixed concept label
-        or mask recomputes what reads it."""
-        h = ContentHash()
-        for name, t in self.large().items():
-            h.update(name, t)
-        return self._fingerprint(h)
+        or mask recomputes what reads it. Computed once per set (a set is never changed in place)."""
+        if "_content" not in self.__dict__:
+            h = ContentHash()
+            for name, t in self.large().items():
+                h.update(name, t)
+            self.__dict__["_content"] = self._fingerprint(h)
+        return self.__dict__["_content"]
 
     def _fingerprint(self, h: ContentHash) -> str:
         """The fingerprint from a hash already fed with the large columns."""

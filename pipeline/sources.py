@@ -544,3 +544,93 @@ def hf_dataset(
     source = _Rows(ds.__getitem__, len(ds), image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
                    transform=transform or Resized(image_size), load_image=_hf_image, classes=classes)
     return streamed(source, class_names=names, name=name or "hf-dataset", batch_size=batch_size, workers=workers)
+
+
+# --- mmdiag's own shards: a SampleSet saved to disk in blocks of rows ------------------------
+
+
+def save_shards(data: SampleSet, folder: str | Path, rows_per_shard: int = 1000, start: int = 0, index: bool = True) -> Path:
+    """Write `data` as shard files (safetensors of its large columns + JSON of the rest, a block
+    of rows each), numbered from shard `start`; `index` writes the index that `shards` reads
+    (write a large set a part at a time with index=False, the last part with index=True)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pipeline.store import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, lo in enumerate(range(0, len(data), rows_per_shard)):
+        part = data.subset(torch.arange(lo, min(lo + rows_per_shard, len(data))))
+        name = folder / f"shard-{start + k:05d}"
+        tensors = {key: t.contiguous() for key, t in part.large().items()}
+        atomic_write(name.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+        small = {"ids": part.ids.tolist(), "labels": part.labels.tolist(), "meta": {k: v.tolist() for k, v in part.meta.items()},
+                 "display": part.display, "counterfactuals": {c: {"labels": None if cf.labels is None else cf.labels.tolist(),
+                                                                   "valid": None if cf.valid is None else cf.valid.tolist()}
+                                                               for c, cf in part.counterfactuals.items()}}
+        atomic_write(name.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(small)))
+    if index:
+        described = {"name": data.name, "class_names": data.class_names, "truth_concepts": data.truth_concepts, "class_concepts": data.class_concepts}
+        atomic_write(folder / "index.json", lambda tmp: tmp.write_text(json.dumps(described)))
+    return folder
+
+
+class ShardFolder(torch.utils.data.Dataset):
+    """The samples of a shard folder, one at a time, each read from its memory-mapped file."""
+
+    def __init__(self, folder: str | Path):
+        import json
+
+        self.folder = Path(folder)
+        if not (self.folder / "index.json").is_file():
+            raise MmdiagError(f"data: {self.folder} holds no index.json; write the folder with pipeline.sources.save_shards")
+        self.described = json.loads((self.folder / "index.json").read_text())
+        self.names = sorted(p.with_suffix("") for p in self.folder.glob("shard-*.json"))
+        self.small = [json.loads(p.with_suffix(".json").read_text()) for p in self.names]
+        self.starts = [0]
+        for s in self.small:
+            self.starts.append(self.starts[-1] + len(s["labels"]))
+        self._open: dict[int, Any] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}  # file handles stay in the process that opened them
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        import bisect
+
+        from safetensors import safe_open
+
+        k = bisect.bisect_right(self.starts, i) - 1
+        at, small = i - self.starts[k], self.small[k]
+        if k not in self._open:  # one shard mapped at a time: the pages of those read before are let go
+            self._open = {k: safe_open(str(self.names[k].with_suffix(".safetensors")), framework="pt")}
+        f = self._open[k]
+        item: dict = {"id": small["ids"][at], "label": small["labels"][at], "meta": {c: v[at] for c, v in small["meta"].items()},
+                      "display": {d: v[at] for d, v in small["display"].items()}, "inputs": {}, "truth": {}}
+        flipped: dict = {}
+        for key in f.keys():
+            part, *path = key.split(".")
+            row = f.get_slice(key)[at : at + 1][0]
+            if part == "inputs":
+                item["inputs"][path[0]] = row
+            elif part == "truth":
+                item["truth"].setdefault(path[0], {})[path[1]] = row
+            else:
+                flipped.setdefault(path[0], {})[path[1]] = row
+        for c, cf in small["counterfactuals"].items():
+            if cf["valid"] is None or cf["valid"][at]:
+                item.setdefault("counterfactuals", {})[c] = {"inputs": flipped[c], **({} if cf["labels"] is None else {"label": cf["labels"][at]})}
+        return item
+
+
+def shards(folder: str | Path, batch_size: int = 64, workers: int = 0) -> StreamedSampleSet:
+    """A shard folder (save_shards) as a streamed sample set."""
+    source = ShardFolder(folder)
+    d = source.described
+    return streamed(source, class_names=d["class_names"], name=d["name"], truth_concepts=d["truth_concepts"],
+                    class_concepts=d["class_concepts"], batch_size=batch_size, workers=workers)

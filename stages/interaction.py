@@ -80,6 +80,8 @@ def gated_value(game: Game) -> Callable[[dict[str, Tensor]], Tensor]:
     return value
 
 
+TANGENT_ELEMENTS = 1 << 24  # input elements (tangents x samples x elements) one vmap chunk may carry
+
 PATHS = ("forward-over-reverse", "forward-over-reverse, math attention", "reverse-over-reverse, math attention")
 
 
@@ -127,7 +129,11 @@ def mixed_gradients(game: Game, a: str, b: str) -> Tensor:
 
     n_b = game.units[b].n
     tangents = torch.eye(n_b, device=game.target.device, dtype=dtype)[:, None, :].expand(n_b, len(game.target), n_b)
-    columns = vmap(lambda t: jvp(grad_a, (ones[b],), (t,))[1])(tangents)  # (n_b, B, n_a)
+    # tangents pushed together: all of them for small inputs, fewer where each one carries a
+    # batch of large inputs (a 224 px image: 150k elements a sample), so memory stays bounded
+    per_tangent = len(game.target) * sum(t[0].numel() for t in game.encoded.values())
+    chunk = max(1, min(n_b, TANGENT_ELEMENTS // max(per_tangent, 1)))
+    columns = vmap(lambda t: jvp(grad_a, (ones[b],), (t,))[1], chunk_size=chunk)(tangents)  # (n_b, B, n_a)
     game.passes += len(game.target) * n_b
     game.backward += len(game.target) * n_b
     return columns.permute(1, 2, 0).detach()

@@ -105,7 +105,7 @@ def collect(adapter: ModelAdapter, data: SampleSet, names: list[str], decision: 
     through the model once, stacked with its copies where one modality is removed whole
     (`Units.apply` with no unit kept, as stage 1's `Game.removed`), for modality dependence."""
     mods = adapter.modalities
-    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    parts: dict[str, Tensor] = {}  # preallocated at the first batch: no list of pieces joined at the end
     kept, outputs, change, shapes = [], [], 0.0, {}
     with adapter.reading(list(dict.fromkeys([*names, decision]))) as seen, torch.no_grad():
         for rows, inputs in data.batches(batch_size, device):
@@ -124,9 +124,12 @@ def collect(adapter: ModelAdapter, data: SampleSet, names: list[str], decision: 
             outputs.append(logits[:b].float().cpu())
             for n in names:
                 shapes[n] = list(seen[n].shape[1:])
-                parts[n].append(reduce(seen[n][:b], max_width).cpu())
+                reduced = reduce(seen[n][:b], max_width).cpu()
+                if n not in parts:
+                    parts[n] = torch.empty(len(data), reduced.shape[1], dtype=reduced.dtype)
+                parts[n][rows] = reduced
     return Activations(
-        layers={n: torch.cat(parts[n]) for n in names},
+        layers=parts,
         shapes=shapes,
         decision=torch.cat(kept),
         logits=torch.cat(outputs),
@@ -197,7 +200,9 @@ def fit_probes(acts: dict[str, Tensor], targets: dict[str, Tensor], config: Repr
     for a in acts.values():
         x = F.pad(standardise(a).to(device), (0, 1), value=1.0)  # the constant column is the intercept
         penalty = torch.diag(torch.cat([torch.full((a.shape[1],), config.ridge), torch.zeros(1)])).to(device)
-        gram = (train[:, :, None] * x).transpose(1, 2) @ x  # (C, D+1, D+1): each concept's own training rows
+        # (C, D+1, D+1): each concept's own training rows, one concept at a time (a (C, N, D)
+        # temporary is 150 MB a layer at 20k samples)
+        gram = torch.stack([x.T @ (x * w[:, None]) for w in train])
         weights = torch.linalg.solve(gram + penalty, x.T @ (onehot * train[..., None]))
         scores = (x @ weights).reshape(c, n, 2, widest).masked_fill(~valid[:, None, None], -torch.inf)
         right = (scores.argmax(-1).transpose(1, 2) == y).float()  # (C, 2, N)

@@ -41,3 +41,25 @@ def test_the_reporter_writes_a_line_per_interval_with_the_time_left(caplog):
         "demo-film: unimodal:  80% (shapley, batch 1/3), ~2 s left",
         "demo-film: unimodal: 100% (shapley, batch 1/3)",
     ]
+
+
+def test_on_a_terminal_each_stage_gets_a_bar_that_goes_when_it_ends():
+    import io
+
+    from rich.console import Console
+
+    from flows.progress import Bars
+
+    screen = io.StringIO()
+    bars = Bars(Console(file=screen, force_terminal=True, width=100))
+    film, late = Reporter("demo-film: unimodal", bars=bars), Reporter("demo-late: unimodal", bars=bars)
+    film("shapley, batch 1/2", 0.25)
+    late("occlusion, batch 1/1", 0.5)
+    progress = bars.progress
+    assert [t.completed for t in progress.tasks] == [0.25, 0.5]
+    assert "demo-film: unimodal: shapley, batch 1/2" in [t.description for t in progress.tasks]
+    film("done", 1.0)
+    assert [t.description for t in progress.tasks] == ["demo-late: unimodal: occlusion, batch 1/1"]
+    late("done", 1.0)
+    assert bars.progress is None  # the last stage's end stops the display
+    late("done", 1.0)  # a stage reporting after its end changes nothing

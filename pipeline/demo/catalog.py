@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pipeline.adapter import ModelAdapter
@@ -29,7 +30,10 @@ def load_model(name: str, cache: Path | None = None, device: str = "cpu") -> tup
     return demo_adapter(module), cached
 
 
+@functools.lru_cache(maxsize=8)
 def load_data(name: str, split: str, n: int | None, seed: int) -> SampleSet:
+    """A built-in split, generated once per process (`mmdiag demo` diagnoses two models on the
+    same splits)."""
     return DATA[name](split, n=n, seed=seed)
 
 
