@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from flows.server import TemporaryServer
 from flows.settings import configure, quiet_user_errors
 from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
@@ -236,11 +237,13 @@ def _clean_exit_on_signals():
     process exits anyway: results are written atomically, so nothing half-written is left."""
 
     def exit_now(code: int) -> None:
-        try:  # Prefect's temporary API server is our child: it would outlive a forced exit
-            from prefect.server.api.server import SubprocessASGIServer
+        try:  # the temporary API server is our child: it would outlive a forced exit
+            from flows.server import stop_all
 
-            for server in list(SubprocessASGIServer._instances.values()):
-                server.stop()
+            stop_all()
+            if "prefect.server.api.server" in sys.modules:  # one Prefect started itself
+                for server in list(sys.modules["prefect.server.api.server"].SubprocessASGIServer._instances.values()):
+                    server.stop()
         finally:
             os._exit(code)
 
@@ -345,7 +348,7 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     """Run the diagnosis flow for a config; returns the run folder."""
     configure(cache_root(config.cache))  # before anything imports Prefect
     _watch_this_process()  # before the server starts: the watchdog notes every child from here on
-    server = _start_server_early()
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get()  # boots while the pre-flight runs
     data, runner = preflight(config)
     if stage_model is not None:  # `rerun --model`: the new checkpoint must fit before anything runs
         preflight_model(config, ModelSpec.model_validate_json(stage_model["spec"]), data)
@@ -353,33 +356,16 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     for folder in (cache / "results", cache / "records", cache / "models"):
         clean_stale(folder)
     from prefect import flow
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     quiet_user_errors()
 
     diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=runner)(_flow_body)
-    if not os.environ.get("PREFECT_API_URL"):
-        log.info("%s: running the flow (Prefect's temporary server starts first: a few seconds)", config.run)
-    with _clean_exit_on_signals(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        if server is not None:
-            server.join()  # healthy before the flow's client talks to it
-        return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
-
-
-def _start_server_early() -> threading.Thread | None:
-    """Prefect's temporary server takes seconds to start: started here, in a thread, it gets
-    ready while the pre-flight loads the data and the model (the flow later finds the same
-    instance running). Not with a server of the user's (PREFECT_API_URL)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    if server.running:
-        return None
-    thread = threading.Thread(target=server.start, name="mmdiag-prefect-server", daemon=True)
-    thread.start()
-    return thread
+    log.info("%s: running the flow", config.run)
+    with _clean_exit_on_signals():
+        settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, **({PREFECT_API_URL: server.wait()} if server else {})}
+        with temporary_settings(settings):
+            return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
 
 
 _watchdog = None
