@@ -18,6 +18,7 @@ fails its hash is dropped with one warning line and the computation runs again.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Callable
 
 from flows import results
@@ -36,7 +38,7 @@ from pipeline.store import atomic_write, file_sha256, weights_damage
 log = logging.getLogger("mmdiag")
 
 RECORD_SCHEMA = "mmdiag.record/1"
-KINDS = ("results", "records", "models", "prefect")
+KINDS = ("results", "records", "models", "figures", "prefect")
 
 
 def key(task: str, inputs: dict, code: str) -> str:
@@ -207,6 +209,42 @@ def _referenced(cache: Path) -> set[str]:
     return shas
 
 
+class FigureStore(MutableMapping):
+    """The report's charts already drawn, {key: PNG data URI}, one file each under
+    cache/figures (a memo: a damaged or missing one is drawn again)."""
+
+    PREFIX = "data:image/png;base64,"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.txt"
+
+    def __getitem__(self, key: str) -> str:
+        path = self._path(key)
+        try:
+            uri = path.read_text()
+            if not uri.startswith(self.PREFIX) or not base64.b64decode(uri[len(self.PREFIX):], validate=True).startswith(b"\x89PNG"):
+                raise ValueError
+        except (OSError, ValueError):
+            raise KeyError(key) from None
+        os.utime(path)  # last use, for `prune`
+        return uri
+
+    def __setitem__(self, key: str, uri: str) -> None:
+        atomic_write(self._path(key), lambda tmp: tmp.write_text(uri))
+
+    def __delitem__(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def __iter__(self):
+        return (p.stem for p in self.folder.glob("*.txt"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def prune(cache: Path, unused_since: datetime | None = None) -> dict:
     """Remove results no run folder refers to (or, with `unused_since`, those not used since
     then) and the records naming them; results used within the last hour are always kept.
@@ -234,6 +272,10 @@ def prune(cache: Path, unused_since: datetime | None = None) -> dict:
             if problem or record["sha256"] in gone:
                 path.unlink()
                 removed["records"] += 1
+        for path in sorted((cache / "figures").glob("*.txt")):  # a memo of the report's charts: kept while in use
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed["figures"] = removed.get("figures", 0) + 1
     return removed
 
 

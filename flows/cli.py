@@ -154,8 +154,24 @@ def _print_run(path: Path) -> None:
     print(path / "report.html")
 
 
+def _early_server(cache: Path | None) -> None:
+    """Prefect's temporary server, launched before the heavy imports: it boots in its own
+    process while this one imports torch and loads the data (the flow finds it running)."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from flows.server import TemporaryServer
+    from flows.settings import configure
+    from pipeline.paths import cache_root
+
+    configure(cache_root(cache))
+    TemporaryServer.get()
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        _early_server(None)
         from flows.flow import demo_configs, run, writable
 
         from pipeline.demo.catalog import MODELS
@@ -174,10 +190,13 @@ def _run(args: argparse.Namespace) -> int:
             print(fix_demo(args.out, args.device))
         return 0
     if args.command == "diagnose":
-        from flows.flow import run
         from pipeline.config import load_config
 
-        _print_run(run(load_config(args.config)))
+        config = load_config(args.config)
+        _early_server(config.cache)
+        from flows.flow import run
+
+        _print_run(run(config))
         return 0
     if args.command == "rerun":
         from flows.flow import run, spec_for_new_model

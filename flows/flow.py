@@ -179,17 +179,21 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     analysis = reports.analyse(summary, stage_results, analysed, seed=config.seed)
     summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
     summary["suggestions"] = analysis["suggestions"]
-    html = reports.render(summary, stage_results, analysed, analysis, provenance)
+    from flows.cache import FigureStore
+    from reports.figures import remembered
+
+    with remembered(FigureStore(cache_root(config.cache) / "figures")):  # a chart drawn before is not drawn again
+        html = reports.render(summary, stage_results, analysed, analysis, provenance)
     provenance["report"] = {"seconds": round(time.perf_counter() - start, 3), "bytes": len(html.encode())}
     with new_run(config.out, config.run) as store:
         for name, (result, meta) in loaded.items():
             if result.arrays:
                 store.write_arrays(f"stages/{name}/arrays.safetensors", result.arrays)
-            store.write_json(f"stages/{name}/result.json", {"summary": result.summary, "details": result.details, **meta})
+            store.write_json(f"stages/{name}/result.json", {"summary": result.summary, "details": result.details, **meta}, compact=True)
             stage = registry.get(name) if name != "model" else None
             for rel, text in (stage.files(result) if stage and stage.files else {}).items():
                 write_text(store.path(rel), text)
-        store.write_json("errors.json", {"cards": analysis["errors"]["cards"]})
+        store.write_json("errors.json", {"cards": analysis["errors"]["cards"]}, compact=True)
         write_text(store.path("report.html"), html)
         store.write_json("run.json", provenance)
         store.write_json("summary.json", summary)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file as save_torch
 from torch import nn
 
 from pipeline.errors import MmdiagError
+from pipeline.paths import cache_root  # noqa: F401  (re-exported: the stages' and flows' import)
 
 SUMMARY_SCHEMA = "mmdiag.summary/1"
 
@@ -36,14 +37,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def cache_root(configured: Path | None = None) -> Path:
-    """Where trained weights, stage results and cache keys live: the config's `cache`, else
-    $MMDIAG_CACHE, else ~/.cache/mmdiag."""
-    if configured is None:  # an empty MMDIAG_CACHE counts as unset, never as "here"
-        configured = Path(os.environ.get("MMDIAG_CACHE") or Path.home() / ".cache" / "mmdiag")
-    return Path(configured).expanduser().resolve()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -69,8 +62,10 @@ def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(clean, encoding="utf-8"))
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_jsonable)
+def write_json(path: Path, obj: Any, compact: bool = False) -> Path:
+    """JSON, atomically; indented for people, or `compact` for large files read by programs."""
+    layout = {"separators": (",", ":")} if compact else {"indent": 2}
+    text = json.dumps(obj, sort_keys=False, allow_nan=False, default=_jsonable, **layout)
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
@@ -209,8 +204,8 @@ class RunStore:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    def write_json(self, rel: str, obj: Any) -> Path:
-        return write_json(self.path(rel), obj)
+    def write_json(self, rel: str, obj: Any, compact: bool = False) -> Path:
+        return write_json(self.path(rel), obj, compact)
 
     def read_json(self, rel: str) -> Any:
         return read_json(self.path(rel))

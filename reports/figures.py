@@ -8,8 +8,14 @@ pixelated rendering), so a report with hundreds of errors stays small.
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import functools
+import hashlib
 import io
+import json
+from pathlib import Path
+from typing import MutableMapping
 
 import matplotlib
 import numpy as np
@@ -26,13 +32,42 @@ def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+_drawn: contextvars.ContextVar[MutableMapping[str, str] | None] = contextvars.ContextVar("drawn", default=None)
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes() + matplotlib.__version__.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def remembered(store: MutableMapping[str, str]):
+    """Within the block, a chart drawn before with the same arguments (and the same code of
+    this module) is taken from `store`, {key: data URI}, instead of drawn again: the caller
+    decides where the store lives (the flow keeps it in the run cache)."""
+    token = _drawn.set(store)
+    try:
+        yield
+    finally:
+        _drawn.reset(token)
+
+
+def _key(name: str, args: tuple, kwargs: dict) -> str:
+    plain = lambda v: np.asarray(v).tolist() if isinstance(v, np.ndarray) else str(v)  # noqa: E731
+    return hashlib.sha256(json.dumps([_SOURCE, name, args, kwargs], default=plain, sort_keys=True).encode()).hexdigest()
+
+
 def styled(chart):
-    """Draw a chart under the report's style (rcParams are read as artists are made)."""
+    """Draw a chart under the report's style (rcParams are read as artists are made), or take
+    it from the store of `remembered`."""
 
     @functools.wraps(chart)
     def draw(*args, **kwargs):
+        store = _drawn.get()
+        key = _key(chart.__name__, args, kwargs) if store is not None else None
+        if key is not None and key in store:
+            return store[key]
         with matplotlib.rc_context(STYLE):
-            return chart(*args, **kwargs)
+            uri = chart(*args, **kwargs)
+        if key is not None:
+            store[key] = uri
+        return uri
 
     return draw
 

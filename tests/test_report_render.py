@@ -140,3 +140,22 @@ def test_a_lone_surrogate_in_a_caption_is_replaced_not_a_failed_write(tmp_path):
     html = render(summary, results, data, analyse(summary, results, data), fx.provenance(summary))
     page = write_text(tmp_path / "report.html", html)
     assert "\ufffd" in page.read_text(encoding="utf-8")
+
+
+def test_charts_drawn_before_are_taken_from_the_store_and_give_the_same_page(tmp_path, monkeypatch):
+    from flows.cache import FigureStore
+
+    summary, results, data = fx.run("shortcut")
+    analysis = analyse(summary, results, data)
+    store = FigureStore(tmp_path / "figures")
+    with figures.remembered(store):
+        first = render(summary, results, data, analysis, fx.provenance(summary))
+    assert len(store) >= 5
+    monkeypatch.setattr(figures, "png", lambda fig: pytest.fail("a remembered chart was drawn again"))
+    with figures.remembered(store):
+        assert render(summary, results, data, analysis, fx.provenance(summary)) == first
+    damaged = next(iter(store))
+    (tmp_path / "figures" / f"{damaged}.txt").write_text("data:image/png;base64,AAAA")  # not a PNG: drawn again
+    monkeypatch.undo()
+    with figures.remembered(store):
+        assert render(summary, results, data, analysis, fx.provenance(summary)) == first
