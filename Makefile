@@ -29,6 +29,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/mmdiag bench
+	$(BIN)/python -m flows.bench_scale --json bench_scale.json
 
 clean:
-	rm -rf $(VENV) runs bench.json .pytest_cache
+	rm -rf $(VENV) runs bench.json bench_scale.json .pytest_cache

@@ -12,6 +12,7 @@ from pipeline.config import DataSpec, ModelSpec, call_factory, import_callable
 from pipeline.store import cache_root
 from pipeline.data import SampleSet
 from pipeline.demo import catalog
+from pipeline.device import fit_batch
 from pipeline.errors import MmdiagError
 
 
@@ -128,7 +129,7 @@ def predict(adapter: ModelAdapter, data: SampleSet, device: torch.device, batch_
     """Logits (N, C) over the whole data set, in batches; NaN output is an error."""
     adapter.to(device).eval()
     out = []
-    for rows, inputs in data.batches(batch_size, device):
+    for rows, inputs in data.batches(fit_batch(batch_size, data.inputs), device):
         logits = adapter(inputs)
         if logits.dim() != 2:
             raise MmdiagError(f"model: forward returned shape {tuple(logits.shape)}; a classifier must return (B, C) logits")

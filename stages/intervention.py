@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from pipeline import stats
+from pipeline.device import fit_batch
 from pipeline.errors import MmdiagError
 from stages import attribution as attr
 from stages.base import Context, Stage, StageConfig, StageResult
@@ -97,8 +98,9 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
     def add(key: str, value: torch.Tensor) -> None:
         parts.setdefault(key, []).append(value.detach().cpu())
 
-    n_batches = -(-len(data) // config.batch_size)
-    for b, (rows, inputs) in enumerate(data.batches(config.batch_size, device)):
+    batch = fit_batch(config.batch_size, data.inputs)
+    n_batches = -(-len(data) // batch)
+    for b, (rows, inputs) in enumerate(data.batches(batch, device)):
         ctx.progress(f"batch {b + 1}/{n_batches}", b / n_batches)
         with torch.no_grad():
             encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}

@@ -56,6 +56,7 @@ from torch.nn import functional as F
 
 from pipeline.adapter import ModelAdapter
 from pipeline.data import SampleSet
+from pipeline.device import fit_batch
 from pipeline.errors import MmdiagError
 from stages import attribution as attr
 from stages import unimodal
@@ -345,7 +346,7 @@ def run(ctx: Context, config: RepresentationConfig, upstream: dict) -> StageResu
     if not adapter.layers() and config.layers is None:
         return StageResult({"skipped": "the model names no layers to read; give its adapter layers (e.g. TorchAdapter(layers=...)) to probe them"})
     names = _check(adapter, config)
-    batch = config.batch_size or (4096 if ctx.device.type == "cuda" else 256)
+    batch = fit_batch(config.batch_size or (4096 if ctx.device.type == "cuda" else 256), ctx.data.inputs, copies=len(adapter.modalities) + 1)
     acts = collect(adapter, ctx.data, names, config.decision_layer, config.max_width, batch, ctx.device)
     d, ids = acts.decision.shape[1], ctx.data.ids
     if config.feature is not None and config.feature >= d:
