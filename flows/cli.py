@@ -163,9 +163,11 @@ def _early_server(cache: Path | None) -> None:
         return
     from flows.server import TemporaryServer
     from flows.settings import configure
+    from flows.watchdog import watch_this_process
     from pipeline.paths import cache_root
 
     configure(cache_root(cache))
+    watch_this_process()  # first: it ends the server if this process is killed
     TemporaryServer.get()
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flows.server import TemporaryServer
+from flows.watchdog import watch_this_process
 from flows.settings import configure, quiet_user_errors
 from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
@@ -351,7 +352,7 @@ def task_runner(config: DiagConfig):
 def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | None = None) -> Path:
     """Run the diagnosis flow for a config; returns the run folder."""
     configure(cache_root(config.cache))  # before anything imports Prefect
-    _watch_this_process()  # before the server starts: the watchdog notes every child from here on
+    watch_this_process()  # before the server starts: the watchdog notes every child from here on
     server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get()  # boots while the pre-flight runs
     data, runner = preflight(config)
     if stage_model is not None:  # `rerun --model`: the new checkpoint must fit before anything runs
@@ -370,19 +371,6 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
         settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, **({PREFECT_API_URL: server.wait()} if server else {})}
         with temporary_settings(settings):
             return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
-
-
-_watchdog = None
-
-
-def _watch_this_process() -> None:
-    """Once per process: a watchdog that stops Prefect's temporary server (and a local Dask
-    cluster) if this process is killed with SIGKILL, which leaves it no time to do so."""
-    global _watchdog
-    if _watchdog is None:
-        from flows import watchdog
-
-        _watchdog = watchdog.start() or False
 
 
 def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:

@@ -18,6 +18,17 @@ from pathlib import Path
 POLL_S = 0.5
 
 
+_mine: list = []  # the watchdog of this process, once started
+
+
+def watch_this_process() -> None:
+    """Once per process, before it starts any child it must not leave behind (the temporary
+    Prefect server, a local Dask cluster): a watchdog that ends them if this process is killed
+    with SIGKILL, which leaves it no time to do so."""
+    if not _mine:
+        _mine.append(start())
+
+
 def start() -> subprocess.Popen | None:
     """Watch this process (where /proc exists); the watchdog ends by itself after it."""
     if not Path("/proc/self/stat").exists():
