@@ -499,15 +499,24 @@ def image_table(
     table = Path(table)
     rows = _read_table(table)
     folder = Path(images) if images is not None else table.parent
-    if text and tokenize is None:
-        raise MmdiagError(f"data: the table's text column {text!r} needs a tokenize function (captions -> ids); pass tokenize= or text=None")
-    missing = [c for c in [image, label, *([text] if text else []), *concepts] if rows and c not in rows[0]]
-    if missing:
-        raise MmdiagError(f"data: {table.name} has no column {missing[0]!r}; its columns are {', '.join(rows[0])}")
-    classes, names = _classes([r.get(label) for r in rows], class_names)
-    source = _Rows(rows.__getitem__, len(rows), image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
-                   transform=transform or Resized(image_size), load_image=_ImageFile(folder), classes=classes)
+    columns = list(rows[0]) if rows else [image, label, *([text] if text else []), *concepts]
+    labels = lambda: [r.get(label) for r in rows]  # noqa: E731
+    source, names = _rows_source(rows.__getitem__, len(rows), columns, table.name, labels, _ImageFile(folder), tokenize=tokenize, image=image,
+                                 text=text, label=label, concepts=concepts, class_names=class_names, transform=transform, image_size=image_size)
     return streamed(source, class_names=names, name=name or table.stem, batch_size=batch_size, workers=workers)
+
+
+def _rows_source(get, n, columns, where, labels, load_image, *, tokenize, image, text, label, concepts, class_names, transform, image_size):
+    """What image_table and hf_dataset share: the column checks, the classes, the row reader."""
+    if text and tokenize is None:
+        raise MmdiagError(f"data: the text column {text!r} needs a tokenize function (captions -> ids); pass tokenize= or text=None")
+    missing = [c for c in [image, label, *([text] if text else []), *concepts] if c not in columns]
+    if missing:
+        raise MmdiagError(f"data: {where} has no column {missing[0]!r}; its columns are {', '.join(columns)}")
+    classes, names = _classes(labels(), class_names)
+    source = _Rows(get, n, image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
+                   transform=transform or Resized(image_size), load_image=load_image, classes=classes)
+    return source, names
 
 
 def hf_dataset(
@@ -532,17 +541,12 @@ def hf_dataset(
     columns = list(getattr(ds, "column_names", []))
     if not columns or not hasattr(ds, "__getitem__"):
         raise MmdiagError(f"data: expected a datasets.Dataset, got {type(ds).__name__}")
-    if text and tokenize is None:
-        raise MmdiagError(f"data: the text column {text!r} needs a tokenize function (captions -> ids); pass tokenize= or text=None")
-    missing = [c for c in [image, label, *([text] if text else []), *concepts] if c not in columns]
-    if missing:
-        raise MmdiagError(f"data: the dataset has no column {missing[0]!r}; its columns are {', '.join(columns)}")
-    feature = ds.features.get(label)
+    feature = ds.features.get(label) if label in columns else None
     if class_names is None and hasattr(feature, "names"):
         class_names = feature.names
-    classes, names = _classes(ds[label], class_names)  # one Arrow column: no image is decoded
-    source = _Rows(ds.__getitem__, len(ds), image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
-                   transform=transform or Resized(image_size), load_image=_hf_image, classes=classes)
+    # the labels: one Arrow column, no image decoded
+    source, names = _rows_source(ds.__getitem__, len(ds), columns, "the dataset", lambda: ds[label], _hf_image, tokenize=tokenize, image=image,
+                                 text=text, label=label, concepts=concepts, class_names=class_names, transform=transform, image_size=image_size)
     return streamed(source, class_names=names, name=name or "hf-dataset", batch_size=batch_size, workers=workers)
 
 
