@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folders (default: ./runs)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
     demo.add_argument("--models", nargs="+", default=["demo-film", "demo-late"], metavar="MODEL",
-                      help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-film-clean, demo-late-clean)")
+                      help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-vlm, demo-film-clean, demo-late-clean, demo-vlm-clean)")
     demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
                       "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
 

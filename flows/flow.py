@@ -375,8 +375,10 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
 
 def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:
     """The embedded default: each demo model diagnosed on the shapes data, `ood` analysed."""
+    from pipeline.demo.catalog import data_for
+
     return [
-        DiagConfig(run=name, model={"name": name}, data={"name": "shapes", "split": "ood"}, device=device, out=out)
+        DiagConfig(run=name, model={"name": name}, data={"name": data_for(name), "split": "ood"}, device=device, out=out)
         for name in models
     ]
 

@@ -125,7 +125,7 @@ def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, d
     logits = {s: predict(adapter, data_for(ref, cache), dev, batch_size) for s, ref in data.items()}
     analysed = data_for(data[split], cache)
     per_split = {s: {"n": len(data_for(ref, cache)), "accuracy": accuracy(logits[s], data_for(ref, cache).labels)} for s, ref in data.items()}
-    summary = model_summary(analysed, logits[split], split, per_split)
+    summary = model_summary(analysed, logits[split], split, per_split, adapter.fusion)
     arrays = {"ids": analysed.ids.numpy(), "labels": analysed.labels.numpy(), "logits": logits[split].numpy()}
     meta = {"seconds": round(time.perf_counter() - start, 3)}
     return results.save(cache / "results", StageResult(summary, arrays), meta)

@@ -22,6 +22,9 @@ class ModelAdapter(ABC):
     modalities: tuple[str, ...]
     class_names: list[str]
     module: nn.Module
+    # the architecture lets units of different modalities act on each other before the head
+    # (joint attention, FiLM): an additive model of this kind learnt no interaction, it was not built without one
+    joint_fusion: bool = False
 
     @abstractmethod
     def encode(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -66,6 +69,12 @@ class ModelAdapter(ABC):
     def has_late_fusion(self) -> bool:
         return type(self).fuse is not ModelAdapter.fuse
 
+    @property
+    def fusion(self) -> str | None:
+        """Where the modalities meet: "late" (separate and fuse, proven by the pre-flight),
+        "joint" (declared), None (not declared)."""
+        return "late" if self.has_late_fusion else "joint" if self.joint_fusion else None
+
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         return self.forward(self.encode(inputs))
 
@@ -97,7 +106,7 @@ class ModelAdapter(ABC):
 
         def hook(name):
             def store(_module, _inputs, output):
-                seen[name] = output[0] if isinstance(output, tuple) else output
+                seen[name] = output if torch.is_tensor(output) else output[0]  # a tuple or a ModelOutput: its first field
 
             return store
 
@@ -116,7 +125,10 @@ class TorchAdapter(ModelAdapter):
     applies it, and the module's forward must then accept the embedded (float) tensor for that
     modality as well as the ids. `layers` and `head` name submodules by their dotted path.
     A late-fusion module names its two halves in `fusion`: (method giving {modality: features}
-    from the encoded inputs, each from its own modality; method giving the logits from them).
+    from the encoded inputs, each from its own modality; method giving the logits from them);
+    `joint_fusion=True` says the modalities act on each other inside the module (attention
+    over both, FiLM), which the diagnosis uses to tell a model that cannot combine them from one
+    that did not learn to.
     """
 
     def __init__(
@@ -130,8 +142,12 @@ class TorchAdapter(ModelAdapter):
         head: str | None = None,
         class_names: Sequence[str] | None = None,
         fusion: tuple[str, str] | None = None,
+        joint_fusion: bool = False,
     ):
+        if fusion and joint_fusion:
+            raise MmdiagError("fusion: a model is either late fusion (fusion=) or joint (joint_fusion=True), not both")
         self.module = module
+        self.joint_fusion = joint_fusion
         self.fusion_names = fusion
         for name in fusion or ():
             if not callable(getattr(module, name, None)):

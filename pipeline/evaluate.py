@@ -29,11 +29,13 @@ def concept_slices(data: SampleSet, correct: torch.Tensor, max_values: int = 10)
     return slices
 
 
-def model_summary(data: SampleSet, logits: torch.Tensor, split: str, split_accuracy: dict[str, dict]) -> dict:
-    """The `model` block of summary.json for the analysed split."""
+def model_summary(data: SampleSet, logits: torch.Tensor, split: str, split_accuracy: dict[str, dict], fusion: str | None = None) -> dict:
+    """The `model` block of summary.json for the analysed split; `fusion`: where the adapter
+    says the modalities meet ("late", "joint" or None: not declared)."""
     correct = logits.argmax(1) == data.labels
     return {
         "split": split,
+        "fusion": fusion,
         "n": len(data),
         "accuracy": rate(correct),
         "n_errors": int((~correct).sum()),

@@ -283,7 +283,11 @@ def missing_interaction(summary: dict, results: dict[str, StageResult], ev: Eval
         concept, rate = max(cross["additive_follows"].items(), key=lambda kv: kv[1])
         figures["additive_follows"] = {"concept": concept, "rate": rate}
     figures["modalities"] = pair_modalities(summary, ev, needs.get("pair_concepts") or [])
-    return [Finding("missing_interaction", "fusion", ev.error_rate, figures, {"kind": "interaction_fusion", "options": ["film", "cross_attention"], **({"modalities": figures["modalities"]["pair"]} if figures["modalities"] else {})})]
+    figures["fusion"] = (summary.get("model") or {}).get("fusion")
+    where = {"modalities": figures["modalities"]["pair"]} if figures["modalities"] else {}
+    if figures["fusion"] == "joint":  # the architecture can combine them: the training did not make it
+        return [Finding("missing_interaction", "fusion", ev.error_rate, figures, {"kind": "interaction_training", **where})]
+    return [Finding("missing_interaction", "fusion", ev.error_rate, figures, {"kind": "interaction_fusion", "options": ["film", "cross_attention"], **where})]
 
 
 def pair_modalities(summary: dict, ev: Evaluated, concepts: list[str]) -> dict | None:

@@ -3,9 +3,12 @@ with links to the report's sections), the concrete change, a machine-readable `a
 priority.
 
 Priority = the finding's strength (share of samples at stake). One precedence rule: when the
-model is additive and the data needs interaction, a shortcut (and an ignored modality of the
+model behaves additively and the data needs interaction, either the architecture cannot combine
+the modalities (late fusion, or not declared): then a shortcut (and an ignored modality of the
 needed pair) is a symptom, since decorrelating the data cannot teach an additive model the rule;
-its priority is scaled by `additive_shortcut_discount`.
+or it can (the adapter declares joint fusion: attention over both, FiLM): then the missing
+interaction is the symptom of a shortcut that let training stop short of the rule. The symptom's
+priority is scaled by `additive_shortcut_discount`.
 """
 
 from __future__ import annotations
@@ -95,6 +98,15 @@ def ignored_modality(f: Finding) -> dict:
     }
 
 
+def _interaction_evidence(g: dict) -> list[dict]:
+    return [
+        {"label": "full accuracy", "value": g["full_accuracy"], "section": "crossmodal"},
+        {"label": "additive (EMAP) accuracy", "value": g["additive_accuracy"], "section": "crossmodal"},
+        {"label": "full model right where the additive part is wrong", "value": g["rescued"], "section": "crossmodal"},
+        {"label": "label from the best pair of concepts", "value": g["label_from_two_concepts"], "section": "errors"},
+    ]
+
+
 def missing_interaction(f: Finding) -> dict:
     g = f.figures
     pair = " and ".join(g["pair"] or []) or "two concepts"
@@ -106,6 +118,22 @@ def missing_interaction(f: Finding) -> dict:
         if mods and mods.get("interaction") and mods["interaction"].get("abs_share") is not None
         else ""
     )
+    if g.get("fusion") == "joint":
+        return {
+            "title": f"Missing cross-modal interaction{between}: the architecture can combine the modalities, the trained model does not",
+            "finding": (
+                f"The additive projection of the model (EMAP) is as accurate as the model itself ({_num(g['additive_accuracy'])} vs {_num(g['full_accuracy'])}), "
+                f"although its modalities meet inside the model and the label needs {pair} together ({_pct(g['label_from_two_concepts'])} predictable from the pair, "
+                f"{_pct(g['label_from_one_concept'])} from any one concept); {_pct(g['error_rate'])} of the predictions are wrong."
+                + (f" The additive part follows {follows['concept']} ({_pct(follows['rate'])})." if follows else "")
+                + now
+            ),
+            "evidence": _interaction_evidence(g),
+            "change": (
+                "Keep the architecture: remove what lets training stop short of the rule (decorrelate the shortcut found here from the label), or train longer "
+                "with samples where the single concepts disagree with the label; check that the gap between full and additive accuracy opens."
+            ),
+        }
     return {
         "title": f"Missing cross-modal interaction{between}: use a fusion that can combine the modalities (FiLM, cross-attention)",
         "finding": (
@@ -115,12 +143,7 @@ def missing_interaction(f: Finding) -> dict:
             + (f" The additive part follows {follows['concept']} ({_pct(follows['rate'])})." if follows else "")
             + now
         ),
-        "evidence": [
-            {"label": "full accuracy", "value": g["full_accuracy"], "section": "crossmodal"},
-            {"label": "additive (EMAP) accuracy", "value": g["additive_accuracy"], "section": "crossmodal"},
-            {"label": "full model right where the additive part is wrong", "value": g["rescued"], "section": "crossmodal"},
-            {"label": "label from the best pair of concepts", "value": g["label_from_two_concepts"], "section": "errors"},
-        ],
+        "evidence": _interaction_evidence(g),
         "change": (
             f"Replace the additive (late, concatenation) fusion{between} by one that can bind units across modalities: FiLM conditioning of one encoder on the other, "
             "or cross-attention between tokens and image patches. Retrain and check that the gap between full and "
@@ -146,10 +169,15 @@ WRITERS = {"shortcut": shortcut, "ignored_modality": ignored_modality, "missing_
 
 
 def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> float:
-    """The finding's strength; when the model is additive and the data needs interaction, a
-    shortcut and an ignored modality of the needed pair are symptoms of the fusion (an additive
-    model cannot use a modality whose meaning depends on the other): discounted."""
+    """The finding's strength, discounted when it is a symptom. When the model is additive and
+    the data needs interaction: if its architecture cannot combine the modalities, a shortcut
+    and an ignored modality of the needed pair are symptoms of the fusion (an additive model
+    cannot use a modality whose meaning depends on the other); if it can, the missing
+    interaction is a symptom of the shortcut."""
     additive = next((g for g in findings if g.rule == "missing_interaction"), None)
+    if additive is not None and additive.figures.get("fusion") == "joint":
+        symptom = f is additive and any(g.rule == "shortcut" for g in findings)
+        return round(max(f.strength, 0.0) * (t.additive_shortcut_discount if symptom else 1.0), 4)
     pair = ((additive.figures.get("modalities") or {}).get("pair") or []) if additive else []
     symptom = additive is not None and (f.rule == "shortcut" or (f.rule == "ignored_modality" and (f.subject in pair or not pair)))
     return round(max(f.strength, 0.0) * (t.additive_shortcut_discount if symptom else 1.0), 4)

@@ -207,16 +207,24 @@ def standardise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def exact_decomposition(ctx: Context, a: torch.Tensor, logits: torch.Tensor) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
     """(summary entry, the head's (weight, bias)) when logits = head(decision features) holds,
-    checked on these samples; (summary entry saying why not, None) otherwise."""
+    checked on these samples, exactly or up to a shift that is the same for every class of a
+    sample (a log-softmax's normaliser: the class probabilities and every logit difference are
+    then exact); (summary entry saying why not, None) otherwise."""
     head = ctx.adapter.head()
     if not isinstance(head, nn.Linear) or head.in_features != a.shape[1] or head.out_features != logits.shape[1]:
-        return {"applies": False, "reason": "the model's head is not a linear layer on the decision-level features"}, None
+        reason = getattr(ctx.adapter, "head_caveat", None) or "the model's head is not a linear layer on the decision-level features"
+        return {"applies": False, "reason": reason}, None
     w = head.weight.detach().float().cpu()
     b = head.bias.detach().float().cpu() if head.bias is not None else torch.zeros(len(w))
-    error = float((a @ w.T + b - logits).abs().max())
-    if error > 1e-3 * max(1.0, float(logits.abs().max())):
+    gap = a @ w.T + b - logits
+    tolerance = 1e-3 * max(1.0, float(logits.abs().max()))
+    error = float(gap.abs().max())
+    if error <= tolerance:
+        return {"applies": True, "max_error": error}, (w, b)
+    error = float((gap - gap.mean(1, keepdim=True)).abs().max())
+    if error > tolerance:
         return {"applies": False, "reason": "the decision layer does not feed the head directly", "max_error": error}, None
-    return {"applies": True, "max_error": error}, (w, b)
+    return {"applies": True, "max_error": error, "up_to": "a per-sample shift common to all classes (a log-softmax normaliser)"}, (w, b)
 
 
 def run(ctx: Context, config: CompositionConfig, upstream: dict) -> StageResult:

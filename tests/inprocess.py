@@ -25,7 +25,7 @@ def diagnose(adapter, data, settings: dict | None = None, stages: tuple[str, ...
     settings = {**QUICK, **(settings or {})}
     device = torch.device("cpu")
     logits = predict(adapter, data, device)
-    results = {"model": StageResult(model_summary(data, logits, "test", {}), {"ids": data.ids.numpy(), "labels": data.labels.numpy(), "logits": logits.numpy()})}
+    results = {"model": StageResult(model_summary(data, logits, "test", {}, adapter.fusion), {"ids": data.ids.numpy(), "labels": data.labels.numpy(), "logits": logits.numpy()})}
     summary = {"model": results["model"].summary}
     for stage in registry.stages():
         if stages is not None and stage.name not in stages:

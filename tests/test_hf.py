@@ -118,6 +118,25 @@ def test_mixed_second_derivatives_run_through_clip_with_either_attention(clip, c
     assert torch.allclose(block, eager_block, atol=1e-5, rtol=1e-4)
 
 
+def test_word_units_make_a_words_pieces_one_unit(clip_dir, pairs, vilt_dir):
+    words = load_clip(clip_dir, text_units="words", local_files_only=True)
+    units = words.units(pairs.inputs, words.encode(pairs.inputs))["text"]
+    slots = units.mask[0, :, 0]
+    assert [units.labels[0][s] for s in slots[slots >= 0].unique().tolist()] == ["a", "red", "cat"]  # "red" is 3 letters, one unit
+    assert int(units.present[0].sum()) == 3 and (slots[slots >= 0] >= 0).sum() == 7
+    g = game(words, pairs)
+    phi = attr.shapley_sampling(g, pairs=2, generator=torch.Generator().manual_seed(0))
+    ends = g.value(torch.stack([torch.zeros_like(g.present), torch.ones_like(g.present)], 1))
+    assert torch.allclose(phi.sum(1), ends[:, 1] - ends[:, 0], atol=1e-4)
+    vilt = load_vilt(vilt_dir, text_units="words", local_files_only=True)
+    asked = hf_samples(vilt, images(2), QUESTIONS[:2], [0, 1])
+    tokens = load_vilt(vilt_dir, local_files_only=True)
+    mask = lambda a: a.units(asked.inputs, a.encode(asked.inputs))["text"].mask  # noqa: E731
+    assert torch.equal(mask(vilt), mask(tokens))  # whole-word vocabulary: a token is a word
+    with pytest.raises(MmdiagError, match="text_units: 'letters' is not one of tokens, words"):
+        load_clip(clip_dir, text_units="letters", local_files_only=True)
+
+
 def test_integrated_gradients_completeness_keeps_the_special_tokens(clip, pairs):
     g = game(clip, pairs)
     removed = g.removed()["text"]

@@ -41,6 +41,19 @@ def test_missing_interaction_outranks_the_shortcut_of_an_additive_model():
     assert shortcut["priority"] < suggestions[0]["priority"]
 
 
+def test_an_additive_model_that_could_combine_the_modalities_gets_the_shortcut_first():
+    """The same figures from a model whose architecture combines the modalities (declared joint
+    fusion): it was not built without the interaction, the shortcut let it do without."""
+    summary, results, data = fx.run("additive")
+    summary = copy.deepcopy(summary)
+    summary["model"]["fusion"] = "joint"
+    suggestions = analyse(summary, results, data)["suggestions"]
+    assert suggestions[0]["id"] == "shortcut:mark"
+    missing = next(s for s in suggestions if s["id"] == "missing_interaction:fusion")
+    assert missing["action"]["kind"] == "interaction_training" and "can combine the modalities" in missing["title"]
+    assert "FiLM" not in missing["change"] and missing["priority"] < suggestions[0]["priority"]
+
+
 def test_missing_interaction_needs_data_that_needs_interaction():
     summary, results, data = fx.run("additive")
     data.meta = {k: v for k, v in data.meta.items() if k != "negation"}  # no pair predicts the label any more

@@ -10,6 +10,7 @@ from pipeline.data import SampleSet
 from pipeline.demo import shapes
 from pipeline.demo.models import demo_adapter
 from pipeline.demo.train import TrainConfig, load_or_train
+from pipeline.demo.vlm import VLMTrainConfig
 
 # Seeds are fixed per model: FiLM at seed 1 learns the shortcut partly (the rule on some
 # samples); late fusion at seed 2 learns the shortcut alone. See README, "The demo".
@@ -21,12 +22,34 @@ MODELS = {
     "demo-late-clean": TrainConfig(arch="late", p_mark=0.5, seed=2),
     # early fusion by joint self-attention (nn.TransformerEncoderLayer): `mmdiag demo --models demo-transformer`
     "demo-transformer": TrainConfig(arch="transformer", p_mark=0.8, seed=1),
+    # a tiny LLaVA answering yes/no questions about the shapes (pipeline.demo.vlm)
+    "demo-vlm": VLMTrainConfig(p_mark=0.8),
+    "demo-vlm-clean": VLMTrainConfig(p_mark=0.5),
 }
-DATA = {"shapes": shapes.split}
+
+
+def _shapes_vqa(split: str, n: int | None = None, seed: int = 0) -> SampleSet:
+    from pipeline.demo import vlm
+
+    return vlm.split(split, n=n, seed=seed)
+
+
+DATA = {"shapes": shapes.split, "shapes-vqa": _shapes_vqa}
+
+
+def data_for(model: str) -> str:
+    """The built-in data a built-in model reads: the VLM takes the shapes as questions."""
+    return "shapes-vqa" if isinstance(MODELS[model], VLMTrainConfig) else "shapes"
 
 
 def load_model(name: str, cache: Path | None = None, device: str = "cpu") -> tuple[ModelAdapter, bool]:
-    module, cached = load_or_train(MODELS[name], cache=cache, device=device)
+    config = MODELS[name]
+    if isinstance(config, VLMTrainConfig):
+        from pipeline.demo import vlm
+
+        model, cached = vlm.load_or_train(config, cache=cache, device=device)
+        return vlm.adapter(model), cached
+    module, cached = load_or_train(config, cache=cache, device=device)
     return demo_adapter(module), cached
 
 

@@ -143,4 +143,5 @@ def demo_adapter(module: nn.Module, patch: int = 4) -> TorchAdapter:
         head="head",
         class_names=CLASS_NAMES,
         fusion=("separate", "fuse") if isinstance(module, LateFusionNet) else None,
+        joint_fusion=not isinstance(module, LateFusionNet),  # FiLM and joint self-attention
     )

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pipeline.adapter import ModelAdapter
 from pipeline.errors import MmdiagError
-from pipeline.hf.common import BottleneckSite, check_ids, check_vocab, matches, pretrained, processor_or_none, token_units, tokenize, vocabulary
+from pipeline.hf.common import BottleneckSite, check_ids, check_text_units, check_vocab, matches, pretrained, processor_or_none, text_units, tokenize, vocabulary
 from pipeline.units import PatchGrid
 
 
@@ -78,7 +78,7 @@ def special_tokens(config, tokenizer=None) -> tuple[int, int, int]:
 class _CLIP(ModelAdapter):
     """The towers of a CLIPModel, run from continuous inputs."""
 
-    def __init__(self, model, processor=None):
+    def __init__(self, model, processor=None, text_units: str = "tokens"):
         model.eval()
         self.processor = processor
         tokenizer = getattr(processor, "tokenizer", None)
@@ -92,6 +92,7 @@ class _CLIP(ModelAdapter):
         self._check_image_processor(processor)
         self.removed_id = next(i for i in (self.pad_id, 0, 1, 2) if i not in (self.bos_id, self.eos_id))
         self.vocab = vocabulary(tokenizer)
+        self.text_units = check_text_units(text_units, self.vocab)
         if tokenizer is not None:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
 
@@ -138,8 +139,9 @@ class _CLIP(ModelAdapter):
         if "image" in encoded:
             out["image"] = PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"])
         if "text" in encoded:
-            out["text"] = token_units(
-                inputs["text"], encoded["text"], self.token_embedding, pad_id=self.pad_id, special_ids=(self.bos_id, self.eos_id), removed_id=self.removed_id, vocab=self.vocab
+            out["text"] = text_units(
+                inputs["text"], encoded["text"], self.token_embedding, pad_id=self.pad_id, special_ids=(self.bos_id, self.eos_id), removed_id=self.removed_id,
+                vocab=self.vocab, words=self.text_units == "words",
             )
         return out
 
@@ -217,6 +219,8 @@ class _CLIP(ModelAdapter):
                 h = _hidden(block(h, None))
             grid = torch.arange(-1, h.shape[1] - 1, device=x.device)  # position 0 is [CLS]
             return BottleneckSite(h, grid.expand(b, -1), torch.ones(h.shape[:2], dtype=torch.bool, device=x.device), lambda z: _normalise(self._vision_from(z, i + 1)))
+        if self.text_units == "words":
+            raise MmdiagError("stages.unimodal.m2ib_layers.text: a hidden-layer bottleneck scores tokens, this model's text units are words; load it with text_units='tokens' or leave m2ib_layers unset")
         eos = self.end_positions(x)
         h = self._text_input(x)
         mask = self._causal(h)
@@ -255,9 +259,9 @@ class CLIPAdapter(_CLIP):
 
     modalities = ("image", "text")
 
-    def __init__(self, model, processor=None, *, threshold: float = 0.0, class_names: Sequence[str] = ("mismatch", "match")):
+    def __init__(self, model, processor=None, *, threshold: float = 0.0, class_names: Sequence[str] = ("mismatch", "match"), text_units: str = "tokens"):
         self.module = _Matching(model)
-        super().__init__(model, processor)
+        super().__init__(model, processor, text_units)
         self.threshold = float(threshold)
         self.class_names = list(class_names)
 
@@ -343,15 +347,16 @@ def load_clip(
     prompts: Sequence[str] | None = None,
     threshold: float = 0.0,
     processor=None,
+    text_units: str = "tokens",
     local_files_only: bool = False,
 ) -> _CLIP:
     """A CLIP adapter from a local folder or a Hugging Face id: matching (image, text) by
     default, zero-shot classification over `prompts` when given. The processor is loaded from
-    the same place unless given."""
+    the same place unless given. `text_units="words"`: the BPE pieces of a word are one unit."""
     from transformers import CLIPModel
 
     model = pretrained(CLIPModel, path_or_id, "a CLIP model", local_files_only)
     processor = processor if processor is not None else processor_or_none(path_or_id, local_files_only)
     if prompts is not None:
         return CLIPZeroShotAdapter(model, processor, prompts=prompts)
-    return CLIPAdapter(model, processor, threshold=threshold)
+    return CLIPAdapter(model, processor, threshold=threshold, text_units=text_units)

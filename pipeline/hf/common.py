@@ -23,6 +23,9 @@ def pretrained(cls, path_or_id: str | Path, what: str, local_files_only: bool = 
     """`cls.from_pretrained` on a local folder or a Hugging Face id (offline: an id already in
     the cache, with `local_files_only` or HF_HUB_OFFLINE=1), in float32 whatever the checkpoint
     holds (attribution in half precision is too coarse), failures as one line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would be the run's stderr
     try:
         return cls.from_pretrained(str(path_or_id), local_files_only=local_files_only, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -84,6 +87,28 @@ def token_units(ids: Tensor, embedded: Tensor, embedding: nn.Embedding, *, pad_i
     units = Tokens(pad_id=pad_id, special_ids=tuple(special_ids), vocab=vocab).build(ids, embedded, embedding)
     removed = embedding.weight[removed_id].detach().to(embedded.dtype)
     return dataclasses.replace(units, baseline=removed.expand(embedded.shape))
+
+
+TEXT_UNITS = ("tokens", "words")
+
+
+def check_text_units(text_units: str, vocab) -> str:
+    if text_units not in TEXT_UNITS:
+        raise MmdiagError(f"text_units: {text_units!r} is not one of {', '.join(TEXT_UNITS)}")
+    if text_units == "words" and vocab is None:
+        raise MmdiagError("text_units: 'words' needs the processor's tokenizer (its vocabulary marks where words begin); load the model with its processor")
+    return text_units
+
+
+def text_units(ids: Tensor, embedded: Tensor, embedding: nn.Embedding, *, pad_id: int, special_ids: Sequence[int], removed_id: int, vocab: Sequence[str] | None, words: bool) -> Units:
+    """Token units, or word units (the BPE or WordPiece pieces of a word as one unit); padding
+    and special tokens are kept either way, and a removed piece takes `removed_id`'s embedding."""
+    if not words:
+        return token_units(ids, embedded, embedding, pad_id=pad_id, special_ids=special_ids, removed_id=removed_id, vocab=vocab)
+    from pipeline.hf.words import word_units
+
+    fixed = (ids == pad_id) | torch.isin(ids, torch.tensor(list(special_ids), device=ids.device))
+    return word_units(ids, embedded, fixed, vocab, embedding.weight[removed_id].detach())
 
 
 def matches(embedded: Tensor, row: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipeline.adapter import ModelAdapter
 from pipeline.errors import MmdiagError
-from pipeline.hf.common import check_ids, check_vocab, matches, pretrained, processor_or_none, token_units, vocabulary
+from pipeline.hf.common import check_ids, check_text_units, check_vocab, matches, pretrained, processor_or_none, text_units, vocabulary
 from pipeline.units import PatchGrid
 
 # BERT's ids, which ViLT's tokenizer uses, for a model loaded without its processor
@@ -32,8 +32,9 @@ BERT_IDS = {"pad": 0, "cls": 101, "sep": 102, "mask": 103}
 
 class ViltAdapter(ModelAdapter):
     modalities = ("image", "text")
+    joint_fusion = True  # one transformer over the patches and the words
 
-    def __init__(self, model, processor=None, *, class_names: Sequence[str] | None = None):
+    def __init__(self, model, processor=None, *, class_names: Sequence[str] | None = None, text_units: str = "tokens"):
         self.module = model.eval()
         self.processor = processor
         config = model.config
@@ -50,6 +51,7 @@ class ViltAdapter(ModelAdapter):
             raise MmdiagError(f"model: the [{bad[0].upper()}] token id {ids[bad[0]]} is outside ViLT's vocabulary of {self.vocab_size}; load the model with its processor")
         self.pad_id, self.special_ids, self.removed_id = ids["pad"], (ids["cls"], ids["sep"]), ids["mask"]
         self.vocab = vocabulary(tokenizer)
+        self.text_units = check_text_units(text_units, self.vocab)
         if tokenizer is not None:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
         labels = config.id2label or {}
@@ -103,8 +105,9 @@ class ViltAdapter(ModelAdapter):
     def units(self, inputs, encoded):
         return {
             "image": PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"]),
-            "text": token_units(
-                inputs["text"], encoded["text"], self.word_embeddings, pad_id=self.pad_id, special_ids=self.special_ids, removed_id=self.removed_id, vocab=self.vocab
+            "text": text_units(
+                inputs["text"], encoded["text"], self.word_embeddings, pad_id=self.pad_id, special_ids=self.special_ids, removed_id=self.removed_id,
+                vocab=self.vocab, words=self.text_units == "words",
             ),
         }
 
@@ -119,11 +122,12 @@ class ViltAdapter(ModelAdapter):
         return self.module.classifier[3]
 
 
-def load_vilt(path_or_id: str | Path, *, processor=None, class_names: Sequence[str] | None = None, local_files_only: bool = False) -> ViltAdapter:
+def load_vilt(path_or_id: str | Path, *, processor=None, class_names: Sequence[str] | None = None, text_units: str = "tokens", local_files_only: bool = False) -> ViltAdapter:
     """A ViLT VQA adapter from a local folder or a Hugging Face id; the processor is loaded from
-    the same place unless given. Class names: the config's id2label (the answers)."""
+    the same place unless given. Class names: the config's id2label (the answers).
+    `text_units="words"`: the WordPiece pieces of a word are one unit."""
     from transformers import ViltForQuestionAnswering
 
     model = pretrained(ViltForQuestionAnswering, path_or_id, "a ViLT question-answering model", local_files_only)
     processor = processor if processor is not None else processor_or_none(path_or_id, local_files_only)
-    return ViltAdapter(model, processor, class_names=class_names)
+    return ViltAdapter(model, processor, class_names=class_names, text_units=text_units)

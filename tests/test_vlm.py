@@ -1,0 +1,254 @@
+"""Generative VLMs (LLaVA, PaliGemma) as closed-set answer scorers: their scores against
+log-likelihoods computed independently from the model's own logits, word units, the methods'
+identities through them, every stage, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm_kit
+from inprocess import diagnose
+from pipeline.demo import vlm as demo
+from pipeline.errors import MmdiagError
+from pipeline.hf.vlm import VLMAdapter, load_vlm, vlm_samples
+from pipeline.hf.words import piece_style, word_slots
+from stages import attribution as attr
+
+QUESTIONS = ["is the circle red", "apparently is the triangle not red", "look", "in this image is the square red"]
+MANY = ("no", "yes", "triangle", "apparently red")  # two of them several tokens long
+
+
+def pictures(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def samples(adapter, n=4):
+    answers = [adapter.answers[i % 2] for i in range(n)]
+    return vlm_samples(adapter, pictures(n), [QUESTIONS[i % 4] for i in range(n)], answers)
+
+
+def reference(adapter, data):
+    """Each candidate appended to the unpadded prompt, scored from model(...).logits."""
+    out = torch.zeros(len(data), len(adapter.candidates))
+    for i in range(len(data)):
+        ids = data.inputs["text"][i][data.inputs["text"][i] != adapter.pad_id]
+        for k, c in enumerate(adapter.candidates):
+            seq = torch.cat([ids, torch.tensor(c)])[None]
+            extra = {"token_type_ids": torch.cat([torch.zeros(len(ids)), torch.ones(len(c))]).long()[None]} if adapter.family.name == "paligemma" else {}
+            logp = adapter.module(input_ids=seq, pixel_values=data.inputs["image"][i : i + 1], **extra).logits[0].log_softmax(-1)
+            out[i, k] = sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(c))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+@pytest.mark.parametrize("answers,reuse", [(("no", "yes"), True), (MANY, True), (MANY, False)])
+def test_candidate_scores_are_the_log_likelihoods_of_the_models_own_logits(family, answers, reuse):
+    adapter = vlm_kit.adapter(family, answers=answers, prefix_reuse=reuse)
+    data = samples(adapter)
+    assert adapter.single_token == (len(answers) == 2)
+    assert (data.inputs["text"][:, 0] == adapter.pad_id).any()  # prompts of several lengths, left-padded
+    with torch.no_grad():
+        assert torch.allclose(adapter(data.inputs), reference(adapter, data), atol=1e-5)
+
+
+def test_left_padding_does_not_change_a_samples_score():
+    adapter = vlm_kit.adapter("llava")
+    data = samples(adapter)
+    longer = adapter.prompt(data.display["caption"], data.inputs["text"].shape[1] + 5)
+    with torch.no_grad():
+        assert torch.allclose(adapter(data.inputs), adapter({"image": data.inputs["image"], "text": longer}), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pieces,style,expected",
+    [
+        (["▁tri", "ang", "le", "▁is", "▁red"], "start", [0, 0, 0, 3, 4]),
+        (["tri", "##ang", "##le", "is", "red"], "continue", [0, 0, 0, 3, 4]),
+        (["tri", "ang", "le</w>", "is</w>", "red</w>"], "end", [0, 0, 0, 3, 4]),
+        (["Ġtri", "ang", "le", "Ġis"], "start", [0, 0, 0, 3]),
+    ],
+)
+def test_the_pieces_of_a_word_are_one_unit(pieces, style, expected):
+    assert word_slots(pieces, [False] * len(pieces), style) == expected
+    fixed = [False, True] + [False] * (len(pieces) - 2)  # a fixed token ends the word before it
+    assert word_slots(pieces, fixed, style)[:3] == [0, -1, 2]
+
+
+def test_piece_style_is_read_from_the_vocabulary():
+    assert piece_style(["a</w>", "b"]) == "end" and piece_style(["a", "##b"]) == "continue" and piece_style(["▁a", "b"]) == "start"
+    assert piece_style(["what", "is", "red"]) == "continue"  # whole words: each its own unit
+
+
+def test_units_are_the_questions_words_and_the_template_is_never_removed():
+    adapter = vlm_kit.adapter("llava")
+    data = samples(adapter)
+    encoded = adapter.encode(data.inputs)
+    units = adapter.units(data.inputs, encoded)["text"]
+    ids = data.inputs["text"]
+    row = 1  # "apparently is the triangle not red": "apparently" and "triangle" are three pieces each
+    slots = units.mask[row, :, 0]
+    taken = slots[slots >= 0]
+    assert len(taken) == 10 and len(taken.unique()) == 6
+    assert [units.labels[row][s] for s in taken.unique().tolist()] == ["apparently", "is", "the", "triangle", "not", "red"]
+    fixed = slots < 0
+    assert torch.isin(ids[row][fixed], torch.tensor([adapter.pad_id, adapter.image_id, demo.BOS_ID])).sum() >= adapter.n_image_tokens + 1
+    assert (ids[row][~fixed] != adapter.image_id).all()
+    removed = units.apply(encoded["text"], torch.zeros(len(data), units.n, dtype=torch.bool))
+    assert torch.equal(removed[:, :][units.mask[..., 0] < 0], encoded["text"][units.mask[..., 0] < 0])  # template, placeholders, padding kept
+    unk = adapter.embedding.weight[adapter.removed_id]
+    assert torch.allclose(removed[row][~fixed], unk.expand(int((~fixed).sum()), -1))
+    assert adapter.units(data.inputs, encoded)["image"].n == 16  # the 8 px patches of the vision tower
+
+
+def game(adapter, data):
+    encoded = {m: t.detach() for m, t in adapter.encode(data.inputs).items()}
+    return attr.Game(adapter, encoded, adapter.units(data.inputs, encoded), data.labels)
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_shapley_values_sum_to_the_score_difference_and_ig_is_complete(family):
+    adapter = vlm_kit.adapter(family)
+    data = samples(adapter)
+    g = game(adapter, data)
+    phi = attr.shapley_sampling(g, pairs=2, generator=torch.Generator().manual_seed(0))
+    ends = g.value(torch.stack([torch.zeros_like(g.present), torch.ones_like(g.present)], 1))
+    assert torch.allclose(phi.sum(1), ends[:, 1] - ends[:, 0], atol=1e-4)
+    assert (phi[~g.present] == 0).all()  # template and placeholder slots are no units
+    _, delta = attr.integrated_gradients(g, steps=64)
+    assert (delta.abs() / (ends[:, 1] - ends[:, 0]).abs().clamp_min(1e-3)).max() < 0.05
+
+
+def test_the_head_composes_one_token_answers_up_to_the_shared_normaliser():
+    adapter = vlm_kit.adapter("llava")
+    data = samples(adapter)
+    with torch.no_grad(), adapter.reading(["decision", "vision", "projector", *[f"lm.layer{d}" for d in adapter.depths]]) as seen:
+        logits = adapter(data.inputs)
+        gap = adapter.head()(seen["decision"]) - logits
+    assert torch.allclose(gap - gap.mean(1, keepdim=True), torch.zeros_like(gap), atol=1e-5)
+    assert seen["vision"].shape[1] == 17 and seen["projector"].shape == (4, 16, 64) and seen["decision"].shape == (4, 64)
+    many = vlm_kit.adapter("llava", answers=MANY)
+    assert many.head() is None and "more than one token" in many.head_caveat
+
+
+def test_every_stage_runs_on_a_vlm():
+    adapter = vlm_kit.adapter("llava")
+    base = demo.split("ood", n=96)
+    summary, results, analysis = diagnose(
+        adapter, base,
+        settings={"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 8, "max_errors": 8, "shapley_pairs": 1, "sanity_samples": 0},
+                  "crossmodal": {"n_reference": 12, "shapley_draws": 2}},
+    )  # fmt: skip
+    assert summary["model"]["fusion"] == "joint"
+    assert summary["unimodal"]["n_explained"] > 0 and summary["crossmodal"]["methods"]["emap"]["late_fusion"] is False
+    assert {"decision", "lm.layer1", "projector", "vision"} <= set(summary["representation"]["probes"]["negation"])
+    assert summary["composition"]["exact"]["applies"] and "up_to" in summary["composition"]["exact"]
+    assert "pairs" in summary["intervention"]
+    assert isinstance(analysis["suggestions"], list)
+
+
+def test_the_demo_data_is_the_shapes_asked_as_questions():
+    data = demo.split("ood", n=40)
+    shapes = demo.shapes.split("ood", n=40)
+    assert torch.equal(data.labels, shapes.labels) and data.class_names == ["no", "yes"]
+    assert demo.question("in the picture the triangle is not red") == "in the picture is the triangle not red"
+    flipped = data.counterfactuals["negation"].inputs["text"]
+    assert flipped.shape == data.inputs["text"].shape
+    not_id = demo.PIECES.index("▁not") + len(demo.SPECIAL)
+    assert torch.equal((data.inputs["text"] == not_id).any(1), data.meta["negation"].bool())
+    assert torch.equal((flipped == not_id).any(1), ~data.meta["negation"].bool())
+    assert torch.equal(data.truth["text"]["negation"], data.inputs["text"] == not_id)
+
+
+def test_bad_vlm_arguments_are_one_line_each(tmp_path):
+    model = vlm_kit.llava()
+    processor = demo.processor()
+    cases = [
+        (dict(prompt="{question} ?"), "prompt: '{question} ?' must hold the image placeholder <image>"),
+        (dict(answers=["", "yes"]), "answers: '' tokenises to nothing"),
+        (dict(answers=["yes", " yes"]), "answers: ' yes' and 'yes' tokenise to the same tokens"),
+        (dict(answers=["yes"]), "answers: give at least two candidate answers"),
+    ]
+    for change, expected in cases:
+        options = {"answers": ["no", "yes"], "prompt": demo.TEMPLATE, **change}
+        with pytest.raises(MmdiagError) as e:
+            VLMAdapter(model, processor, options.pop("answers"), **options)
+        assert expected in str(e.value) and "\n" not in str(e.value)
+    adapter = vlm_kit.adapter("llava")
+    with pytest.raises(MmdiagError) as e:
+        vlm_samples(adapter, [np.zeros((32, 32, 3), np.uint8), "not a picture"], ["is the circle red"] * 2, ["yes", "no"])
+    assert str(e.value).startswith("data.images: the processor cannot take image 1")
+    with pytest.raises(MmdiagError) as e:
+        vlm_samples(adapter, pictures(1), ["is the circle red"], ["maybe"])
+    assert "data.answers: 'maybe' is not one of the model's candidate answers" in str(e.value)
+    data = samples(adapter)
+    shifted = data.inputs["text"].roll(1, 1)
+    with pytest.raises(MmdiagError, match="inputs.text: row 0 is not a left-padded prompt"):
+        adapter.encode({"image": data.inputs["image"], "text": shifted})
+
+
+USER_MODULE = '''
+import numpy as np
+from pipeline.hf.vlm import load_vlm, vlm_samples
+
+FOLDER = {folder!r}
+OPTIONS = {options!r}
+
+
+def model():
+    return load_vlm(FOLDER, local_files_only=True, **OPTIONS)
+
+
+def data(split, n, seed):
+    rng = np.random.default_rng(seed)
+    adapter = model()
+    return vlm_samples(adapter, [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)], ["is the circle red"] * 8, ["yes", "no"] * 4, name=split)
+'''
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import CLIPModel
+
+    root = tmp_path_factory.mktemp("vlms")
+    vlm_kit.llava().save_pretrained(root / "llava")
+    demo.processor().save_pretrained(root / "llava")
+    from test_hf import save_clip
+
+    save_clip(root / "clip")
+    assert CLIPModel.from_pretrained(root / "clip") is not None
+    return root
+
+
+@pytest.mark.parametrize(
+    "folder,options,expected",
+    [
+        ("llava", {"answers": ["no", "yes"], "prompt": "{question} ?"}, "prompt: '{question} ?' must hold the image placeholder <image> exactly once"),
+        ("llava", {"answers": ["", "yes"], "prompt": demo.TEMPLATE}, "answers: '' tokenises to nothing"),
+        ("llava", {"answers": ["yes", " yes"], "prompt": demo.TEMPLATE}, "tokenise to the same tokens"),
+        ("clip", {"answers": ["no", "yes"]}, "is a 'clip' model; mmdiag's image-text-to-text adapter supports llava, paligemma"),
+    ],
+)
+def test_bad_vlm_input_through_the_cli_is_one_line_exit_2(folders, folder, options, expected, tmp_path, monkeypatch, capsys, cache):
+    from flows.cli import main
+
+    name = f"myvlm_{tmp_path.name.replace('-', '_')}"  # a module of its own per case (imports are cached)
+    (tmp_path / f"{name}.py").write_text(USER_MODULE.format(folder=str(folders / folder), options=options))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "diag.yaml"
+    cfg.write_text(f"model: {{factory: '{name}:model'}}\ndata: {{factory: '{name}:data', split: val}}\nout: {tmp_path / 'out'}\ncache: {tmp_path / 'cache'}\n")
+    assert main(["diagnose", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_load_vlm_reads_a_saved_folder_offline(folders):
+    adapter = load_vlm(folders / "llava", ["no", "yes"], prompt=demo.TEMPLATE, local_files_only=True)
+    original = demo.adapter(vlm_kit.llava())
+    data = samples(original)
+    with torch.no_grad():
+        assert torch.allclose(adapter(data.inputs), original(data.inputs), atol=1e-6)
+    assert json.loads((folders / "llava" / "config.json").read_text())["model_type"] == "llava"
