@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/mmdiag bench
 	$(BIN)/python -m flows.bench_scale --json bench_scale.json
+	$(BIN)/python -m flows.bench_vlm --json bench_vlm.json
 
 clean:
-	rm -rf $(VENV) runs bench.json bench_scale.json .pytest_cache
+	rm -rf $(VENV) runs bench.json bench_scale.json bench_vlm.json .pytest_cache

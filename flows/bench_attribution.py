@@ -28,8 +28,8 @@ def explained(adapter, data, device, n: int):
     return encoded, adapter.units(inputs, encoded), target
 
 
-def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_slow: int = 16) -> list[dict]:
-    """Every stage-1 method on the same demo-film samples and targets: model inputs per
+def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_slow: int = 16, model: str = "demo-film", methods=METHODS) -> list[dict]:
+    """Every stage-1 method on the same samples and targets of `model`: model inputs per
     sample, seconds per sample, wall time over the floor (inputs evaluated x the time per
     input in a full batch, forward or forward + backward), or the refusal where the method
     does not apply to the model."""
@@ -44,7 +44,7 @@ def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_s
     stats = attr.BottleneckStats.of(encoded)
     config = UnimodalConfig()
     rows = []
-    for method in METHODS:
+    for method in methods:
         k = n_slow if method in SLOW else n
         game = attr.Game(adapter, encoded, units, target, attr.default_batch(device)).rows(slice(0, k))
         try:
@@ -53,11 +53,11 @@ def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_s
             attribute(method, game, config, stats, torch.Generator().manual_seed(0))
             secs = time.perf_counter() - start
         except MmdiagError as e:
-            rows.append({"benchmark": f"{method} on demo-film: refused", "value": None, "unit": "s", "device": device.type,
+            rows.append({"benchmark": f"{method} on {model}: refused", "value": None, "unit": "s", "device": device.type,
                          "why": str(e).split(": ", 2)[-1][:120]})
             continue
         floor = (game.passes - game.backward) * per_input + game.backward * per_grad
-        rows.append({"benchmark": f"{method} on demo-film: seconds per sample", "value": round(secs / k, 5), "unit": "s", "device": device.type,
+        rows.append({"benchmark": f"{method} on {model}: seconds per sample", "value": round(secs / k, 5), "unit": "s", "device": device.type,
                      "forward_inputs": round(game.passes / k, 1), "backward_inputs": round(game.backward / k, 1),
                      "over_floor": round(secs / floor, 2) if floor else None, "samples": k})
     return rows

@@ -25,6 +25,9 @@ class ModelAdapter(ABC):
     # the architecture lets units of different modalities act on each other before the head
     # (joint attention, FiLM): an additive model of this kind learnt no interaction, it was not built without one
     joint_fusion: bool = False
+    # every sample's label is the same class by construction (an open-answer VLM: "target"), so
+    # a data set of one label is not a mistake
+    one_label: bool = False
 
     @abstractmethod
     def encode(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -7,7 +7,8 @@ model behaves additively and the data needs interaction, either the architecture
 the modalities (late fusion, or not declared): then a shortcut (and an ignored modality of the
 needed pair) is a symptom, since decorrelating the data cannot teach an additive model the rule;
 or it can (the adapter declares joint fusion: attention over both, FiLM): then the missing
-interaction is the symptom of a shortcut that let training stop short of the rule. The symptom's
+interaction (and an ignored modality of the needed pair) is the symptom of a shortcut that let
+training stop short of the rule. The symptom's
 priority is scaled by `additive_shortcut_discount`.
 """
 
@@ -173,13 +174,14 @@ def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> fl
     the data needs interaction: if its architecture cannot combine the modalities, a shortcut
     and an ignored modality of the needed pair are symptoms of the fusion (an additive model
     cannot use a modality whose meaning depends on the other); if it can, the missing
-    interaction is a symptom of the shortcut."""
+    interaction, and an ignored modality of the needed pair, are symptoms of the shortcut."""
     additive = next((g for g in findings if g.rule == "missing_interaction"), None)
-    if additive is not None and additive.figures.get("fusion") == "joint":
-        symptom = f is additive and any(g.rule == "shortcut" for g in findings)
-        return round(max(f.strength, 0.0) * (t.additive_shortcut_discount if symptom else 1.0), 4)
     pair = ((additive.figures.get("modalities") or {}).get("pair") or []) if additive else []
-    symptom = additive is not None and (f.rule == "shortcut" or (f.rule == "ignored_modality" and (f.subject in pair or not pair)))
+    needed = f.rule == "ignored_modality" and (f.subject in pair or not pair)
+    if additive is not None and additive.figures.get("fusion") == "joint":
+        symptom = (f is additive or needed) and any(g.rule == "shortcut" for g in findings)
+        return round(max(f.strength, 0.0) * (t.additive_shortcut_discount if symptom else 1.0), 4)
+    symptom = additive is not None and (f.rule == "shortcut" or needed)
     return round(max(f.strength, 0.0) * (t.additive_shortcut_discount if symptom else 1.0), 4)
 
 

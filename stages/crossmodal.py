@@ -43,7 +43,7 @@ def check_inputs(ctx: Context, config: CrossmodalConfig) -> None:
         raise MmdiagError(f"stages.crossmodal: the model has one modality ({mods[0]}); cross-modal interaction needs two or more, drop the stage")
     if config.n_reference is not None and config.n_reference > len(ctx.data):
         raise MmdiagError(f"stages.crossmodal.n_reference: {config.n_reference} reference samples asked for, the data has {len(ctx.data)}; lower it")
-    if len(ctx.data.labels.unique()) < 2:
+    if len(ctx.data.labels.unique()) < 2 and not ctx.adapter.one_label:
         raise MmdiagError("data: every sample has the same label; cross-modal analysis needs at least two classes")
 
 

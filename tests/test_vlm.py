@@ -54,6 +54,69 @@ def test_candidate_scores_are_the_log_likelihoods_of_the_models_own_logits(famil
         assert torch.allclose(adapter(data.inputs), reference(adapter, data), atol=1e-5)
 
 
+def _naive_greedy(adapter, ids, pixels, length, ban=None):
+    """The model's greedy answer by recomputing the whole sequence at every step."""
+    seq, extra = ids.clone(), {}
+    for step in range(length):
+        if adapter.family.name == "paligemma":
+            extra = {"token_type_ids": torch.cat([torch.zeros(len(ids)), torch.ones(len(seq) - len(ids))]).long()[None]}
+        logits = adapter.module(input_ids=seq[None], pixel_values=pixels, **extra).logits[0, -1]
+        logits[[adapter.pad_id, adapter.image_id] + ([ban] if ban is not None and step == 0 else [])] = -torch.inf
+        token = logits.argmax()
+        seq = torch.cat([seq, token[None]])
+        if token == demo.EOS_ID:
+            break
+    return seq[len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_open_answers_score_each_samples_target_against_the_models_own(family, reuse):
+    adapter = vlm_kit.adapter(family, answers=None, prefix_reuse=reuse, answer_length=6)
+    targets = ["yes", "no", "apparently red", "triangle"]
+    data = vlm_samples(adapter, pictures(4), QUESTIONS, targets)
+    assert (data.labels == 0).all() and data.class_names == ["target", "model's answer"]
+    t, rows = 6, data.inputs["text"]
+    prompt = rows.shape[1] - 2 * t
+    end = demo.EOS_ID
+    with torch.no_grad():
+        scores = adapter(data.inputs)
+        for i in range(4):
+            ids = rows[i, :prompt][rows[i, :prompt] != adapter.pad_id]
+            target, other = rows[i, prompt : prompt + t], rows[i, prompt + t :]
+            assert target[target != adapter.pad_id].tolist() == adapter.prompt.ids(targets[i]) + [end]
+            own = _naive_greedy(adapter, ids, data.inputs["image"][i : i + 1], t)
+            if own != target[target != adapter.pad_id].tolist():
+                assert other[other != adapter.pad_id].tolist() == own  # the competitor is the model's own answer
+            for k, span in enumerate((target, other)):
+                span = span[span != adapter.pad_id]
+                seq = torch.cat([ids, span])[None]
+                extra = {"token_type_ids": torch.cat([torch.zeros(len(ids)), torch.ones(len(span))]).long()[None]} if family == "paligemma" else {}
+                logp = adapter.module(input_ids=seq, pixel_values=data.inputs["image"][i : i + 1], **extra).logits[0].log_softmax(-1)
+                assert abs(float(scores[i, k]) - sum(float(logp[len(ids) - 1 + j, tok]) for j, tok in enumerate(span.tolist()))) < 1e-4
+    assert adapter.head() is None and "its own two answers" in adapter.head_caveat
+    units = adapter.units(data.inputs, adapter.encode(data.inputs))["text"]
+    assert (units.mask[:, prompt:, 0] == -1).all()  # the answers are never removed
+    with pytest.raises(MmdiagError, match="data.answers: answer 0 .* more than answer_length=6"):
+        vlm_samples(adapter, pictures(1), ["look"], ["apparently apparently"])
+
+
+def test_where_the_model_says_the_target_its_competitor_is_its_best_answer_that_starts_otherwise():
+    adapter = vlm_kit.adapter("llava", answers=None, answer_length=6, seed=4)  # a seed whose answers end within 6 tokens on some rows
+    questions = [QUESTIONS[i % 4] for i in range(16)]
+    first = vlm_samples(adapter, pictures(16), questions, ["yes"] * 16)
+    own = first.inputs["text"][:, -6:]  # the competitor of "yes": the model's own answer
+    said = [i for i, row in enumerate(own.tolist()) if demo.EOS_ID in row and adapter.prompt.ids(first.display["model_answer"][i]) + [demo.EOS_ID] == [x for x in row if x != adapter.pad_id]]
+    assert said, "no answer of this model ends within answer_length"
+    again = vlm_samples(adapter, [pictures(16)[i] for i in said], [questions[i] for i in said], [first.display["model_answer"][i] for i in said])
+    target, other = again.inputs["text"][:, -12:-6], again.inputs["text"][:, -6:]
+    assert torch.equal(target, own[said])  # the target is what the model says
+    for row, i in enumerate(said):
+        ids = again.inputs["text"][row, :-12][again.inputs["text"][row, :-12] != adapter.pad_id]
+        banned = _naive_greedy(adapter, ids, again.inputs["image"][row : row + 1], 6, ban=int(target[row, 0]))
+        assert other[row][other[row] != adapter.pad_id].tolist() == banned
+
+
 def test_left_padding_does_not_change_a_samples_score():
     adapter = vlm_kit.adapter("llava")
     data = samples(adapter)
@@ -147,6 +210,21 @@ def test_every_stage_runs_on_a_vlm():
     assert summary["composition"]["exact"]["applies"] and "up_to" in summary["composition"]["exact"]
     assert "pairs" in summary["intervention"]
     assert isinstance(analysis["suggestions"], list)
+
+
+def test_every_stage_runs_in_open_mode():
+    adapter = vlm_kit.adapter("llava", answers=None, answer_length=4)
+    n = 48
+    negation = torch.tensor([i % 2 for i in range(n)])
+    data = vlm_samples(adapter, pictures(n), [QUESTIONS[i % 4] for i in range(n)], ["yes" if i % 3 else "no" for i in range(n)], meta={"negation": negation})
+    summary, _, _ = diagnose(
+        adapter, data,
+        settings={"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 4, "max_errors": 8, "shapley_pairs": 1, "sanity_samples": 0},
+                  "crossmodal": {"n_reference": 8, "shapley_draws": 2}},
+    )  # fmt: skip
+    assert summary["unimodal"]["n_explained"] > 0 and summary["crossmodal"]["n_reference"] == 8
+    assert "decision" in summary["representation"]["probes"]["negation"]
+    assert summary["composition"].get("skipped") or summary["composition"]["exact"]["reason"].startswith("each sample scores its own two answers")
 
 
 def test_the_demo_data_is_the_shapes_asked_as_questions():
@@ -252,3 +330,26 @@ def test_load_vlm_reads_a_saved_folder_offline(folders):
     with torch.no_grad():
         assert torch.allclose(adapter(data.inputs), original(data.inputs), atol=1e-6)
     assert json.loads((folders / "llava" / "config.json").read_text())["model_type"] == "llava"
+
+
+@pytest.mark.slow
+def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo_models):
+    """The trained demo-vlm: the planted shortcut proven from the model (the corner mark decides
+    its answers), then found by the diagnosis: the top suggestion, the mark's attribution far
+    above its area, negation readable at the answer position."""
+    adapter = demo_models("demo-vlm")
+    data = demo.split("ood", n=600)
+    with torch.no_grad():
+        pred = adapter(data.inputs).argmax(1)
+        flipped = adapter({**data.inputs, **data.counterfactuals["watermark"].inputs}).argmax(1)
+    assert (pred == data.meta["watermark"]).float().mean() > 0.9  # it answers with the mark
+    assert (pred != flipped).float().mean() > 0.8  # toggling the mark, label kept, flips the answer
+    summary, _, analysis = diagnose(
+        adapter, data,
+        settings={"unimodal": {"methods": ["shapley"], "n_correct": 40, "max_errors": 80, "shapley_pairs": 3, "sanity_samples": 0},
+                  "crossmodal": {"n_reference": 80}},
+    )  # fmt: skip
+    assert analysis["suggestions"][0]["id"] == "shortcut:watermark", [s["id"] for s in analysis["suggestions"]]
+    assert summary["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["enrichment"] > 4
+    probes = summary["representation"]["probes"]["negation"]
+    assert probes["decision"]["selectivity"] > 0.2 and probes["vision"]["selectivity"] < 0.1  # in the answer position, not in the image

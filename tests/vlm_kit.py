@@ -31,4 +31,4 @@ FAMILIES = {"llava": (llava, demo.TEMPLATE), "paligemma": (paligemma, PALIGEMMA_
 
 def adapter(family: str, answers=("no", "yes"), seed: int = 0, **options) -> VLMAdapter:
     build, prompt = FAMILIES[family]
-    return VLMAdapter(build(seed), demo.processor(), list(answers), prompt=options.pop("prompt", prompt), **options)
+    return VLMAdapter(build(seed), demo.processor(), None if answers is None else list(answers), prompt=options.pop("prompt", prompt), **options)

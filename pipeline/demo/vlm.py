@@ -86,10 +86,10 @@ def build(seed: int = 0):
     return LlavaForConditionalGeneration(config).eval()
 
 
-def adapter(model, **options):
+def adapter(model, answers=ANSWERS, **options):
     from pipeline.hf.vlm import VLMAdapter
 
-    return VLMAdapter(model, processor(), ANSWERS, prompt=TEMPLATE, **options)
+    return VLMAdapter(model, processor(), answers, prompt=TEMPLATE, **options)
 
 
 def _prompt():

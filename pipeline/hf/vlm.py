@@ -46,6 +46,7 @@ from pipeline.hf.words import word_units, words
 from pipeline.units import PatchGrid
 
 IMAGE, QUESTION = "<image>", "{question}"
+OPEN_CLASSES = ("target", "model's answer")  # open mode: class 0 is the sample's own answer
 # stage 2 runs the model under vmap, where the placeholder merge (masked_scatter) has no batching
 # rule yet: torch warns once per call that it loops instead; the numbers are the same
 warnings.filterwarnings("ignore", message=".*batching rule for aten::masked_scatter.*")
@@ -152,11 +153,12 @@ class VLMAdapter(ModelAdapter):
         self,
         model,
         processor,
-        answers: Sequence[str],
+        answers: Sequence[str] | None,
         *,
         prompt: str | None = None,
         class_names: Sequence[str] | None = None,
         prefix_reuse: bool = True,
+        answer_length: int = 8,
     ):
         config = model.config
         family = FAMILIES.get(config.model_type)
@@ -177,12 +179,19 @@ class VLMAdapter(ModelAdapter):
         self.n_image_tokens = (self.image_size // self.patch) ** 2 + int(full)
         self.pad_id, self.removed_id = self._special_ids(tokenizer)
         self.prompt = Prompt(tokenizer, family, prompt if prompt is not None else family.prompt, self.image_id, self.n_image_tokens, self.pad_id, self.removed_id)
-        self.answers = [str(a) for a in answers]
-        self.candidates = self._candidates(self.answers)
+        # open mode (answers=None): each sample carries its own target answer, scored against the
+        # model's own greedy answer; both ride at the end of the text input, `answer_length` tokens each
+        self.open = answers is None
+        if self.open and answer_length < 1:
+            raise MmdiagError(f"answer_length: {answer_length} tokens cannot hold an answer; give at least 1")
+        self.answer_length = answer_length if self.open else 0
+        self.end_id = tokenizer.eos_token_id
+        self.answers = list(OPEN_CLASSES) if self.open else [str(a) for a in answers]
+        self.candidates = [] if self.open else self._candidates(self.answers)
         self.class_names = list(class_names) if class_names is not None else list(self.answers)
         if len(self.class_names) != len(self.answers):
             raise MmdiagError(f"class_names: {len(self.class_names)} names for {len(self.answers)} answers; give one per answer")
-        self.single_token = all(len(c) == 1 for c in self.candidates)
+        self.single_token = not self.open and all(len(c) == 1 for c in self.candidates)
         self.softcap = getattr(text, "final_logit_softcapping", None)
         n = text.num_hidden_layers
         self.depths = sorted({max(1, n // 3), max(1, 2 * n // 3)} - {n}) or []
@@ -235,15 +244,23 @@ class VLMAdapter(ModelAdapter):
         ids = inputs["text"]
         if ids.dim() != 2 or ids.is_floating_point() or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size)):
             raise MmdiagError(f"inputs.text: expected token ids (B, L) in 0..{self.vocab_size - 1}; build the data with pipeline.hf.vlm_samples")
-        self.prompt.question(ids)
+        self.question(ids)
         return {"image": pixels, "text": self.embedding(ids)}
+
+    def question(self, ids: Tensor) -> Tensor:
+        """(B, L) bool: the question's tokens (in open mode, the answers after the prompt are not)."""
+        spans = 2 * self.answer_length
+        if ids.shape[1] <= spans:
+            raise MmdiagError(f"inputs.text: rows of {ids.shape[1]} tokens cannot hold a prompt and two answers of {self.answer_length}; build the data with pipeline.hf.vlm_samples")
+        asked = self.prompt.question(ids[:, : ids.shape[1] - spans])
+        return torch.cat([asked, asked.new_zeros(len(ids), spans)], 1)
 
     def units(self, inputs, encoded):
         ids = inputs["text"]
         removed = self.embedding.weight[self.removed_id].detach()
         return {
             "image": PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"]),
-            "text": word_units(ids, encoded["text"], ~self.prompt.question(ids), self.prompt.vocab, removed),
+            "text": word_units(ids, encoded["text"], ~self.question(ids), self.prompt.vocab, removed),
         }
 
     def _attention(self, embedded: Tensor) -> tuple[Tensor, Tensor]:
@@ -252,15 +269,18 @@ class VLMAdapter(ModelAdapter):
         positions = (real.cumsum(1) - 1 + self.family.first_position).clamp_min(0)
         return real, positions
 
+    def _exact_placeholders(self, embedded: Tensor) -> Tensor:
+        # the model finds its placeholders by exact equality; a soft mask's base + 1 * (x - base) rounds
+        image = self.embedding.weight[self.image_id].to(embedded.dtype)
+        return torch.where(matches(embedded, image)[..., None], image, embedded)
+
     def _logits(self, hidden: Tensor) -> Tensor:
         logits = self.module.lm_head(hidden)
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def _prompt_pass(self, pixels: Tensor, embedded: Tensor, cache: bool):
         mask, positions = self._attention(embedded)
-        # the model finds its placeholders by exact equality; a soft mask's base + 1 * (x - base) rounds
-        image = self.embedding.weight[self.image_id].to(embedded.dtype)
-        embedded = torch.where(matches(embedded, image)[..., None], image, embedded)
+        embedded = self._exact_placeholders(embedded)
         extra = {"token_type_ids": torch.zeros_like(mask)} if self.family.bidirectional_prefix else {}
         out = self.module.model(
             pixel_values=pixels, inputs_embeds=embedded, attention_mask=mask, position_ids=positions,
@@ -273,62 +293,102 @@ class VLMAdapter(ModelAdapter):
 
     def forward(self, encoded):
         pixels, embedded = encoded["image"], encoded["text"]
-        first = torch.tensor([c[0] for c in self.candidates], device=embedded.device)
         if self.single_token:
+            first = torch.tensor([c[0] for c in self.candidates], device=embedded.device)
             return self._prompt_pass(pixels, embedded, cache=False)[0][:, first]
+        prompt, tokens, valid, feed = self._answers(embedded)
         if not self.prefix_reuse:
-            return self._full_sequences(pixels, embedded)
-        logp, out, mask, positions = self._prompt_pass(pixels, embedded, cache=True)
+            return self._full_sequences(pixels, prompt, tokens, valid, feed)
+        logp, out, mask, positions = self._prompt_pass(pixels, prompt, cache=True)
+        b, k, t = tokens.shape
+        first = logp.gather(1, tokens[:, :, 0])
+        if t == 1:
+            return first
         cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
-        k, b = len(self.candidates), len(embedded)
         cache.batch_repeat_interleave(k)
-        tokens, valid = self._padded_candidates(embedded.device)  # (K, T)
-        feed = self.embedding(tokens[:, :-1]).to(embedded.dtype).repeat(b, 1, 1)  # (B*K, T-1, D)
-        ahead = valid[:, :-1].long().repeat(b, 1)
-        start = positions[:, -1:].repeat_interleave(k, 0) + 1
+        ahead = valid[:, :, :-1].reshape(b * k, t - 1).long()
         step = {self._cache_arg: cache}
         if self.family.bidirectional_prefix:
             step["token_type_ids"] = torch.ones_like(ahead)
         rest = self.module.model(
-            inputs_embeds=feed, attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
-            position_ids=start + torch.arange(feed.shape[1], device=feed.device), use_cache=True, **step,
+            inputs_embeds=feed[:, :, :-1].reshape(b * k, t - 1, -1), attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
+            position_ids=positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(t - 1, device=feed.device), use_cache=True, **step,
         )
-        later = self._logits(rest.last_hidden_state).log_softmax(-1)  # (B*K, T-1, V)
-        return self._score(logp[:, first], later, tokens, valid, b)
+        return first + self._later(self._logits(rest.last_hidden_state).log_softmax(-1), tokens, valid)
 
-    def _padded_candidates(self, device) -> tuple[Tensor, Tensor]:
-        longest = max(map(len, self.candidates))
-        tokens = torch.full((len(self.candidates), longest), self.pad_id, dtype=torch.long, device=device)
-        for i, c in enumerate(self.candidates):
-            tokens[i, : len(c)] = torch.tensor(c)
-        return tokens, tokens != self.pad_id
+    def _answers(self, embedded: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(the prompt's embeddings (B, L, D); each sample's K answers: tokens (B, K, T), which
+        are real (B, K, T), their embeddings (B, K, T, D)). Closed set: the candidates; open
+        mode: the two answers after the prompt, their ids read back from their embeddings
+        (never removed, so exact rows of the table)."""
+        b = len(embedded)
+        if not self.open:
+            longest = max(map(len, self.candidates))
+            tokens = torch.full((len(self.candidates), longest), self.pad_id, dtype=torch.long, device=embedded.device)
+            for i, c in enumerate(self.candidates):
+                tokens[i, : len(c)] = torch.tensor(c)
+            tokens = tokens.expand(b, -1, -1)
+            return embedded, tokens, tokens != self.pad_id, self.embedding(tokens).to(embedded.dtype)
+        t = self.answer_length
+        spans = embedded[:, embedded.shape[1] - 2 * t :].reshape(b, 2, t, -1)
+        weight = self.embedding.weight
+        nearest = (weight * weight).sum(1) - 2 * spans.detach() @ weight.T  # + |e|^2, the same for every row
+        tokens = nearest.argmin(-1)
+        return embedded[:, : embedded.shape[1] - 2 * t], tokens, tokens != self.pad_id, spans
 
-    def _score(self, first: Tensor, later: Tensor, tokens: Tensor, valid: Tensor, b: int) -> Tensor:
-        """Log-likelihoods (B, K): the first tokens' log-probabilities (B, K) plus the later
-        tokens', read from the continuations' log-softmax (B*K, T-1, V)."""
-        k = len(self.candidates)
-        nxt = tokens[:, 1:].repeat(b, 1)
-        taken = later.gather(2, nxt[..., None])[..., 0] * valid[:, 1:].repeat(b, 1)
-        return first + taken.sum(1).reshape(b, k)
+    @staticmethod
+    def _later(logp: Tensor, tokens: Tensor, valid: Tensor) -> Tensor:
+        """(B, K) the log-probabilities of the answers' later tokens, from the log-softmax of
+        their continuations (B*K, T-1, V)."""
+        b, k, t = tokens.shape
+        taken = logp.gather(2, tokens[:, :, 1:].reshape(b * k, t - 1, 1))[..., 0]
+        return (taken * valid[:, :, 1:].reshape(b * k, t - 1)).sum(1).reshape(b, k)
 
-    def _full_sequences(self, pixels: Tensor, embedded: Tensor) -> Tensor:
-        """Without prefix reuse: each candidate appended to the whole prompt, K sequences a sample."""
-        k, b = len(self.candidates), len(embedded)
-        tokens, valid = self._padded_candidates(embedded.device)
-        feed = self.embedding(tokens[:, :-1]).to(embedded.dtype)
-        mask, positions = self._attention(embedded)
-        whole = torch.cat([embedded.repeat_interleave(k, 0), feed.repeat(b, 1, 1)], 1)
-        ahead = valid[:, :-1].long().repeat(b, 1)
-        mask = torch.cat([mask.repeat_interleave(k, 0), ahead], 1)
+    def _full_sequences(self, pixels: Tensor, embedded: Tensor, tokens: Tensor, valid: Tensor, feed: Tensor) -> Tensor:
+        """Without prefix reuse: each answer appended to the whole prompt, K sequences a sample."""
+        b, k, t = tokens.shape
         length = embedded.shape[1]
-        positions = torch.cat([positions.repeat_interleave(k, 0), positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(feed.shape[1], device=feed.device)], 1)
+        mask, positions = self._attention(embedded)
+        ahead = valid[:, :, :-1].reshape(b * k, t - 1).long()
+        whole = torch.cat([embedded.repeat_interleave(k, 0), feed[:, :, :-1].reshape(b * k, t - 1, -1)], 1)
+        positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(t - 1, device=positions.device)], 1).repeat_interleave(k, 0)
         extra = {}
         if self.family.bidirectional_prefix:
             extra["token_type_ids"] = torch.cat([torch.zeros(b * k, length, dtype=torch.long, device=mask.device), torch.ones_like(ahead)], 1)
-        out = self.module.model(pixel_values=pixels.repeat_interleave(k, 0), inputs_embeds=whole, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
+        out = self.module.model(
+            pixel_values=pixels.repeat_interleave(k, 0), inputs_embeds=self._exact_placeholders(whole), attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
+            position_ids=positions, use_cache=False, **extra,
+        )  # fmt: skip
         logp = self._logits(out.last_hidden_state[:, length - 1 :]).log_softmax(-1)  # (B*K, T, V)
-        first = logp[:, 0].gather(1, tokens[:, :1].repeat(b, 1))[:, 0].reshape(b, k)
-        return self._score(first, logp[:, 1:], tokens, valid, b)
+        first = logp[:, 0].gather(1, tokens[:, :, 0].reshape(b * k, 1)).reshape(b, k)
+        return first + self._later(logp[:, 1:], tokens, valid)
+
+    @torch.no_grad()
+    def greedy(self, pixels: Tensor, ids: Tensor, length: int, ban: Tensor | None = None) -> Tensor:
+        """The model's own answers (N, length) to the prompts, greedy over every token but the
+        pad and image tokens, to the end token (kept) or `length` tokens, padded; `ban` (N,): a
+        first token a row's answer may not start with (-1: none)."""
+        embedded = self.embedding(ids)
+        logp, out, mask, positions = self._prompt_pass(pixels, embedded, cache=True)
+        if ban is not None:
+            banned = ban >= 0
+            logp[banned, ban[banned]] = -torch.inf
+        cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
+        answers = torch.full((len(ids), length), self.pad_id, dtype=torch.long, device=ids.device)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        for step in range(length):
+            logp[:, [self.pad_id, self.image_id]] = -torch.inf  # not answers: padding marks the end of a span, placeholders take image features
+            token = logp.argmax(-1)
+            answers[:, step] = torch.where(done, self.pad_id, token)
+            done |= token == self.end_id if self.end_id is not None else torch.zeros_like(done)
+            if done.all() or step == length - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            positions = positions[:, -1:] + 1
+            extra = {"token_type_ids": torch.ones_like(positions)} if self.family.bidirectional_prefix else {}
+            out = self.module.model(inputs_embeds=self.embedding(token[:, None]), attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}, **extra)
+            logp = self._logits(out.last_hidden_state[:, -1]).log_softmax(-1)
+        return answers
 
     def layers(self):
         model = self.module.model
@@ -350,25 +410,34 @@ class VLMAdapter(ModelAdapter):
         return linear
 
     @property
+    def one_label(self) -> bool:
+        return self.open
+
+    @property
     def head_caveat(self) -> str | None:
         if self.single_token:
             return None
+        if self.open:
+            return "each sample scores its own two answers (its target and the model's), so no head is shared by the samples"
         return "a candidate answer has more than one token, so its log-likelihood is not linear in the answer position's state; the exact decomposition holds for one-token answers"
 
 
 def load_vlm(
     path_or_id: str | Path,
-    answers: Sequence[str],
+    answers: Sequence[str] | None,
     *,
     prompt: str | None = None,
     processor=None,
     class_names: Sequence[str] | None = None,
     prefix_reuse: bool = True,
+    answer_length: int = 8,
     local_files_only: bool = False,
 ) -> VLMAdapter:
     """A VLM adapter from a local folder (written by save_pretrained) or a Hugging Face id in the
-    local cache, scoring the closed set `answers`; the processor comes from the same place
-    unless given. `prompt` holds <image> and {question}; default: the family's own template."""
+    local cache, scoring the closed set `answers`, or with answers=None each sample's own target
+    answer against the model's (open mode, answers of at most `answer_length` tokens); the
+    processor comes from the same place unless given. `prompt` holds <image> and {question};
+    default: the family's own template."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
@@ -379,7 +448,7 @@ def load_vlm(
         raise MmdiagError(f"model: {str(path_or_id)!r} is a {model_type!r} model; mmdiag's image-text-to-text adapter supports {', '.join(FAMILIES)}")
     model = pretrained(AutoModelForImageTextToText, path_or_id, f"a {model_type} model", local_files_only)
     processor = processor if processor is not None else processor_or_none(path_or_id, local_files_only)
-    return VLMAdapter(model, processor, answers, prompt=prompt, class_names=class_names, prefix_reuse=prefix_reuse)
+    return VLMAdapter(model, processor, answers, prompt=prompt, class_names=class_names, prefix_reuse=prefix_reuse, answer_length=answer_length)
 
 
 def vlm_samples(
@@ -396,11 +465,19 @@ def vlm_samples(
     """A SampleSet for a VLM adapter: the images through its image processor, each question in
     its prompt template (left-padded to one length), each sample's answer one of the
     adapter's candidates (its label). Truth masks: images over the processed pixel grid, text
-    over the prompt's token positions."""
+    over the prompt's token positions.
+
+    In open mode (load_vlm(..., answers=None)) `answers` are each sample's own target answers:
+    the text input then ends with the target (and the end token) and the model's best other
+    answer (its greedy answer, or where that is the target, its best answer that starts
+    otherwise), `answer_length` tokens each; the label is class 0 ("target"), so the model is
+    right where the target's log-likelihood beats that answer's. Like the closed set, this ranks
+    whole answers by likelihood, which can disagree with greedy decoding: a short answer that
+    starts with a less likely token can outscore the greedy one."""
     images, questions, answers = list(images), [str(q) for q in questions], [str(a) for a in answers]
     if not len(images) == len(questions) == len(answers):
         raise MmdiagError(f"data: {len(images)} images, {len(questions)} questions and {len(answers)} answers; give one of each per sample")
-    unknown = sorted({a for a in answers if a not in adapter.answers})
+    unknown = [] if adapter.open else sorted({a for a in answers if a not in adapter.answers})
     if unknown:
         raise MmdiagError(f"data.answers: {unknown[0]!r} is not one of the model's candidate answers ({', '.join(adapter.answers)})")
     pixels = []
@@ -413,13 +490,44 @@ def vlm_samples(
     if tuple(pixels.shape[1:]) != (3, adapter.image_size, adapter.image_size):
         raise MmdiagError(f"data.images: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.image_size}, {adapter.image_size}); load the processor that belongs to this model")
     ids = adapter.prompt(questions, length)
-    index = {a: i for i, a in enumerate(adapter.answers)}
+    display = {"caption": questions}
+    if adapter.open:
+        ids, display["model_answer"] = _with_answers(adapter, pixels, ids, answers)
+        labels = torch.zeros(len(ids), dtype=torch.long)
+    else:
+        index = {a: i for i, a in enumerate(adapter.answers)}
+        labels = torch.tensor([index[a] for a in answers], dtype=torch.long)
+    text = truth.get("text") if truth else None
+    if text:  # masks over the prompt's positions: the answers after it are never a region
+        truth = {**truth, "text": {r: torch.cat([m, m.new_zeros(len(m), ids.shape[1] - m.shape[1])], 1) if m.shape[1] < ids.shape[1] else m for r, m in text.items()}}
     return SampleSet(
         inputs={"image": pixels, "text": ids},
-        labels=torch.tensor([index[a] for a in answers], dtype=torch.long),
+        labels=labels,
         meta=dict(meta or {}),
         truth=dict(truth or {}),
-        display={"text": adapter.prompt.labels(ids), "caption": questions},
+        display={"text": words(ids, ~adapter.question(ids), adapter.prompt.vocab)[1], **display},
         class_names=list(adapter.class_names),
         name=name,
     )
+
+
+def _with_answers(adapter: VLMAdapter, pixels: Tensor, ids: Tensor, answers: list[str], batch: int = 64) -> tuple[Tensor, list[str]]:
+    """The prompts with each sample's target and the model's best other answer appended
+    (`answer_length` tokens each, padded), and the model's own answers as text."""
+    t, end = adapter.answer_length, [adapter.end_id] if adapter.end_id is not None else []
+    targets = torch.full((len(ids), t), adapter.pad_id, dtype=torch.long)
+    for i, a in enumerate(answers):
+        tokens = adapter.prompt.ids(a)
+        if not tokens:
+            raise MmdiagError(f"data.answers: answer {i} ({a!r}) tokenises to nothing; give every sample a non-empty answer")
+        if len(tokens + end) > t:
+            raise MmdiagError(f"data.answers: answer {i} ({a!r}) is {len(tokens + end)} tokens with the end token, more than answer_length={t}; load the model with a larger answer_length")
+        targets[i, : len(tokens + end)] = torch.tensor(tokens + end)
+    own = torch.cat([adapter.greedy(pixels[s : s + batch], ids[s : s + batch], t) for s in range(0, len(ids), batch)])
+    same = (own == targets).all(1)
+    other = own.clone()
+    if same.any():  # the model answers the target: its competitor is its best answer that starts otherwise
+        rows = same.nonzero().flatten()
+        other[rows] = adapter.greedy(pixels[rows], ids[rows], t, ban=targets[rows, 0])
+    spoken = [adapter.tokenizer.decode([x for x in row if x not in (adapter.pad_id, adapter.end_id)]).strip() for row in own.tolist()]
+    return torch.cat([ids, targets, other], 1), spoken
