@@ -66,6 +66,7 @@ class Game:
     passes: int = 0  # model inputs evaluated (forward), for the cost accounting
     backward: int = 0  # model inputs differentiated
     draws: Draws | None = None  # per-sample random streams; None: the method's generator, shared
+    tick: Callable[[int], None] | None = None  # told each batch's model inputs (stages.base.Heartbeat)
 
     def streams(self, generator: torch.Generator | None) -> Draws:
         """Where the samples' random draws come from."""
@@ -96,7 +97,7 @@ class Game:
         """The game of some samples of the batch."""
         units = {m: u.take(rows) for m, u in self.units.items()}
         draws = None if self.draws is None else self.draws.take(rows)
-        return Game(self.adapter, {m: t[rows] for m, t in self.encoded.items()}, units, self.target[rows], self.batch_size, draws=draws)
+        return Game(self.adapter, {m: t[rows] for m, t in self.encoded.items()}, units, self.target[rows], self.batch_size, draws=draws, tick=self.tick)
 
     def sample(self, i: int) -> "Game":
         return self.rows(slice(i, i + 1))
@@ -131,6 +132,8 @@ class Game:
                 with torch.no_grad():
                     logits = self.adapter.forward(perturbed).float()
                 self.passes += logits.shape[0]
+                if self.tick is not None:
+                    self.tick(logits.shape[0])
                 if out is None:
                     out = torch.empty(b, k, logits.shape[-1], device=keep.device)
                 out[rows, cols] = logits.reshape(rows.stop - rows.start, cols.stop - cols.start, -1)

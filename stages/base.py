@@ -6,6 +6,7 @@ notebook or a test without Prefect. The flow (flows/) wraps each registered stag
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,6 +32,26 @@ class Context:
     seed: int = 0
     logits: torch.Tensor | None = None  # the model's logits on `data`, from evaluation
     progress: Callable[[str, float], None] = lambda what, fraction: None
+
+
+class Heartbeat:
+    """Progress inside a long step: at most once every `every` seconds, the step's label with
+    the model inputs evaluated so far, at the fraction the step started from. A Game (`tick`)
+    or a batch loop calls it with each batch's input count."""
+
+    def __init__(self, progress: Callable[[str, float], None], every: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.progress, self.every, self.clock = progress, every, clock
+        self.what, self.at, self.inputs, self.last = "", 0.0, 0, clock()
+
+    def step(self, what: str, at: float) -> None:
+        self.what, self.at, self.inputs = what, at, 0
+
+    def __call__(self, inputs: int) -> None:
+        self.inputs += inputs
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            self.progress(f"{self.what}: {self.inputs:,} model inputs", self.at)
 
 
 @dataclass

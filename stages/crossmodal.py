@@ -22,7 +22,7 @@ from pydantic import Field
 from pipeline.errors import MmdiagError
 from stages import attribution as attr
 from stages import interaction as inter
-from stages.base import Context, Stage, StageConfig, StageResult
+from stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 from stages.unimodal import _eval_batch
 
 
@@ -71,15 +71,17 @@ def emap(ctx: Context, config: CrossmodalConfig) -> dict:
         encoded = {m: t.detach() for m, t in ctx.adapter.encode(inputs).items()}
     check_batch_independence(ctx.adapter, {m: t[:8] for m, t in encoded.items()})
     start = time.perf_counter()
+    beat = Heartbeat(ctx.progress)
+    beat.step(f"EMAP, {len(rows)}^{len(encoded)} recombinations", 0.0)
     if ctx.adapter.has_late_fusion:
         # the modalities meet only in `fuse`: each is encoded once (N passes), and only the
         # fusion sees the N^M recombinations
         with torch.no_grad():
             features = {m: t.detach() for m, t in ctx.adapter.separate(encoded).items()}
-        table, fused = inter.recombination_table(ctx.adapter.fuse, features, _eval_batch(ctx, config))
+        table, fused = inter.recombination_table(ctx.adapter.fuse, features, _eval_batch(ctx, config), beat)
         cost = {"forward_passes": len(rows), "fusion_evaluations": fused, "late_fusion": True}
     else:
-        table, passes = inter.recombination_table(ctx.adapter.forward, encoded, _eval_batch(ctx, config))
+        table, passes = inter.recombination_table(ctx.adapter.forward, encoded, _eval_batch(ctx, config), beat)
         cost = {"forward_passes": passes, "late_fusion": False}
     full, additive = inter.diagonal(table).cpu(), inter.additive_projection(table).cpu()
     seconds = time.perf_counter() - start
@@ -119,12 +121,14 @@ def unit_interactions(ctx: Context, config: CrossmodalConfig, rows: torch.Tensor
     sii, sii_pairs = [], []
     cost = {k: {"seconds": 0.0, "forward_passes": 0} for k in ("mixed_gradients", "shapley_interaction")}
     n_batches = -(-len(data) // config.batch_size)
+    beat = Heartbeat(ctx.progress)
     for b, (batch, inputs) in enumerate(data.batches(config.batch_size, ctx.device)):
         ctx.progress(f"mixed gradients and interaction indices, batch {b + 1}/{n_batches}", b / n_batches)
+        beat.step(f"interaction indices, batch {b + 1}/{n_batches}", b / n_batches)
         with torch.no_grad():
             encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
         units = adapter.units(inputs, encoded)
-        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, data.ids[batch]))
+        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, data.ids[batch]), tick=beat)
         start, before = time.perf_counter(), game.passes
         found = {}
         for a, b in itertools.combinations(mods, 2):

@@ -32,9 +32,10 @@ def additive_projection(full: Tensor) -> Tensor:
     return torch.stack(marginals).sum(0) - (m - 1) * full.mean(dim=axes)
 
 
-def recombination_table(forward: Callable[[dict[str, Tensor]], Tensor], encoded: dict[str, Tensor], batch_size: int) -> tuple[Tensor, int]:
+def recombination_table(forward: Callable[[dict[str, Tensor]], Tensor], encoded: dict[str, Tensor], batch_size: int, tick: Callable[[int], None] | None = None) -> tuple[Tensor, int]:
     """All N^M inputs that take each modality from any reference sample, through the model in
-    batches of `batch_size`; returns the (N,) * M + (C,) logits and the number of inputs."""
+    batches of `batch_size` (`tick` told each batch's size); returns the (N,) * M + (C,) logits
+    and the number of inputs."""
     mods = list(encoded)
     n = len(next(iter(encoded.values())))
     total = n ** len(mods)
@@ -47,6 +48,8 @@ def recombination_table(forward: Callable[[dict[str, Tensor]], Tensor], encoded:
         if logits is None:
             logits = torch.empty(total, chunk.shape[-1], dtype=torch.float32, device=chunk.device)
         logits[start : start + len(flat)] = chunk.float()
+        if tick is not None:
+            tick(len(flat))
     return logits.reshape(*(n,) * len(mods), logits.shape[-1]), total
 
 

@@ -27,7 +27,7 @@ from pipeline import stats
 from pipeline.device import fit_batch
 from pipeline.errors import MmdiagError
 from stages import attribution as attr
-from stages.base import Context, Stage, StageConfig, StageResult
+from stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 
 
 class InterventionConfig(StageConfig):
@@ -100,13 +100,15 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
 
     batch = fit_batch(config.batch_size, data.inputs)
     n_batches = -(-len(data) // batch)
+    beat = Heartbeat(ctx.progress)
     for b, (rows, inputs) in enumerate(data.batches(batch, device)):
         ctx.progress(f"batch {b + 1}/{n_batches}", b / n_batches)
+        beat.step(f"batch {b + 1}/{n_batches}", b / n_batches)
         with torch.no_grad():
             encoded = {m: t.detach() for m, t in adapter.encode(inputs).items()}
         units = adapter.units(inputs, encoded)
         p, y, base = pred[rows].to(device), labels[rows].to(device), base_logits[rows].to(device)
-        game = attr.Game(adapter, encoded, units, p, eval_batch)
+        game = attr.Game(adapter, encoded, units, p, eval_batch, tick=beat)
         present = game.present
         offsets = dict(zip(game.modalities, itertools.accumulate([0, *game.sizes])))
         unchanged = outcome(base[:, None].expand(-1, 1 + config.null_sets, -1), p, y, base)
@@ -118,7 +120,7 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
             found = {k: v.clone() for k, v in unchanged.items()}
             valid = torch.zeros_like(has)
             if len(at):
-                sub = attr.Game(adapter, {k: t[at] for k, t in encoded.items()}, {k: u.take(at) for k, u in units.items()}, p[at], eval_batch)
+                sub = attr.Game(adapter, {k: t[at] for k, t in encoded.items()}, {k: u.take(at) for k, u in units.items()}, p[at], eval_batch, tick=beat)
                 scores = null_scores(data.ids[rows][at.cpu()], ctx.seed, regions.index((m, r)), config.null_sets, units[m].n)
                 keep, valid[at] = region_keeps(present[at], span, region[at], scores)
                 for k, v in outcome(sub.logits(keep), p[at], y[at], base[at]).items():

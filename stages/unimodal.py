@@ -21,7 +21,7 @@ from pydantic import Field
 from pipeline.errors import MmdiagError
 from stages import attribution as attr
 from stages import captum_methods as cm
-from stages.base import Context, Stage, StageConfig, StageResult
+from stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 
 Method = Literal[
     "grad_x_input", "integrated_gradients", "occlusion", "shapley", "shapley_kernel", "iba", "m2ib",
@@ -223,14 +223,16 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
     got, cost = _Gathered(), {meth: {"seconds": 0.0, "passes": 0} for meth in config.methods}
     n_batches = -(-len(data) // config.batch_size)
     steps = n_batches * len(config.methods) + bool(config.sanity_samples)  # the sanity check: one more
+    beat = Heartbeat(ctx.progress)
     for b, (batch, encoded, units) in enumerate(_batches(ctx, data, config.batch_size, adapter)):
         draws = attr.Draws.seeded(ctx.seed, data.ids[batch])  # a sample's draws, whatever its batch
-        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=draws)
+        game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=draws, tick=beat)
         wrong = (pred[batch] != data.labels[batch]).to(ctx.device)
         # towards the true class: only errors need it (elsewhere it is the predicted class)
         towards_truth = attr.Game(adapter, {m: t[wrong] for m, t in encoded.items()}, {m: u.take(wrong) for m, u in units.items()},
-                                  data.labels[batch].to(ctx.device)[wrong], game.batch_size, draws=draws.take(wrong))
+                                  data.labels[batch].to(ctx.device)[wrong], game.batch_size, draws=draws.take(wrong), tick=beat)
         for meth in config.methods:
+            beat.step(f"{meth}, batch {b + 1}/{n_batches}", (b * len(config.methods) + config.methods.index(meth)) / steps)
             start, before = time.perf_counter(), game.passes + towards_truth.passes
             scores, residual = attribute(meth, game, config, stats, generator)
             true_scores = scores.clone()

@@ -27,6 +27,32 @@ def test_every_per_sample_stage_reports_rising_progress_to_the_end():
         assert len(seen) >= 2 and fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1, (name, seen)
 
 
+def test_a_long_method_beats_between_its_steps_with_the_model_inputs_so_far():
+    """Inside one step (Shapley over a batch, EMAP's table) the Game tells the heartbeat each
+    batch of model inputs, so a stage is never silent for longer than the reporter's interval."""
+    from stages import attribution as attr
+    from stages.base import Heartbeat
+
+    world = pl.World(label=lambda c: c["colour"])
+    model = pl.train(world, steps=20)
+    data = pl.samples(world, 12, seed=1)
+    seen, now = [], iter(range(10_000))
+    beat = Heartbeat(lambda what, f: seen.append((what, f)), every=1.0, clock=lambda: float(next(now)))
+    encoded = {m: t.detach() for m, t in model.encode(data.inputs).items()}
+    game = attr.Game(model, encoded, model.units(data.inputs, encoded), torch.zeros(12, dtype=torch.long), batch_size=8, tick=beat)
+    beat.step("shapley, batch 1/1", 0.25)
+    attr.shapley_sampling(game, pairs=2, generator=torch.Generator().manual_seed(0))
+    counts = [int(what.split(": ")[1].split()[0].replace(",", "")) for what, _ in seen]
+    assert len(seen) >= 3 and all(f == 0.25 and what.startswith("shapley, batch 1/1: ") for what, f in seen)
+    assert counts == sorted(counts) and counts[-1] == game.passes  # every batch told, none twice
+    seen.clear()
+    beat.step("EMAP", 0.0)
+    from stages import interaction as inter
+
+    inter.recombination_table(model.forward, {m: t[:6] for m, t in encoded.items()}, 8, beat)
+    assert seen and int(seen[-1][0].split(": ")[1].split()[0]) == 6 ** len(encoded)
+
+
 def test_the_reporter_writes_a_line_per_interval_with_the_time_left(caplog):
     now = [0.0]
     report = Reporter("demo-film: unimodal", every=3.0, clock=lambda: now[0])

@@ -194,7 +194,7 @@ class VLMAdapter(ModelAdapter):
         self.single_token = not self.open and all(len(c) == 1 for c in self.candidates)
         self.softcap = getattr(text, "final_logit_softcapping", None)
         n = text.num_hidden_layers
-        self.depths = sorted({max(1, n // 3), max(1, 2 * n // 3)} - {n}) or []
+        self.depths = sorted({max(1, n // 3), max(1, 2 * n // 3)} - {n})
         self.points = {"decision": Point(), **{f"lm.layer{d}": Point() for d in self.depths}}
         self._cache_arg = _cache_name(self.module.model)
 
