@@ -368,9 +368,17 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     diagnosis = flow(name="mmdiag-diagnose", validate_parameters=False, task_runner=runner)(_flow_body)
     log.info("%s: running the flow", config.run)
     with _clean_exit_on_signals():
-        settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, **({PREFECT_API_URL: server.wait()} if server else {})}
+        settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, **({PREFECT_API_URL: _wait_for(server, config.run)} if server else {})}
         with temporary_settings(settings):
             return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
+
+
+def _wait_for(server: TemporaryServer, run: str) -> str:
+    start = time.monotonic()
+    url = server.wait(waiting=lambda s: log.info("%s: waiting for Prefect's temporary server to start (%.0f s)", run, s))
+    if time.monotonic() - start > 1:  # say so when the wait was long enough to notice
+        log.info("%s: Prefect's temporary server is up (waited %.1f s)", run, time.monotonic() - start)
+    return url
 
 
 def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:

@@ -55,13 +55,18 @@ class TemporaryServer:
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
-    def wait(self, timeout: float = 90.0) -> str:
-        """Block until the server answers its health check; its API URL."""
+    def wait(self, timeout: float = 90.0, waiting=None, every: float = 3.0) -> str:
+        """Block until the server answers its health check; its API URL. `waiting(seconds)` is
+        called every `every` seconds of the wait (a first start creates Prefect's database)."""
         import httpx
 
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline, told = start + timeout, start
         with httpx.Client() as client:
             while time.monotonic() < deadline:
+                if waiting is not None and time.monotonic() - told >= every:
+                    told = time.monotonic()
+                    waiting(told - start)
                 code = self.process.poll()
                 if code == PORT_IN_USE:
                     self._launch()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from pipeline.evaluate import accuracy, model_summary
 from pipeline.resolve import load_data, load_model, predict
 from pipeline.store import fingerprint_module
 from stages import Context, StageResult, registry
+
+log = logging.getLogger("mmdiag")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +125,7 @@ def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, d
     start = time.perf_counter()
     dev = resolve_device(device)
     adapter = adapter_for(model, cache)
+    log.info("evaluate: the model on %s", ", ".join(f"{s} ({len(data_for(ref, cache)):,} samples)" for s, ref in data.items()))
     logits = {s: predict(adapter, data_for(ref, cache), dev, batch_size) for s, ref in data.items()}
     analysed = data_for(data[split], cache)
     per_split = {s: {"n": len(data_for(ref, cache)), "accuracy": accuracy(logits[s], data_for(ref, cache).labels)} for s, ref in data.items()}
@@ -171,6 +175,7 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
         progress=Reporter(stage if shard is None else f"{stage} shard {shard[0] + 1}/{shard[1]}"),
     )
     read = {name: results.load(ref, cache / "results")[0] for name, ref in upstream.items()}
+    ctx.progress("starting", 0.0)  # the first line comes at once: a stage's first step can take seconds
     result = entry.run(ctx, entry.config.model_validate(settings), read)
     ctx.progress("done", 1.0)
     meta = {"seconds": round(time.perf_counter() - start, 3), "model": model["fingerprint"], "shard": shard}

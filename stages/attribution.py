@@ -520,6 +520,8 @@ def bottleneck_attribution(
         opt.step()
         game.passes += b * config.copies
         game.backward += b * config.copies
+        if game.tick is not None:
+            game.tick(b * config.copies)
     with torch.no_grad():
         return game.units[modality].pool(bottleneck()[1]) / math.log(2)
 

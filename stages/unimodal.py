@@ -258,7 +258,10 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
             got.add(("coverage", m, r), units[m].coverage(data.truth[m][r][batch].to(ctx.device)))
         sizes = [u.n for u in units.values()]
     n_maps = len(rows) + int((pred != data.labels).sum())  # maps computed per method
-    sanity = _sanity(ctx, config, data, pred, got) if config.sanity_samples else {}
+    if config.sanity_samples:
+        beat.step("sanity check on a randomised model", 1 - 1 / steps)
+        ctx.progress(beat.what, beat.at)
+    sanity = _sanity(ctx, config, data, pred, got, beat) if config.sanity_samples else {}
     ctx.progress("sanity check", 1.0)
     return _result(config, adapter.modalities, sizes, data, rows, pred, got, cost, regions, sanity, n_maps)
 
@@ -274,7 +277,7 @@ def _stats(ctx, data, adapter) -> attr.BottleneckStats:
     return attr.BottleneckStats.of({m: torch.cat([e[m] for e in encoded]) for m in adapter.modalities})
 
 
-def _sanity(ctx, config, data, pred, got) -> dict[str, float]:
+def _sanity(ctx, config, data, pred, got, beat: Heartbeat) -> dict[str, float]:
     """Mean rank correlation between each method's maps and the maps of a randomised model,
     over the first `sanity_samples` samples: near 1 means the map does not depend on what the
     model learnt."""
@@ -284,7 +287,7 @@ def _sanity(ctx, config, data, pred, got) -> dict[str, float]:
     generator = torch.Generator().manual_seed(ctx.seed + 1)  # deeplift_shap's choice of references alone
     corr = {meth: [] for meth in config.methods}
     for batch, encoded, units in _batches(ctx, subset, config.batch_size, random):
-        game = attr.Game(random, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, subset.ids[batch], salt=1))
+        game = attr.Game(random, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, subset.ids[batch], salt=1), tick=beat)
         for meth in config.methods:
             scores, _ = attribute(meth, game, config, stats, generator)
             original = got[("map", meth, "pred")][batch]
