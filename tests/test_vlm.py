@@ -353,3 +353,50 @@ def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo
     assert summary["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["enrichment"] > 4
     probes = summary["representation"]["probes"]["negation"]
     assert probes["decision"]["selectivity"] > 0.2 and probes["vision"]["selectivity"] < 0.1  # in the answer position, not in the image
+
+
+OPEN_MODULE = '''
+import numpy as np
+import torch
+from pipeline.hf.vlm import load_vlm, vlm_samples
+
+FOLDER = {folder!r}
+QUESTIONS = ["is the circle red", "apparently is the triangle not red", "look", "in this image is the square red"]
+
+
+def model():
+    return load_vlm(FOLDER, None, prompt="user : <image> {{question}} ? assistant :", answer_length=6, local_files_only=True)
+
+
+def data(split, n, seed):
+    n = n or 24
+    rng = np.random.default_rng(seed)
+    questions = [QUESTIONS[i % 4] for i in range(n)]
+    negation = torch.tensor(["not" in q for q in questions], dtype=torch.long)
+    return vlm_samples(model(), [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)], questions,
+                       ["yes" if i % 3 else "no" for i in range(n)], meta={{"negation": negation}}, name=split)
+'''
+
+
+@pytest.mark.slow
+def test_an_open_answer_vlm_from_a_folder_through_every_stage_of_the_flow(folders, tmp_path, monkeypatch, cache):
+    from flows.cli import main
+
+    (tmp_path / "openvlm.py").write_text(OPEN_MODULE.format(folder=str(folders / "llava")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "diag.yaml"
+    cfg.write_text(
+        "run: vlm\nmodel: {factory: 'openvlm:model'}\ndata: {factory: 'openvlm:data', split: val, splits: [val], n: 24}\n"
+        "stages: {unimodal: {methods: [grad_x_input, shapley], n_correct: 4, max_errors: 4, shapley_pairs: 1, sanity_samples: 0}, crossmodal: {n_reference: 8, shapley_draws: 2}}\n"
+        f"device: cpu\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
+    )
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "vlm"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"]["n"] == 24 and summary["model"]["fusion"] == "joint"
+    assert summary["unimodal"]["n_explained"] > 0 and summary["crossmodal"]["n_reference"] == 8
+    assert "decision" in summary["representation"]["probes"]["negation"]
+    page = (run / "report.html").read_text()
+    assert "apparently" in page  # the question's words are the report's text units
+    assert main(["diagnose", "--config", str(cfg)]) == 0  # and a second run is taken from the cache
+    assert all(s["cached"] for s in json.loads((run / "summary.json").read_text())["stages"].values())
