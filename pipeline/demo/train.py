@@ -69,27 +69,37 @@ def train(config: TrainConfig, device: str = "cpu", progress: bool | None = None
             return loss
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-            steps = self.trainer.estimated_stepping_batches
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
-            return [opt], [{"scheduler": sched, "interval": "step"}]
-
-    class EpochLog(L.Callback):
-        def on_train_epoch_end(self, trainer, module):
-            loss = float(trainer.callback_metrics.get("loss", float("nan")))
-            log.info("train %s: epoch %d/%d, loss %.4f", config.arch, trainer.current_epoch + 1, config.epochs, loss)
+            return adamw_one_cycle(self, config.lr, config.weight_decay)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = shapes.generate(config.n_train, config.p_mark, seed=config.seed * 1000 + shapes.SPLIT_SEEDS["train"], name="train")
+    module = Module()
+    fit(module, (data.inputs["image"], data.inputs["text"], data.labels), config, config.arch, device, progress)
+    return module.net.cpu().eval()
+
+
+def adamw_one_cycle(module, lr: float, weight_decay: float):
+    """The demo models' optimiser: AdamW with a one-cycle learning rate, stepped per batch."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=module.trainer.estimated_stepping_batches)
+    return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+def fit(module, tensors: tuple[torch.Tensor, ...], config: BaseModel, name: str, device: str = "cpu", progress: bool | None = None) -> None:
+    """Lightning's Trainer on `tensors` (shuffled by the config's seed, `batch_size` a step,
+    `epochs` epochs), deterministic and quiet: a progress bar on a terminal, a line per epoch
+    elsewhere."""
+    import lightning as L
+
+    class EpochLog(L.Callback):
+        def on_train_epoch_end(self, trainer, _module):
+            loss = float(trainer.callback_metrics.get("loss", float("nan")))
+            log.info("train %s: epoch %d/%d, loss %.4f", name, trainer.current_epoch + 1, config.epochs, loss)
+
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data.inputs["image"], data.inputs["text"], data.labels),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
+        torch.utils.data.TensorDataset(*tensors), batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed)
     )
     progress = sys.stderr.isatty() if progress is None else progress
-    callbacks = [L.pytorch.callbacks.RichProgressBar()] if progress else [EpochLog()]
-    module = Module()
     _quiet_lightning()
     trainer = L.Trainer(
         max_epochs=config.epochs,
@@ -100,12 +110,11 @@ def train(config: TrainConfig, device: str = "cpu", progress: bool | None = None
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
-        callbacks=callbacks,
+        callbacks=[L.pytorch.callbacks.RichProgressBar()] if progress else [EpochLog()],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(LeafSpec|num_workers|does not have many workers).*")
         trainer.fit(module, loader)
-    return module.net.cpu().eval()
 
 
 def _quiet_lightning() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.data import Counterfactual, SampleSet
 from pipeline.demo import shapes
 from pipeline.demo.models import IMAGE_MEAN
-from pipeline.demo.train import _quiet_lightning, source_key
+from pipeline.demo.train import adamw_one_cycle, fit, source_key
 from pipeline.store import cache_root, load_weights, save_weights
 
 log = logging.getLogger("mmdiag")
@@ -164,32 +163,12 @@ def train(config: VLMTrainConfig, device: str = "cpu", progress: bool | None = N
             return loss
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=self.trainer.estimated_stepping_batches)
-            return [opt], [{"scheduler": sched, "interval": "step"}]
-
-    class EpochLog(L.Callback):
-        def on_train_epoch_end(self, trainer, module):
-            loss = float(trainer.callback_metrics.get("loss", float("nan")))
-            log.info("train demo-vlm: epoch %d/%d, loss %.4f", trainer.current_epoch + 1, config.epochs, loss)
+            return adamw_one_cycle(self, config.lr, config.weight_decay)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = vqa(shapes.generate(config.n_train, config.p_mark, seed=config.seed * 1000 + shapes.SPLIT_SEEDS["train"], name="train"))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data.inputs["image"], data.inputs["text"], data.labels),
-        batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed),
-    )
-    progress = sys.stderr.isatty() if progress is None else progress
     module = Module()
-    _quiet_lightning()
-    trainer = L.Trainer(
-        max_epochs=config.epochs, accelerator="gpu" if device == "cuda" else "cpu", devices=1, deterministic=True, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        callbacks=[L.pytorch.callbacks.RichProgressBar()] if progress else [EpochLog()],
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(LeafSpec|num_workers|does not have many workers).*")
-        trainer.fit(module, loader)
+    fit(module, (data.inputs["image"], data.inputs["text"], data.labels), config, "demo-vlm", device, progress)
     return module.net.cpu().eval()
 
 
