@@ -273,6 +273,7 @@ from pipeline.hf.vlm import load_vlm, vlm_samples
 
 FOLDER = {folder!r}
 OPTIONS = {options!r}
+BAD_IMAGE = OPTIONS.pop("bad_image", None)
 
 
 def model():
@@ -282,7 +283,10 @@ def model():
 def data(split, n, seed):
     rng = np.random.default_rng(seed)
     adapter = model()
-    return vlm_samples(adapter, [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)], ["is the circle red"] * 8, ["yes", "no"] * 4, name=split)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)]
+    if BAD_IMAGE is not None:
+        images[BAD_IMAGE] = "not a picture"
+    return vlm_samples(adapter, images, ["is the circle red"] * 8, ["yes", "no"] * 4, name=split)
 '''
 
 
@@ -307,6 +311,7 @@ def folders(tmp_path_factory):
         ("llava", {"answers": ["", "yes"], "prompt": demo.TEMPLATE}, "answers: '' tokenises to nothing"),
         ("llava", {"answers": ["yes", " yes"], "prompt": demo.TEMPLATE}, "tokenise to the same tokens"),
         ("clip", {"answers": ["no", "yes"]}, "is a 'clip' model; mmdiag's image-text-to-text adapter supports llava, paligemma"),
+        ("llava", {"answers": ["no", "yes"], "prompt": demo.TEMPLATE, "bad_image": 5}, "data.images: the processor cannot take image 5"),
     ],
 )
 def test_bad_vlm_input_through_the_cli_is_one_line_exit_2(folders, folder, options, expected, tmp_path, monkeypatch, capsys, cache):
