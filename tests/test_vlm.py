@@ -254,7 +254,19 @@ def test_bad_vlm_arguments_are_one_line_each(tmp_path):
         with pytest.raises(MmdiagError) as e:
             VLMAdapter(model, processor, options.pop("answers"), **options)
         assert expected in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(MmdiagError, match="answers: 'no' is the start of 'no yes'"):
+        VLMAdapter(model, processor, ["no", "no yes"], prompt=demo.TEMPLATE)
+    same = demo.processor()
+    same.tokenizer.pad_token = "</s>"
+    with pytest.raises(MmdiagError, match="pad token is also its start, end or image token"):
+        VLMAdapter(model, same, ["no", "yes"], prompt=demo.TEMPLATE)
+    with pytest.raises(MmdiagError, match="layers: with prefix_reuse=False"):
+        VLMAdapter(model, processor, list(MANY), prompt=demo.TEMPLATE, prefix_reuse=False).layers()
     adapter = vlm_kit.adapter("llava")
+    with pytest.raises(MmdiagError, match="data.questions: question 1 .* holds a special token"):
+        vlm_samples(adapter, pictures(2), ["is the circle red", "is the <image> red"], ["yes", "no"])
+    with pytest.raises(MmdiagError, match="data: no images"):
+        vlm_samples(adapter, [], [], [])
     with pytest.raises(MmdiagError) as e:
         vlm_samples(adapter, [np.zeros((32, 32, 3), np.uint8), "not a picture"], ["is the circle red"] * 2, ["yes", "no"])
     assert str(e.value).startswith("data.images: the processor cannot take image 1")

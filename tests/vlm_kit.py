@@ -11,8 +11,17 @@ from pipeline.hf.vlm import VLMAdapter
 PALIGEMMA_PROMPT = "<image>{question} ? assistant :"
 
 
+def _pad_row(model):
+    """A pad row that is not zero (nn.Embedding's padding_idx zeroes it at init; a checkpoint
+    need not): the adapter must find the padding from the row the model sees."""
+    with torch.no_grad():
+        table = model.get_input_embeddings().weight
+        table[demo.PAD_ID] = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(7)) * table.std()
+    return model
+
+
 def llava(seed: int = 0):
-    return demo.build(seed)
+    return _pad_row(demo.build(seed))
 
 
 def paligemma(seed: int = 0):
@@ -23,7 +32,7 @@ def paligemma(seed: int = 0):
                        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, pad_token_id=demo.PAD_ID, bos_token_id=demo.BOS_ID, eos_token_id=demo.EOS_ID)  # fmt: skip
     config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=demo.IMAGE_ID, projection_dim=64)
     torch.manual_seed(seed)
-    return PaliGemmaForConditionalGeneration(config).eval()
+    return _pad_row(PaliGemmaForConditionalGeneration(config).eval())  # Gemma scales its embeddings by sqrt(width)
 
 
 FAMILIES = {"llava": (llava, demo.TEMPLATE), "paligemma": (paligemma, PALIGEMMA_PROMPT)}

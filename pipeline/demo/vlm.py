@@ -1,4 +1,4 @@
-"""demo-vlm: a tiny LLaVA (CLIP vision tower, projector, Llama language model; about 110k
+"""demo-vlm: a tiny LLaVA (CLIP vision tower, projector, Llama language model; 157k
 parameters, random init) trained with Lightning to answer yes/no questions about the shapes
 data, with the shapes data's planted shortcut (the corner mark).
 

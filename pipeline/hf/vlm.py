@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -96,6 +97,7 @@ class Prompt:
         before, rest = template.split(IMAGE)
         between, after = rest.split(QUESTION)
         start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.special = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, image_id, pad_id) if t is not None}
         image = [image_id] * n_image_tokens
         if family.start_after_image:
             self.prefix = self.ids(before) + image + start + self.ids(between)
@@ -114,9 +116,12 @@ class Prompt:
         """Token ids (N, L) of the prompts, left-padded to `length` (default: the longest)."""
         rows = []
         for i, q in enumerate(questions):
-            if not str(q).strip():
+            asked = self.ids(str(q))
+            if not asked:
                 raise MmdiagError(f"data.questions: question {i} is empty; give every sample a question")
-            rows.append(self.prefix + self.ids(str(q)) + self.suffix)
+            if self.special & set(asked):
+                raise MmdiagError(f"data.questions: question {i} ({str(q)[:60]!r}) holds a special token (pad, start, end or image); remove it")
+            rows.append(self.prefix + asked + self.suffix)
         longest = max(map(len, rows), default=0)
         length = length or longest
         if longest > length:
@@ -202,14 +207,19 @@ class VLMAdapter(ModelAdapter):
     def _special_ids(self, tokenizer) -> tuple[int, int]:
         pad, unk = tokenizer.pad_token_id, tokenizer.unk_token_id
         if pad is None:
-            raise MmdiagError("model: the tokenizer has no pad token; set tokenizer.pad_token (prompts are left-padded to one length)")
-        if unk is None or unk == pad or unk == self.image_id:
-            raise MmdiagError("model: the tokenizer needs an unknown token distinct from the pad and image tokens (a removed word takes its embedding)")
-        weight = self.module.get_input_embeddings().weight
-        if self.image_id >= len(weight):
-            raise MmdiagError(f"model: the image token id {self.image_id} is outside the {len(weight)}-row embedding table; load the processor that belongs to this model")
-        if torch.equal(weight[pad], weight[unk]):
-            raise MmdiagError("model: the pad and unknown tokens have the same embedding, so a removed word would read as padding; give the unknown token its own row")
+            raise MmdiagError("model: the tokenizer has no pad token; give it one of its own (prompts are left-padded to one length)")
+        if pad in (tokenizer.bos_token_id, tokenizer.eos_token_id, self.image_id):
+            raise MmdiagError("model: the tokenizer's pad token is also its start, end or image token; the attention mask is read from the padding, so give it a pad token of its own")
+        if unk is None or unk == self.image_id:
+            raise MmdiagError("model: the tokenizer needs an unknown token distinct from the image token (a removed word takes its embedding)")
+        rows = len(self.embedding.weight)
+        if max(pad, unk, self.image_id) >= rows:
+            raise MmdiagError(f"model: a special token id (pad {pad}, unknown {unk}, image {self.image_id}) is outside the {rows}-row embedding table; load the processor that belongs to this model")
+        with torch.no_grad():
+            table = self.embedding(torch.tensor([[pad, unk, self.image_id]], device=self.embedding.weight.device))
+            close = matches(table, table[0, 0])[0]  # the tolerance the padding is found with
+        if close[1] or close[2]:
+            raise MmdiagError("model: the pad token's embedding is within rounding of the unknown or the image token's, so removed words or placeholders would read as padding; give the pad token a row of its own")
         return pad, unk
 
     def _candidates(self, answers: list[str]) -> list[list[int]]:
@@ -226,12 +236,25 @@ class VLMAdapter(ModelAdapter):
                 raise MmdiagError(f"answers: {a!r} tokenises to the pad or image token; reword it")
             seen[tuple(ids)] = a
             out.append(ids)
+        for a, x in zip(answers, out):
+            for b, y in zip(answers, out):
+                if len(x) < len(y) and y[: len(x)] == x:
+                    raise MmdiagError(f"answers: {a!r} is the start of {b!r} (its tokens are a prefix), so {b!r} could never score higher; give answers that differ before one ends")
         return out
 
     # --- the adapter -----------------------------------------------------------------------
     @property
     def embedding(self) -> nn.Embedding:
         return self.module.get_input_embeddings()
+
+    @property
+    def scale(self) -> float:
+        """What the embedding module multiplies the table's rows by (Gemma: sqrt(width))."""
+        return float(getattr(self.embedding, "scalar_embed_scale", 1.0))
+
+    def row(self, token: int) -> Tensor:
+        """Token `token`'s embedding as the model sees it (the module's output, not the table's row)."""
+        return self.embedding.weight[token].detach() * self.scale
 
     def encode(self, inputs):
         self.check_inputs(inputs)
@@ -257,7 +280,7 @@ class VLMAdapter(ModelAdapter):
 
     def units(self, inputs, encoded):
         ids = inputs["text"]
-        removed = self.embedding.weight[self.removed_id].detach()
+        removed = self.row(self.removed_id)
         return {
             "image": PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"]),
             "text": word_units(ids, encoded["text"], ~self.question(ids), self.prompt.vocab, removed),
@@ -265,13 +288,13 @@ class VLMAdapter(ModelAdapter):
 
     def _attention(self, embedded: Tensor) -> tuple[Tensor, Tensor]:
         """(attention mask, position ids) of a left-padded batch, from the embeddings."""
-        real = (~matches(embedded, self.embedding.weight[self.pad_id])).long()
+        real = (~matches(embedded, self.row(self.pad_id))).long()
         positions = (real.cumsum(1) - 1 + self.family.first_position).clamp_min(0)
         return real, positions
 
     def _exact_placeholders(self, embedded: Tensor) -> Tensor:
         # the model finds its placeholders by exact equality; a soft mask's base + 1 * (x - base) rounds
-        image = self.embedding.weight[self.image_id].to(embedded.dtype)
+        image = self.row(self.image_id).to(embedded.dtype)
         return torch.where(matches(embedded, image)[..., None], image, embedded)
 
     def _logits(self, hidden: Tensor) -> Tensor:
@@ -282,14 +305,30 @@ class VLMAdapter(ModelAdapter):
         mask, positions = self._attention(embedded)
         embedded = self._exact_placeholders(embedded)
         extra = {"token_type_ids": torch.zeros_like(mask)} if self.family.bidirectional_prefix else {}
-        out = self.module.model(
-            pixel_values=pixels, inputs_embeds=embedded, attention_mask=mask, position_ids=positions,
-            output_hidden_states=True, use_cache=cache, **extra,
-        )
-        for d in self.depths:
-            self.points[f"lm.layer{d}"](out.hidden_states[d][:, -1])
+        with self._reading_depths():
+            out = self.module.model(pixel_values=pixels, inputs_embeds=embedded, attention_mask=mask, position_ids=positions, use_cache=cache, **extra)
         last = self.points["decision"](out.last_hidden_state[:, -1])
         return self._logits(last).log_softmax(-1), out, mask, positions
+
+    @contextmanager
+    def _reading_depths(self):
+        """While a stage reads an `lm.layer{d}` point, the output of decoder layer d feeds it its
+        answer position's state (every layer's whole sequence is never kept)."""
+        layers = self.module.model.language_model.layers
+        read = [d for d in self.depths if self.points[f"lm.layer{d}"]._forward_hooks]
+
+        def feed(d):
+            def hook(_module, _inputs, out) -> None:  # returns None: the layer's own output goes on
+                self.points[f"lm.layer{d}"]((out if torch.is_tensor(out) else out[0])[:, -1])
+
+            return hook
+
+        handles = [layers[d - 1].register_forward_hook(feed(d)) for d in read]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def forward(self, encoded):
         pixels, embedded = encoded["image"], encoded["text"]
@@ -331,10 +370,22 @@ class VLMAdapter(ModelAdapter):
             return embedded, tokens, tokens != self.pad_id, self.embedding(tokens).to(embedded.dtype)
         t = self.answer_length
         spans = embedded[:, embedded.shape[1] - 2 * t :].reshape(b, 2, t, -1)
-        weight = self.embedding.weight
-        nearest = (weight * weight).sum(1) - 2 * spans.detach() @ weight.T  # + |e|^2, the same for every row
-        tokens = nearest.argmin(-1)
+        tokens = self._nearest(spans.detach())
         return embedded[:, : embedded.shape[1] - 2 * t], tokens, tokens != self.pad_id, spans
+
+    def _nearest(self, e: Tensor, chunk: int = 4096) -> Tensor:
+        """The token whose embedding is nearest each row of `e` (..., D), over the vocabulary a
+        chunk at a time (a (..., V) table of distances would not fit for a large vocabulary)."""
+        flat, weight = e.reshape(-1, e.shape[-1]), self.embedding.weight.detach()
+        best = torch.full((len(flat),), torch.inf, device=e.device)
+        index = torch.zeros(len(flat), dtype=torch.long, device=e.device)
+        for start in range(0, len(weight), chunk):
+            rows = weight[start : start + chunk].to(e.dtype) * self.scale
+            distance = (rows * rows).sum(1) - 2 * flat @ rows.T  # |e|^2 left out: the same for every token
+            low, at = distance.min(1)
+            better = low < best
+            best, index = torch.where(better, low, best), torch.where(better, at + start, index)
+        return index.reshape(e.shape[:-1])
 
     @staticmethod
     def _later(logp: Tensor, tokens: Tensor, valid: Tensor) -> Tensor:
@@ -378,6 +429,7 @@ class VLMAdapter(ModelAdapter):
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         for step in range(length):
             logp[:, [self.pad_id, self.image_id]] = -torch.inf  # not answers: padding marks the end of a span, placeholders take image features
+            logp[:, len(self.tokenizer) :] = -torch.inf  # rows the vocabulary was padded with: no token
             token = logp.argmax(-1)
             answers[:, step] = torch.where(done, self.pad_id, token)
             done |= token == self.end_id if self.end_id is not None else torch.zeros_like(done)
@@ -391,6 +443,9 @@ class VLMAdapter(ModelAdapter):
         return answers
 
     def layers(self):
+        if not self.prefix_reuse and not self.single_token:
+            raise MmdiagError("layers: with prefix_reuse=False each answer runs after its own copy of the prompt, so a layer sees K copies of a sample; "
+                              "load the model with prefix_reuse=True (the default) to read its layers")
         model = self.module.model
         return {"vision": model.vision_tower, "projector": model.multi_modal_projector, **self.points}
 
@@ -398,7 +453,7 @@ class VLMAdapter(ModelAdapter):
         """The LM head's rows of the candidates' tokens, on the decision features; None when a
         candidate has more than one token (its later tokens depend on more than the answer
         position's state)."""
-        if not self.single_token:
+        if not self.single_token or self.softcap is not None:
             return None
         rows = [c[0] for c in self.candidates]
         lm = self.module.lm_head
@@ -415,6 +470,8 @@ class VLMAdapter(ModelAdapter):
 
     @property
     def head_caveat(self) -> str | None:
+        if self.softcap is not None:
+            return f"the language model caps its logits (tanh, final_logit_softcapping {self.softcap}), so they are not linear in the answer position's state"
         if self.single_token:
             return None
         if self.open:
@@ -475,6 +532,8 @@ def vlm_samples(
     whole answers by likelihood, which can disagree with greedy decoding: a short answer that
     starts with a less likely token can outscore the greedy one."""
     images, questions, answers = list(images), [str(q) for q in questions], [str(a) for a in answers]
+    if not images:
+        raise MmdiagError("data: no images; give at least one sample")
     if not len(images) == len(questions) == len(answers):
         raise MmdiagError(f"data: {len(images)} images, {len(questions)} questions and {len(answers)} answers; give one of each per sample")
     unknown = [] if adapter.open else sorted({a for a in answers if a not in adapter.answers})
@@ -520,14 +579,17 @@ def _with_answers(adapter: VLMAdapter, pixels: Tensor, ids: Tensor, answers: lis
         tokens = adapter.prompt.ids(a)
         if not tokens:
             raise MmdiagError(f"data.answers: answer {i} ({a!r}) tokenises to nothing; give every sample a non-empty answer")
+        if adapter.prompt.special & set(tokens):
+            raise MmdiagError(f"data.answers: answer {i} ({a!r}) holds a special token (pad, start, end or image); remove it")
         if len(tokens + end) > t:
             raise MmdiagError(f"data.answers: answer {i} ({a!r}) is {len(tokens + end)} tokens with the end token, more than answer_length={t}; load the model with a larger answer_length")
         targets[i, : len(tokens + end)] = torch.tensor(tokens + end)
-    own = torch.cat([adapter.greedy(pixels[s : s + batch], ids[s : s + batch], t) for s in range(0, len(ids), batch)])
+    device = adapter.embedding.weight.device
+    own = torch.cat([adapter.greedy(pixels[s : s + batch].to(device), ids[s : s + batch].to(device), t).cpu() for s in range(0, len(ids), batch)])
     same = (own == targets).all(1)
     other = own.clone()
     if same.any():  # the model answers the target: its competitor is its best answer that starts otherwise
         rows = same.nonzero().flatten()
-        other[rows] = adapter.greedy(pixels[rows], ids[rows], t, ban=targets[rows, 0])
+        other[rows] = adapter.greedy(pixels[rows].to(device), ids[rows].to(device), t, ban=targets[rows, 0].to(device)).cpu()
     spoken = [adapter.tokenizer.decode([x for x in row if x not in (adapter.pad_id, adapter.end_id)]).strip() for row in own.tolist()]
     return torch.cat([ids, targets, other], 1), spoken

@@ -23,11 +23,14 @@ STARTS = ("▁", "Ġ")
 def piece_style(vocab: Sequence[str]) -> Style:
     """How this vocabulary marks words: "end" (the last piece ends with </w>), "continue"
     (later pieces start with ##) or "start" (the first piece starts with ▁ or Ġ)."""
-    if any(t.endswith("</w>") for t in vocab):
-        return "end"
-    if any(t.startswith(STARTS) for t in vocab):
-        return "start"
-    return "continue"  # WordPiece, or a vocabulary of whole words: a token is a word unless it starts with ##
+    # the marker most of the vocabulary carries (a stray entry with another one decides nothing)
+    counts = {
+        "end": sum(t.endswith("</w>") for t in vocab),
+        "start": sum(t.startswith(STARTS) for t in vocab),
+        "continue": sum(t.startswith("##") for t in vocab),
+    }
+    style = max(counts, key=counts.get)
+    return style if counts[style] else "continue"  # a vocabulary of whole words: each token is a word
 
 
 def word_slots(pieces: Sequence[str], fixed: Sequence[bool], style: Style) -> list[int]:
