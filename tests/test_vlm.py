@@ -355,7 +355,7 @@ def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo
     its answers), then found by the diagnosis: the top suggestion, the mark's attribution far
     above its area, negation readable at the answer position."""
     adapter = demo_models("demo-vlm")
-    data = demo.split("ood", n=600)
+    data = demo.split("ood", n=400)
     with torch.no_grad():
         pred = adapter(data.inputs).argmax(1)
         flipped = adapter({**data.inputs, **data.counterfactuals["watermark"].inputs}).argmax(1)
@@ -363,8 +363,8 @@ def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo
     assert (pred != flipped).float().mean() > 0.8  # toggling the mark, label kept, flips the answer
     summary, _, analysis = diagnose(
         adapter, data,
-        settings={"unimodal": {"methods": ["shapley"], "n_correct": 40, "max_errors": 80, "shapley_pairs": 3, "sanity_samples": 0},
-                  "crossmodal": {"n_reference": 80}},
+        settings={"unimodal": {"methods": ["shapley"], "n_correct": 30, "max_errors": 60, "shapley_pairs": 3, "sanity_samples": 0},
+                  "crossmodal": {"n_reference": 60}},
     )  # fmt: skip
     assert analysis["suggestions"][0]["id"] == "shortcut:watermark", [s["id"] for s in analysis["suggestions"]]
     assert summary["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["enrichment"] > 4
