@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.adapter import ModelAdapter
 from pipeline.data import SampleSet
-from pipeline.demo import shapes
+from pipeline.demo import shapes, vlm
 from pipeline.demo.models import demo_adapter
 from pipeline.demo.train import TrainConfig, load_or_train
 from pipeline.demo.vlm import VLMTrainConfig
@@ -28,13 +28,7 @@ MODELS = {
 }
 
 
-def _shapes_vqa(split: str, n: int | None = None, seed: int = 0) -> SampleSet:
-    from pipeline.demo import vlm
-
-    return vlm.split(split, n=n, seed=seed)
-
-
-DATA = {"shapes": shapes.split, "shapes-vqa": _shapes_vqa}
+DATA = {"shapes": shapes.split, "shapes-vqa": vlm.split}
 
 
 def data_for(model: str) -> str:
@@ -45,8 +39,6 @@ def data_for(model: str) -> str:
 def load_model(name: str, cache: Path | None = None, device: str = "cpu") -> tuple[ModelAdapter, bool]:
     config = MODELS[name]
     if isinstance(config, VLMTrainConfig):
-        from pipeline.demo import vlm
-
         model, cached = vlm.load_or_train(config, cache=cache, device=device)
         return vlm.adapter(model), cached
     module, cached = load_or_train(config, cache=cache, device=device)

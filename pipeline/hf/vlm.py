@@ -134,15 +134,18 @@ class Prompt:
         real = ids != self.pad_id
         start = real.int().argmax(1)
         p, s = len(self.prefix), len(self.suffix)
-        prefix = torch.tensor(self.prefix, dtype=ids.dtype, device=ids.device)
-        suffix = torch.tensor(self.suffix, dtype=ids.dtype, device=ids.device)
-        for i in range(b):
-            row, j = ids[i], int(start[i])
-            if not real[i, j:].all() or length - j < p + s or not torch.equal(row[j : j + p], prefix) or not torch.equal(row[length - s :], suffix):
-                raise MmdiagError(
-                    f"inputs.text: row {i} is not a left-padded prompt of this model's template {self.template!r}; build the data with pipeline.hf.vlm_samples"
-                )
         positions = torch.arange(length, device=ids.device).expand(b, length)
+        opening = ids.gather(1, (start[:, None] + torch.arange(p, device=ids.device)).clamp(max=length - 1))
+        ok = (
+            (real == (positions >= start[:, None])).all(1)  # padding, then only real tokens
+            & (length - start >= p + s)
+            & (opening == torch.tensor(self.prefix, dtype=ids.dtype, device=ids.device)).all(1)
+            & (ids[:, length - s :] == torch.tensor(self.suffix, dtype=ids.dtype, device=ids.device)).all(1)
+        )
+        if not ok.all():
+            raise MmdiagError(
+                f"inputs.text: row {int((~ok).nonzero()[0])} is not a left-padded prompt of this model's template {self.template!r}; build the data with pipeline.hf.vlm_samples"
+            )
         return (positions >= start[:, None] + p) & (positions < length - s)
 
     def labels(self, ids: Tensor) -> list[list[str]]:
@@ -197,6 +200,7 @@ class VLMAdapter(ModelAdapter):
         if len(self.class_names) != len(self.answers):
             raise MmdiagError(f"class_names: {len(self.class_names)} names for {len(self.answers)} answers; give one per answer")
         self.single_token = not self.open and all(len(c) == 1 for c in self.candidates)
+        self.candidate_tokens = self._padded(self.candidates)  # (K, T), padded with the pad token
         self.softcap = getattr(text, "final_logit_softcapping", None)
         n = text.num_hidden_layers
         self.depths = sorted({max(1, n // 3), max(1, 2 * n // 3)} - {n})
@@ -241,6 +245,12 @@ class VLMAdapter(ModelAdapter):
                 if len(x) < len(y) and y[: len(x)] == x:
                     raise MmdiagError(f"answers: {a!r} is the start of {b!r} (its tokens are a prefix), so {b!r} could never score higher; give answers that differ before one ends")
         return out
+
+    def _padded(self, answers: list[list[int]]) -> Tensor:
+        tokens = torch.full((len(answers), max(map(len, answers), default=0)), self.pad_id, dtype=torch.long)
+        for i, c in enumerate(answers):
+            tokens[i, : len(c)] = torch.tensor(c)
+        return tokens
 
     # --- the adapter -----------------------------------------------------------------------
     @property
@@ -310,6 +320,9 @@ class VLMAdapter(ModelAdapter):
         last = self.points["decision"](out.last_hidden_state[:, -1])
         return self._logits(last).log_softmax(-1), out, mask, positions
 
+    def _cache_of(self, out):
+        return out[self._cache_arg] if self._cache_arg in out else out.past_key_values
+
     @contextmanager
     def _reading_depths(self):
         """While a stage reads an `lm.layer{d}` point, the output of decoder layer d feeds it its
@@ -333,8 +346,7 @@ class VLMAdapter(ModelAdapter):
     def forward(self, encoded):
         pixels, embedded = encoded["image"], encoded["text"]
         if self.single_token:
-            first = torch.tensor([c[0] for c in self.candidates], device=embedded.device)
-            return self._prompt_pass(pixels, embedded, cache=False)[0][:, first]
+            return self._prompt_pass(pixels, embedded, cache=False)[0][:, self.candidate_tokens[:, 0].to(embedded.device)]
         prompt, tokens, valid, feed = self._answers(embedded)
         if not self.prefix_reuse:
             return self._full_sequences(pixels, prompt, tokens, valid, feed)
@@ -343,7 +355,7 @@ class VLMAdapter(ModelAdapter):
         first = logp.gather(1, tokens[:, :, 0])
         if t == 1:
             return first
-        cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
+        cache = self._cache_of(out)
         cache.batch_repeat_interleave(k)
         ahead = valid[:, :, :-1].reshape(b * k, t - 1).long()
         step = {self._cache_arg: cache}
@@ -362,11 +374,7 @@ class VLMAdapter(ModelAdapter):
         (never removed, so exact rows of the table)."""
         b = len(embedded)
         if not self.open:
-            longest = max(map(len, self.candidates))
-            tokens = torch.full((len(self.candidates), longest), self.pad_id, dtype=torch.long, device=embedded.device)
-            for i, c in enumerate(self.candidates):
-                tokens[i, : len(c)] = torch.tensor(c)
-            tokens = tokens.expand(b, -1, -1)
+            tokens = self.candidate_tokens.to(embedded.device).expand(b, -1, -1)
             return embedded, tokens, tokens != self.pad_id, self.embedding(tokens).to(embedded.dtype)
         t = self.answer_length
         spans = embedded[:, embedded.shape[1] - 2 * t :].reshape(b, 2, t, -1)
@@ -424,7 +432,7 @@ class VLMAdapter(ModelAdapter):
         if ban is not None:
             banned = ban >= 0
             logp[banned, ban[banned]] = -torch.inf
-        cache = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
+        cache = self._cache_of(out)
         answers = torch.full((len(ids), length), self.pad_id, dtype=torch.long, device=ids.device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         for step in range(length):
@@ -452,7 +460,7 @@ class VLMAdapter(ModelAdapter):
     def head(self):
         """The LM head's rows of the candidates' tokens, on the decision features; None when a
         candidate has more than one token (its later tokens depend on more than the answer
-        position's state)."""
+        position's state) or the model caps its logits (not linear then)."""
         if not self.single_token or self.softcap is not None:
             return None
         rows = [c[0] for c in self.candidates]
