@@ -61,7 +61,7 @@ class Game:
     adapter: ModelAdapter
     encoded: dict[str, Tensor]
     units: dict[str, Units]
-    target: Tensor  # (B,) class index per sample
+    target: Tensor  # (B,) class index per sample; (B, T): T targets scored from the same evaluations
     batch_size: int = 128  # model inputs per forward pass: default_batch on a CPU (the stages pass the device's)
     passes: int = 0  # model inputs evaluated (forward), for the cost accounting
     backward: int = 0  # model inputs differentiated
@@ -140,10 +140,12 @@ class Game:
         return out
 
     def value(self, keep: Tensor, output: str = "logit") -> Tensor:
-        """Values of coalitions: keep (B, K, F) bool or soft -> (B, K) target logit (or probability)."""
+        """Values of coalitions: keep (B, K, F) bool or soft -> (B, K) target logit (or
+        probability); (B, K, T) for T targets per sample."""
         logits = self.logits(keep)
         score = logits.log_softmax(-1).exp() if output == "prob" else logits
-        return score.gather(2, self.target[:, None, None].expand(-1, keep.shape[1], 1)).squeeze(2)
+        target = self.target.reshape(len(self.target), 1, -1).expand(-1, keep.shape[1], -1)
+        return score.gather(2, target).reshape(*keep.shape[:2], *self.target.shape[1:])
 
     def target_logit(self, encoded: dict[str, Tensor]) -> Tensor:
         logits = self.adapter.forward(encoded)
@@ -223,17 +225,24 @@ def occlusion(game: Game) -> Tensor:
 def by_present(game: Game, estimate: Callable[[Game, "Compact"], Tensor]) -> Tensor:
     """An estimator run on the groups of samples with equal numbers of present players, over
     those players only: absent unit slots (padding positions a sample does not have) get
-    exactly 0 and cost no model evaluation. `estimate(sub_game, compact)` returns (b, n)."""
+    exactly 0 and cost no model evaluation. `estimate(sub_game, compact)` returns (b, n), or
+    (b, n, T) for a game of T targets."""
     present = game.present
     counts = present.sum(1)
-    out = torch.zeros(present.shape, device=present.device)
+    out = torch.zeros(*present.shape, *game.target.shape[1:], device=present.device)
     for n in counts.unique().tolist():
         rows = (counts == n).nonzero().flatten()
         sub = game.rows(rows)
         compact = Compact(sub, present[rows].nonzero()[:, 1].reshape(len(rows), n))
-        out[rows] = out[rows].scatter(1, compact.index, estimate(sub, compact).to(out.dtype))
+        out[rows] = out[rows].scatter(1, _along(compact.index, out), estimate(sub, compact).to(out.dtype))
         game.passes += sub.passes
     return out
+
+
+def _along(index: Tensor, like: Tensor) -> Tensor:
+    """index (b, ..., n) expanded over `like`'s trailing target axis, if it has one."""
+    extra = like.dim() - index.dim()
+    return index.reshape(*index.shape, *(1,) * extra).expand(*index.shape, *like.shape[index.dim():])
 
 
 @dataclass
@@ -248,13 +257,14 @@ class Compact:
         return self.index.shape[1]
 
     def value(self, keep: Tensor) -> Tensor:
-        """keep (b, K, n) over the present players -> (b, K) values (absent slots removed)."""
+        """keep (b, K, n) over the present players -> (b, K) values, (b, K, T) for T targets
+        (absent slots removed)."""
         b, k, n = keep.shape
         full = torch.zeros(b, k, self.game.n_players, dtype=torch.bool, device=keep.device)
         return self.game.value(full.scatter(2, self.index[:, None, :].expand(b, k, n), keep))
 
     def ends(self) -> Tensor:
-        """(b, 2): v(none), v(all)."""
+        """(b, 2) or (b, 2, T): v(none), v(all)."""
         b = self.index.shape[0]
         return self.value(torch.stack([torch.zeros(b, self.n, dtype=torch.bool), torch.ones(b, self.n, dtype=torch.bool)], 1).to(self.index.device))
 
@@ -265,7 +275,8 @@ def shapley_sampling(game: Game, pairs: int = 10, generator: torch.Generator | N
     mean marginal contribution. Every coalition of every walk of every sample goes through the
     model in large batches, and the empty and full coalitions, shared by all walks, are
     evaluated once: 2 pairs (n - 1) + 2 evaluations for n present players. Additivity holds
-    exactly: the values sum to f(all) - f(none)."""
+    exactly: the values sum to f(all) - f(none). A game of T targets per sample gives (B, F, T)
+    from the same walks, so each further target costs no evaluation."""
     return by_present(game, lambda sub, c: _permutation_walks(c, pairs, generator))
 
 
@@ -278,11 +289,13 @@ def _permutation_walks(c: Compact, pairs: int, generator) -> Tensor:
     rank = torch.empty_like(orders).scatter_(2, orders, torch.arange(f, device=device).expand(b, p, f))
     inner = torch.arange(1, f, device=device)  # coalitions 1 .. F-1 (0 and F are shared)
     keep = rank[:, :, None, :] < inner[None, None, :, None]  # (B, P, F-1, F)
-    values = c.value(keep.reshape(b, p * (f - 1), f)).reshape(b, p, f - 1)
+    values = c.value(keep.reshape(b, p * (f - 1), f))
+    t = values.shape[2:]  # the targets, if several
+    values = values.reshape(b, p, f - 1, *t)
     ends = c.ends()
-    walk = torch.cat([ends[:, None, :1].expand(b, p, 1), values, ends[:, None, 1:].expand(b, p, 1)], dim=2)  # (B, P, F+1)
+    walk = torch.cat([ends[:, None, :1].expand(b, p, 1, *t), values, ends[:, None, 1:].expand(b, p, 1, *t)], dim=2)  # (B, P, F+1, ...)
     marginal = walk.diff(dim=2)  # contribution of the k-th player of each walk
-    phi = torch.zeros(b, p, f, device=device).scatter_(2, orders, marginal)
+    phi = torch.zeros_like(marginal).scatter_(2, _along(orders, marginal), marginal)
     return phi.mean(dim=1)
 
 
@@ -293,7 +306,8 @@ def kernel_shapley(game: Game, pairs: int = 10, generator: torch.Generator | Non
     kernel's share of the budget covers every coalition of a size, as shap's KernelExplainer
     does; the rest is sampled from the kernel in complementary pairs (Covert & Lee 2021), each
     weighted by the kernel mass it stands for. The weighted least-squares fit is solved under
-    the constraint sum(phi) = f(all) - f(none), so additivity holds exactly."""
+    the constraint sum(phi) = f(all) - f(none), so additivity holds exactly. A game of T targets
+    fits each target on the same coalitions: (B, F, T)."""
     return by_present(game, lambda sub, c: _kernel_regression(c, 2 * pairs * max(c.n - 1, 1), generator))
 
 
@@ -347,7 +361,7 @@ class KernelDesign:
 def _kernel_regression(c: Compact, budget: int, generator) -> Tensor:
     b, n, device = c.index.shape[0], c.n, c.index.device
     ends = c.ends().double()
-    gap = ends[:, 1] - ends[:, 0]
+    gap = ends[:, 1] - ends[:, 0]  # (b,) or (b, T)
     if n == 1:
         return gap[:, None]
     design = KernelDesign.of(n, budget)
@@ -355,17 +369,18 @@ def _kernel_regression(c: Compact, budget: int, generator) -> Tensor:
     z = torch.stack([d[0] for d in draws]).to(device)  # (b, K, n)
     w = torch.stack([d[1] for d in draws]).to(device)  # (b, K)
     y = c.value(z).double() - ends[:, :1]
+    y = y.reshape(b, y.shape[1], -1)  # (b, K, T), T = 1 for one target
     zf = z.double()
     gram = torch.einsum("bk,bki,bkj->bij", w, zf, zf)
-    moment = torch.einsum("bk,bki,bk->bi", w, zf, y)
+    moment = torch.einsum("bk,bki,bkt->bit", w, zf, y)
     # the constrained fit's KKT system: [G 1; 1' 0] [phi; mu] = [m; gap]
     # (a ridge of 1e-9 of the diagonal's scale keeps it solvable when few coalitions were drawn;
     # the constraint row is exact either way)
     ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(n, dtype=torch.float64, device=device)
     kkt = torch.zeros(b, n + 1, n + 1, dtype=torch.float64, device=device)
     kkt[:, :n, :n], kkt[:, :n, n], kkt[:, n, :n] = gram + ridge, 1.0, 1.0
-    rhs = torch.cat([moment, gap[:, None]], 1)
-    return torch.linalg.solve(kkt, rhs)[:, :n].float()
+    rhs = torch.cat([moment, gap.reshape(b, 1, -1)], 1)
+    return torch.linalg.solve(kkt, rhs)[:, :n].reshape(b, n, *gap.shape[1:]).float()
 
 
 def coalitions(n: int, device: torch.device | str = "cpu") -> Tensor:

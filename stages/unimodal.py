@@ -53,6 +53,11 @@ class UnimodalConfig(StageConfig):
     sanity_samples: int = Field(default=32, ge=0)  # 0 skips the weight-randomisation check
 
 
+# estimators that score several target classes from one set of coalitions (Shapley values are
+# linear in the game): the true class of an error costs them no model evaluation
+SHARED_TARGETS = ("shapley", "shapley_kernel")
+
+
 def select(ctx: Context, config: UnimodalConfig) -> torch.Tensor:
     """Row indices of the samples to explain: errors (a seeded subset above the cap) and a
     seeded random sample of correct predictions."""
@@ -231,15 +236,21 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
         # towards the true class: only errors need it (elsewhere it is the predicted class)
         towards_truth = attr.Game(adapter, {m: t[wrong] for m, t in encoded.items()}, {m: u.take(wrong) for m, u in units.items()},
                                   data.labels[batch].to(ctx.device)[wrong], game.batch_size, draws=draws.take(wrong), tick=beat)
+        # both classes scored from one set of coalitions, for the methods that can
+        both = attr.Game(adapter, encoded, units, torch.stack([pred[batch], data.labels[batch]], 1).to(ctx.device), game.batch_size, draws=draws, tick=beat)
         for meth in config.methods:
             beat.step(f"{meth}, batch {b + 1}/{n_batches}", (b * len(config.methods) + config.methods.index(meth)) / steps)
-            start, before = time.perf_counter(), game.passes + towards_truth.passes
-            scores, residual = attribute(meth, game, config, stats, generator)
-            true_scores = scores.clone()
-            if wrong.any():
-                true_scores[wrong] = attribute(meth, towards_truth, config, stats, generator)[0]
+            start, before = time.perf_counter(), game.passes + towards_truth.passes + both.passes
+            if meth in SHARED_TARGETS:
+                scores, residual = attribute(meth, both, config, stats, generator)
+                (scores, true_scores), residual = scores.unbind(-1), residual[:, 0]
+            else:
+                scores, residual = attribute(meth, game, config, stats, generator)
+                true_scores = scores.clone()
+                if wrong.any():
+                    true_scores[wrong] = attribute(meth, towards_truth, config, stats, generator)[0]
             cost[meth]["seconds"] += time.perf_counter() - start
-            cost[meth]["passes"] += game.passes + towards_truth.passes - before
+            cost[meth]["passes"] += game.passes + towards_truth.passes + both.passes - before
             got.add(("map", meth, "pred"), scores)
             got.add(("map", meth, "true"), true_scores)
             deletion, insertion = curves(game, scores, config.curve_points)

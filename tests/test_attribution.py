@@ -51,6 +51,20 @@ def test_shapley_sampling_is_additive_and_matches_enumeration():
     assert torch.allclose(few.sum(1), gap[:, 1] - gap[:, 0], atol=1e-5)  # exact even with one pair
 
 
+@pytest.mark.parametrize("estimate", [attr.shapley_sampling, attr.kernel_shapley])
+def test_several_targets_share_one_set_of_coalitions(estimate):
+    """A game of (B, 2) targets gives each target's values as its own game would with the same
+    draws, at the evaluation cost of one target."""
+    targets = torch.tensor([[0, 1], [1, 1], [0, 0], [1, 0]])
+    both = game_for(Mixer(), target=targets)
+    phi = estimate(both, 3, torch.Generator().manual_seed(0))
+    assert phi.shape == (4, 6, 2)
+    for t in range(2):
+        alone = game_for(Mixer(), target=targets[:, t])
+        assert torch.allclose(phi[..., t], estimate(alone, 3, torch.Generator().manual_seed(0)), atol=1e-5)
+        assert both.passes == alone.passes
+
+
 def test_integrated_gradients_completeness():
     game = game_for(Mixer(), baseline=0.3)
     scores, delta = attr.integrated_gradients(game, steps=256)

@@ -55,6 +55,11 @@ class _Fusion(nn.Module):
         return self.embedding(text) if not text.is_floating_point() else text
 
     def first(self, image: Tensor) -> Tensor:
+        if not self.training:
+            # channels-last makes oneDNN's 3-channel convolution and the max pooling 2-3x faster
+            # on a CPU (values within 1e-6); training keeps the default layout, so that the
+            # trained weights do not change with this
+            image = image.contiguous(memory_format=torch.channels_last)
         x = torch.relu(self.conv1((image - 0.5) / 0.25))
         return self.image(nn.functional.max_pool2d(x, 2))  # 16 x 16
 
