@@ -8,6 +8,8 @@ copied to another machine and is reused as it is):
     models/<name>.safetensors      trained weights, each with <name>.safetensors.sha256
     runs.json                      the run folders written with this cache (for `prune`): each by
                                    its absolute path and its path relative to the cache
+    figures/<key>.txt              the report's charts already drawn (a memo)
+    analyses/<key>.json            error analyses already made (a memo)
     prefect/                       Prefect's home (its database and logs)
 
 Prefect's own result cache is not used: its records hold absolute paths (a moved cache fails),
@@ -38,7 +40,8 @@ from pipeline.store import atomic_write, file_sha256, weights_damage
 log = logging.getLogger("mmdiag")
 
 RECORD_SCHEMA = "mmdiag.record/1"
-KINDS = ("results", "records", "models", "figures", "prefect")
+KINDS = ("results", "records", "models", "figures", "analyses", "prefect")
+MEMOS = {"figures": "*.txt", "analyses": "*.json"}  # kept while in use; a damaged entry is made again
 
 
 def key(task: str, inputs: dict, code: str) -> str:
@@ -245,6 +248,28 @@ class FigureStore(MutableMapping):
         return sum(1 for _ in self)
 
 
+def remembered_analysis(folder: Path, inputs: list, analyse: Callable[[], dict]) -> dict:
+    """analyse(), or the analysis it gave before on the same inputs (JSON: the stage results'
+    hashes, the data's fingerprint, the summary, the seed) with the same code of the `reports`
+    package, from folder/<key>.json. A damaged entry is analysed again."""
+    import reports
+
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(reports.__file__).parent.rglob("*.py")))).hexdigest()
+    k = hashlib.sha256(json.dumps([code, inputs], sort_keys=True, default=str).encode()).hexdigest()
+    path = folder / f"{k}.json"
+    try:
+        analysis = json.loads(path.read_text())
+        if not isinstance(analysis, dict) or set(analysis) != {"errors", "suggestions"}:
+            raise ValueError
+        os.utime(path)  # last use, for `prune`
+        return analysis
+    except (OSError, ValueError):
+        pass
+    analysis = analyse()
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(analysis, separators=(",", ":"))))
+    return analysis
+
+
 def prune(cache: Path, unused_since: datetime | None = None) -> dict:
     """Remove results no run folder refers to (or, with `unused_since`, those not used since
     then) and the records naming them; results used within the last hour are always kept.
@@ -272,10 +297,11 @@ def prune(cache: Path, unused_since: datetime | None = None) -> dict:
             if problem or record["sha256"] in gone:
                 path.unlink()
                 removed["records"] += 1
-        for path in sorted((cache / "figures").glob("*.txt")):  # a memo of the report's charts: kept while in use
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed["figures"] = removed.get("figures", 0) + 1
+        for kind, pattern in MEMOS.items():
+            for path in sorted((cache / kind).glob(pattern)):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed[kind] = removed.get(kind, 0) + 1
     return removed
 
 

@@ -177,12 +177,13 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     }
     start = time.perf_counter()
     stage_results = {name: result for name, (result, _) in loaded.items()}
-    analysis = reports.analyse(summary, stage_results, analysed, seed=config.seed)
-    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
-    summary["suggestions"] = analysis["suggestions"]
-    from flows.cache import FigureStore
+    from flows.cache import FigureStore, remembered_analysis
     from reports.figures import remembered
 
+    inputs = [{k: v for k, v in summary.items() if k not in ("run", "stages")}, {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
+    analysis = remembered_analysis(cache_root(config.cache) / "analyses", inputs, lambda: reports.analyse(summary, stage_results, analysed, seed=config.seed))
+    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
+    summary["suggestions"] = analysis["suggestions"]
     with remembered(FigureStore(cache_root(config.cache) / "figures")):  # a chart drawn before is not drawn again
         html = reports.render(summary, stage_results, analysed, analysis, provenance)
     provenance["report"] = {"seconds": round(time.perf_counter() - start, 3), "bytes": len(html.encode())}

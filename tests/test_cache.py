@@ -104,7 +104,7 @@ def _age(folder, hours=2):
     import os
     import time
 
-    for path in (folder / "results").glob("*"):
+    for path in [*(folder / "results").glob("*"), *(folder / "analyses").glob("*")]:
         os.utime(path, (time.time() - hours * 3600,) * 2)
 
 
@@ -142,6 +142,24 @@ def test_prune_keeps_what_run_folders_refer_to(tmp_path, capsys):
     assert cache.prune(root, unused_since=datetime.now(timezone.utc) - timedelta(days=1))["results"] == 0
     assert cache.prune(root, unused_since=datetime.now(timezone.utc) + timedelta(days=1))["results"] == 1
     shutil.move(moved, tmp_path)
+
+
+def test_an_analysis_made_before_on_the_same_inputs_is_taken_from_the_memo(tmp_path):
+    folder, calls = tmp_path / "cache" / "analyses", []
+
+    def analyse(value):
+        calls.append(value)
+        return {"errors": {"n": value, "cards": [{"row": 1}]}, "suggestions": [{"id": f"s{value}"}]}
+
+    first = cache.remembered_analysis(folder, [{"a": 1}, "sha"], lambda: analyse(1))
+    assert cache.remembered_analysis(folder, [{"a": 1}, "sha"], lambda: analyse(2)) == first and calls == [1]
+    assert cache.remembered_analysis(folder, [{"a": 2}, "sha"], lambda: analyse(3))["errors"]["n"] == 3  # other inputs
+    entry = next(p for p in folder.glob("*.json") if json.loads(p.read_text())["errors"]["n"] == 1)
+    entry.write_text('{"errors": ')  # damaged: analysed again, and the memo mended
+    assert cache.remembered_analysis(folder, [{"a": 1}, "sha"], lambda: analyse(4))["errors"]["n"] == 4
+    assert cache.remembered_analysis(folder, [{"a": 1}, "sha"], lambda: analyse(5))["errors"]["n"] == 4 and calls == [1, 3, 4]
+    _age(tmp_path / "cache")
+    assert cache.prune(tmp_path / "cache")["analyses"] == 2  # a memo: gone once unused for an hour
 
 
 def test_clear_refuses_a_folder_that_is_not_a_cache(tmp_path):
@@ -187,7 +205,7 @@ def _figures(run):
 
 
 @pytest.mark.slow
-def test_fresh_caches_give_equal_keys_and_a_moved_cache_is_fully_cached(toy, tmp_path):
+def test_fresh_caches_give_equal_keys_and_a_moved_cache_is_fully_cached(toy, tmp_path, monkeypatch):
     cfg, run, computed = toy
     assert main(["diagnose", "--config", str(cfg)]) == 0
     figures, keys = _figures(run)
@@ -199,9 +217,12 @@ def test_fresh_caches_give_equal_keys_and_a_moved_cache_is_fully_cached(toy, tmp
 
     shutil.move(tmp_path / "cache", tmp_path / "moved")
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "cache"), str(tmp_path / "moved")))
+    before = {k: _summary(run)[k] for k in ("errors", "suggestions")}
+    monkeypatch.setattr("reports.analyse", lambda *a, **k: pytest.fail("the error analysis was made again"))
     assert main(["diagnose", "--config", str(cfg)]) == 0
     assert computed() == []
     assert _figures(run) == (figures, keys) and all(s["cached"] for s in _summary(run)["stages"].values())
+    assert {k: _summary(run)[k] for k in ("errors", "suggestions")} == before  # the analysis, from its memo
 
 
 @pytest.mark.slow
