@@ -115,7 +115,7 @@ def prepare_model(spec_json: str, cache: str, device: str) -> dict:
     return {**ref, "weights_from_cache": cached}
 
 
-@task(name="evaluate", tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
+@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: str, refresh: bool = False):
     inputs = {"model": _keyed(model), "data": data, "split": split, "batch_size": batch_size, "device": device}
     return _answer(Path(cache), "evaluate", inputs, None, refresh, lambda: _evaluate(model, data, split, batch_size, device, Path(cache)))
@@ -135,7 +135,7 @@ def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, d
     return results.save(cache / "results", StageResult(summary, arrays), meta)
 
 
-@task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False)
 def run_stage(
     stage: str,
     settings: dict[str, Any],

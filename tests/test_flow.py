@@ -20,8 +20,21 @@ def _summary(run):
     return json.loads((run / "summary.json").read_text())
 
 
+def test_only_tasks_on_a_gpu_carry_the_gpu_tag():
+    from flows import tasks
+    from flows.flow import gpu_tags
+
+    assert tasks.run_stage.with_options(tags=gpu_tags("cuda")).tags == {"gpu"}
+    assert tasks.run_stage.with_options(tags=gpu_tags("cpu")).tags == set()
+    assert tasks.evaluate.with_options(tags=gpu_tags("cpu")).tags == set()
+
+
 @pytest.mark.slow
-def test_second_run_takes_every_stage_from_cache_and_rerun_recomputes_dependents(toy, tmp_path, capsys):
+def test_second_run_takes_every_stage_from_cache_and_rerun_recomputes_dependents(toy, tmp_path, capsys, monkeypatch):
+    import prefect.concurrency._sync as slots
+
+    # on a CPU no task is tagged `gpu`, so none asks the server for a concurrency slot
+    monkeypatch.setattr(slots, "acquire_concurrency_slots_with_lease", lambda *a, **k: pytest.fail("a CPU task asked for a concurrency slot"))
     cfg, run, computed = toy
     assert main(["diagnose", "--config", str(cfg)]) == 0
     assert computed() == ["first", "second", "third"]
