@@ -249,13 +249,10 @@ class FigureStore(MutableMapping):
 
 
 def remembered_analysis(folder: Path, inputs: list, analyse: Callable[[], dict]) -> dict:
-    """analyse(), or the analysis it gave before on the same inputs (JSON: the stage results'
-    hashes, the data's fingerprint, the summary, the seed) with the same code of the `reports`
-    package, from folder/<key>.json. A damaged entry is analysed again."""
-    import reports
-
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(reports.__file__).parent.rglob("*.py")))).hexdigest()
-    k = hashlib.sha256(json.dumps([code, inputs], sort_keys=True, default=str).encode()).hexdigest()
+    """analyse(), or the analysis it gave before on the same inputs (JSON: the code version,
+    the stage results' hashes, the data's fingerprint, the summary, the seed), from
+    folder/<key>.json. A damaged entry is analysed again."""
+    k = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     path = folder / f"{k}.json"
     try:
         analysis = json.loads(path.read_text())

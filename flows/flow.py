@@ -188,7 +188,10 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     from flows.cache import FigureStore, remembered_analysis
     from reports.figures import remembered
 
-    inputs = [{k: v for k, v in summary.items() if k not in ("run", "stages")}, {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
+    from flows.tasks import code_version
+
+    inputs = [code_version(packages=("reports", "stages")), {k: v for k, v in summary.items() if k not in ("run", "stages")},
+              {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
     analysis = remembered_analysis(cache_root(config.cache) / "analyses", inputs, lambda: reports.analyse(summary, stage_results, analysed, seed=config.seed))
     summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
     summary["suggestions"] = analysis["suggestions"]

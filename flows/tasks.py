@@ -38,9 +38,11 @@ log = logging.getLogger("mmdiag")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def code_version(stage: str | None = None) -> str:
-    """Hash of the code a result depends on: pipeline/, flows' task code, the stage's modules."""
+def code_version(stage: str | None = None, packages: tuple[str, ...] = ()) -> str:
+    """Hash of the code a result depends on: pipeline/, flows' task code, the stage's modules
+    and the whole of `packages` (folders of the project)."""
     files = sorted((ROOT / "pipeline").rglob("*.py")) + [Path(__file__), Path(results.__file__), Path(store.__file__)]
+    files += [f for package in packages for f in sorted((ROOT / package).rglob("*.py"))]
     if stage:
         files += [Path(importlib.import_module(m).__file__) for m in registry.get(stage).modules]
     h = hashlib.sha256()

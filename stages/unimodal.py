@@ -269,10 +269,11 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
             got.add(("coverage", m, r), units[m].coverage(data.truth[m][r][batch].to(ctx.device)))
         sizes = [u.n for u in units.values()]
     n_maps = len(rows) + int((pred != data.labels).sum())  # maps computed per method
+    sanity = {}
     if config.sanity_samples:
         beat.step("sanity check on a randomised model", 1 - 1 / steps)
         ctx.progress(beat.what, beat.at)
-    sanity = _sanity(ctx, config, data, pred, got, beat) if config.sanity_samples else {}
+        sanity = _sanity(ctx, config, data, pred, got, beat)
     ctx.progress("sanity check", 1.0)
     return _result(config, adapter.modalities, sizes, data, rows, pred, got, cost, regions, sanity, n_maps)
 

@@ -52,6 +52,28 @@ def toy(monkeypatch, tmp_path, cache):
     return cfg, tmp_path / "runs" / "toy", computed
 
 
+@pytest.fixture
+def user_flow(tmp_path, monkeypatch, cache):
+    """Diagnose a user's module (its `model` and `data` factories, 24 samples of split `val`)
+    through the CLI's flow on the CPU, with `unimodal` as stage 1's settings (YAML) and a small
+    stage 2; returns the run folder and the config, for a second run."""
+    from flows.cli import main
+
+    def diagnose(module: str, source: str, unimodal: str) -> tuple[Path, Path]:
+        (tmp_path / f"{module}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        cfg = tmp_path / "diag.yaml"
+        cfg.write_text(
+            f"run: {module}\nmodel: {{factory: '{module}:model'}}\ndata: {{factory: '{module}:data', split: val, splits: [val], n: 24}}\n"
+            f"stages: {{unimodal: {unimodal}, crossmodal: {{n_reference: 8, shapley_draws: 2}}}}\n"
+            f"device: cpu\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
+        )
+        assert main(["diagnose", "--config", str(cfg)]) == 0
+        return tmp_path / "runs" / module, cfg
+
+    return diagnose
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -278,19 +278,9 @@ def data(split, n, seed):
 
 
 @pytest.mark.slow
-def test_vilt_through_every_stage_of_the_flow(vilt_dir, tmp_path, monkeypatch, cache):
-    from flows.cli import main
-
-    (tmp_path / "tinyvilt.py").write_text(USER_MODULE.format(folder=str(vilt_dir)))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = tmp_path / "diag.yaml"
-    cfg.write_text(
-        "run: vilt\nmodel: {factory: 'tinyvilt:model'}\ndata: {factory: 'tinyvilt:data', split: val, splits: [val], n: 24}\n"
-        "stages: {unimodal: {methods: [grad_x_input], n_correct: 4, max_errors: 4, sanity_samples: 0}, crossmodal: {n_reference: 8, shapley_draws: 2}}\n"
-        f"device: cpu\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
-    )
-    assert main(["diagnose", "--config", str(cfg)]) == 0
-    summary = json.loads((tmp_path / "runs" / "vilt" / "summary.json").read_text())
+def test_vilt_through_every_stage_of_the_flow(vilt_dir, user_flow):
+    run, _ = user_flow("tinyvilt", USER_MODULE.format(folder=str(vilt_dir)), "{methods: [grad_x_input], n_correct: 4, max_errors: 4, sanity_samples: 0}")
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["model"]["n"] == 24
     assert all(summary[s] for s in ("unimodal", "crossmodal", "representation", "composition"))
     assert summary["unimodal"]["n_explained"] > 0 and summary["crossmodal"]["n_reference"] == 8

@@ -396,19 +396,11 @@ def data(split, n, seed):
 
 
 @pytest.mark.slow
-def test_an_open_answer_vlm_from_a_folder_through_every_stage_of_the_flow(folders, tmp_path, monkeypatch, cache):
+def test_an_open_answer_vlm_from_a_folder_through_every_stage_of_the_flow(folders, user_flow):
     from flows.cli import main
 
-    (tmp_path / "openvlm.py").write_text(OPEN_MODULE.format(folder=str(folders / "llava")))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = tmp_path / "diag.yaml"
-    cfg.write_text(
-        "run: vlm\nmodel: {factory: 'openvlm:model'}\ndata: {factory: 'openvlm:data', split: val, splits: [val], n: 24}\n"
-        "stages: {unimodal: {methods: [grad_x_input, shapley], n_correct: 4, max_errors: 4, shapley_pairs: 1, sanity_samples: 0}, crossmodal: {n_reference: 8, shapley_draws: 2}}\n"
-        f"device: cpu\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
-    )
-    assert main(["diagnose", "--config", str(cfg)]) == 0
-    run = tmp_path / "runs" / "vlm"
+    unimodal = "{methods: [grad_x_input, shapley], n_correct: 4, max_errors: 4, shapley_pairs: 1, sanity_samples: 0}"
+    run, cfg = user_flow("openvlm", OPEN_MODULE.format(folder=str(folders / "llava")), unimodal)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["model"]["n"] == 24 and summary["model"]["fusion"] == "joint"
     assert summary["unimodal"]["n_explained"] > 0 and summary["crossmodal"]["n_reference"] == 8
