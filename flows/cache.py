@@ -87,12 +87,17 @@ def store(cache: Path, k: str, task: str, ref: results.Ref) -> None:
     atomic_write(_record_path(cache, k), lambda tmp: tmp.write_text(text + "\n"))
 
 
+before_computing: list[Callable[[str], None]] = []  # told the task's name before a computation (flows.side_by_side)
+
+
 def cached(cache: Path, task: str, inputs: dict, code: str, refresh: bool, compute: Callable[[], results.Ref]) -> tuple[results.Ref, bool]:
     """(reference, came from the cache): the recorded result of this computation, or `compute()`
     run and recorded (always run when `refresh`)."""
     k = key(task, inputs, code)
     if not refresh and (ref := lookup(cache, k, task)) is not None:
         return ref, True
+    for hook in list(before_computing):
+        hook(task)
     ref = compute()
     store(cache, k, task, ref)
     return ref, False

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
     demo.add_argument("--models", nargs="+", default=["demo-film", "demo-late"], metavar="MODEL",
                       help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-vlm, demo-film-clean, demo-late-clean, demo-vlm-clean)")
+    demo.add_argument("--one-by-one", action="store_true", help="diagnose the models one after the other in this process "
+                      "(default: once the first model has something to compute, the others start beside it, one process "
+                      "and a share of the CPU cores each)")
     demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
                       "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
 
@@ -173,8 +176,12 @@ def _early_server(cache: Path | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        import os
+
         _early_server(None)
+        from flows import side_by_side
         from flows.flow import demo_configs, run, writable
+        from flows.server import TemporaryServer
 
         from pipeline.demo.catalog import MODELS
 
@@ -182,7 +189,19 @@ def _run(args: argparse.Namespace) -> int:
         if unknown:
             raise MmdiagError(f"--models: {unknown[0]!r} is not a built-in model; choose from {', '.join(MODELS)}")
         writable(args.out, "--out")
-        for config in demo_configs(args.out, device=args.device, models=tuple(args.models)):
+        first, *later = demo_configs(args.out, device=args.device, models=tuple(args.models))
+        api_url = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get().api_url
+        try:
+            with side_by_side.Overflow([] if args.one_by_one else later, api_url, args.verbose, first=first.run) as overflow:
+                log.info("%s: diagnosing (the model is trained on first use, then cached)", first.run)
+                _print_run(run(first))
+                beside = overflow.finish() if overflow.started else None
+        except side_by_side.Failed as e:  # a run beside this one failed; its error line was relayed
+            return e.code
+        if beside is not None:
+            for lines in beside:
+                print(*lines, sep="\n")
+        for config in later if beside is None else ():  # the first run found everything cached
             log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
             _print_run(run(config))
         if args.fix:
@@ -192,7 +211,13 @@ def _run(args: argparse.Namespace) -> int:
             print(fix_demo(args.out, args.device))
         return 0
     if args.command == "diagnose":
+        import os
+
+        from flows import side_by_side
         from pipeline.config import load_config
+
+        if os.environ.get(side_by_side.THREADS_FILE):  # started side by side by `mmdiag demo`
+            side_by_side.follow_parent()
 
         config = load_config(args.config)
         _early_server(config.cache)
@@ -287,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmdiag: internal error ({type(e).__name__}: {_one_line(str(e))[:200]}); this is a bug, not your input; "
               f"the traceback is in {log_file} (rerun with -v to print it)", file=sys.stderr)
         return 1
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _one_line(text: str) -> str:

@@ -47,17 +47,18 @@ class Bars:
                 self.progress = None
 
 
-def _terminal() -> bool:
+def terminal() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-_bars = Bars()
+BARS = Bars()
+run_tag = ""  # the run's name before each stage's label, while other runs report beside this one (flows.side_by_side)
 
 
 class Reporter:
     def __init__(self, label: str, every: float = 3.0, clock=time.monotonic, bars: Bars | None = None):
-        self.label, self.every, self.clock = label, every, clock
-        self.bars = bars if bars is not None else (_bars if _terminal() else None)
+        self.label, self.every, self.clock = f"{run_tag}: {label}" if run_tag else label, every, clock
+        self.bars = bars if bars is not None else (BARS if terminal() else None)
         self.task: int | None = None
         self.start = clock()
         self.last: float | None = None

@@ -23,6 +23,7 @@ from flows import prefect_db
 from pipeline.errors import MmdiagError
 
 PORT_IN_USE = 3  # uvicorn's exit code when another process took the port first
+PARENT_API_URL = "MMDIAG_PARENT_API_URL"  # set for the runs an mmdiag process starts side by side
 
 
 class TemporaryServer:
@@ -33,7 +34,11 @@ class TemporaryServer:
         self.port = 0
 
     @classmethod
-    def get(cls) -> "TemporaryServer":
+    def get(cls) -> "TemporaryServer | ParentServer":
+        """This process's server, started on first use; in a run started side by side, its
+        parent's."""
+        if os.environ.get(PARENT_API_URL):
+            return ParentServer(os.environ[PARENT_API_URL])
         if cls._running is None or cls._running.process is None or cls._running.process.poll() is not None:
             cls._running = cls()
             cls._running._launch()
@@ -66,31 +71,21 @@ class TemporaryServer:
     def wait(self, timeout: float = 90.0, waiting=None, every: float = 3.0) -> str:
         """Block until the server answers its health check; its API URL. `waiting(seconds)` is
         called every `every` seconds of the wait (a first start creates Prefect's database)."""
-        import httpx
+        try:
+            return _healthy(lambda: self.api_url, self._check, timeout, waiting, every)
+        except TimeoutError:
+            self.stop()
+            raise MmdiagError(f"Prefect's temporary server did not start within {timeout:.0f} s; run `prefect server start` and set PREFECT_API_URL") from None
 
-        start = time.monotonic()
-        deadline, told = start + timeout, start
-        with httpx.Client() as client:
-            while time.monotonic() < deadline:
-                if waiting is not None and time.monotonic() - told >= every:
-                    told = time.monotonic()
-                    waiting(told - start)
-                code = self.process.poll()
-                if code == PORT_IN_USE:
-                    self._launch()
-                    continue
-                if code is not None:
-                    detail = self.log.read_text(errors="replace").strip().splitlines()
-                    raise MmdiagError(f"Prefect's temporary server exited with code {code} ({detail[-1] if detail else 'no output'}); "
-                                      "check PREFECT_HOME, or run `prefect server start` and set PREFECT_API_URL")
-                try:
-                    if client.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                        return self.api_url
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        self.stop()
-        raise MmdiagError(f"Prefect's temporary server did not start within {timeout:.0f} s; run `prefect server start` and set PREFECT_API_URL")
+    def _check(self) -> None:
+        """Relaunch on a port taken meanwhile; a server that exited otherwise is an error."""
+        code = self.process.poll()
+        if code == PORT_IN_USE:
+            self._launch()
+        elif code is not None:
+            detail = self.log.read_text(errors="replace").strip().splitlines()
+            raise MmdiagError(f"Prefect's temporary server exited with code {code} ({detail[-1] if detail else 'no output'}); "
+                              "check PREFECT_HOME, or run `prefect server start` and set PREFECT_API_URL")
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -102,6 +97,46 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class ParentServer:
+    """The temporary server of the mmdiag process that started this one: awaited like our own,
+    but not ours to start or stop."""
+
+    def __init__(self, api_url: str):
+        self.api_url = api_url
+
+    def wait(self, timeout: float = 90.0, waiting=None, every: float = 3.0) -> str:
+        try:
+            return _healthy(lambda: self.api_url, lambda: None, timeout, waiting, every)
+        except TimeoutError:
+            raise MmdiagError(f"Prefect's temporary server at {self.api_url} (the parent mmdiag process's) did not answer within {timeout:.0f} s; "
+                              "run `prefect server start` and set PREFECT_API_URL") from None
+
+    def stop(self) -> None:
+        pass
+
+
+def _healthy(url, check, timeout: float, waiting, every: float) -> str:
+    """Poll url()'s health check until it answers (calling check() between tries); TimeoutError
+    after `timeout` seconds."""
+    import httpx
+
+    start = time.monotonic()
+    deadline, told = start + timeout, start
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            if waiting is not None and time.monotonic() - told >= every:
+                told = time.monotonic()
+                waiting(told - start)
+            check()
+            try:
+                if client.get(f"{url()}/health", timeout=2).status_code == 200:
+                    return url()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError
 
 
 def stop_all() -> None:

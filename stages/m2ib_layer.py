@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import MmdiagError
-from stages.attribution import Game, IBAConfig, default_batch
+from stages.attribution import Adam, Game, IBAConfig, default_batch
 
 M2IB = IBAConfig(beta=0.1, steps=10, lr=1.0, copies=10, smooth=0.0)  # the paper's code
 
@@ -52,7 +52,7 @@ def _m2ib_layer(game: Game, modality: str, layer: str, config: IBAConfig, genera
     sigma = (((r - mu) ** 2 * inside).sum(1, keepdim=True) / count).sqrt().clamp_min(0.01)
     normalised = (r - mu) / sigma
     alpha = torch.full_like(r, config.init, requires_grad=True)
-    opt = torch.optim.Adam([alpha], lr=config.lr)
+    opt = Adam(alpha, lr=config.lr)
     # one generator per sample, on the device, seeded from the sample's own stream
     noise_gens = [torch.Generator(r.device).manual_seed(int(torch.randint(2**62, (1,), generator=g))) for g in game.streams(generator).generators]
     copies = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
@@ -71,8 +71,7 @@ def _m2ib_layer(game: Game, modality: str, layer: str, config: IBAConfig, genera
         z = lam_k * copies(r) + (1 - lam_k) * eps
         fit = -torch.nn.functional.cosine_similarity(site.rest(z), other, dim=-1).sum() / k
         loss = fit + config.beta * (capacity.flatten(1).sum(1) / per_sample).sum()
-        alpha.grad = torch.autograd.grad(loss, [alpha])[0]  # not the model's parameters
-        opt.step()
+        opt.step(torch.autograd.grad(loss, [alpha])[0])  # not the model's parameters
         game.passes += len(z)
         game.backward += len(z)
     with torch.no_grad():

@@ -237,3 +237,16 @@ def test_unimodal_stage_runs_m2ib_only_where_there_is_a_shared_space():
     data2 = SampleSet(inputs={m: t.detach() for m, t in plain.encoded.items()}, labels=torch.zeros(8, dtype=torch.long))
     with pytest.raises(MmdiagError, match="m2ib needs"):
         run(Context(plain.adapter, data2, torch.device("cpu"), 0, plain.adapter.forward(plain.encoded).detach()), config, {})
+
+
+def test_adam_is_torch_optims_adam_to_the_bit():
+    torch.manual_seed(0)
+    ours = torch.randn(6, 5)
+    theirs = ours.clone().requires_grad_(True)
+    opt, reference = attr.Adam(ours, lr=1.0), torch.optim.Adam([theirs], lr=1.0)
+    for _ in range(10):
+        grad = torch.randn(6, 5) * 3
+        opt.step(grad)
+        theirs.grad = grad.clone()
+        reference.step()
+        assert torch.equal(ours, theirs.detach())

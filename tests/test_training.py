@@ -57,6 +57,7 @@ def test_the_fixed_data_gives_the_rule(demo_models):
 @pytest.mark.slow
 def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch):
     import flows.flow
+    from flows import side_by_side
     from flows.cli import main
 
     demo_models("demo-film"), demo_models("demo-late")  # trained into the session's cache
@@ -66,6 +67,11 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": quick}) for c in demo_configs(*a, **k)])
 
     assert main(["demo", "--out", str(tmp_path), "--fix"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:4] == [str(tmp_path / r / f) for r in ("demo-film", "demo-late") for f in ("summary.json", "report.html")]
+    if side_by_side.cores() >= 2:  # demo-late ran in a process of its own, its lines relayed with its name
+        assert "demo-late: diagnosing beside demo-film, 1 of" in err
+        assert "demo-late: unimodal: 100%" in err and "demo-film: unimodal: 100%" in err
     for name in ("demo-film", "demo-late"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         run = json.loads((tmp_path / name / "run.json").read_text())
