@@ -250,20 +250,31 @@ def _per_input_gradient(adapter, encoded, batch: int, repeats: int = 3) -> float
 
 
 def _demo_rows(device: str) -> list[dict]:
-    """`mmdiag demo` end to end in a fresh process, cold (empty cache and Prefect home) and
-    fully cached. A cached run computes nothing, so its wall time is the flow's own overhead:
-    process start, imports, the temporary Prefect server, cache look-ups, writing the runs."""
+    """`mmdiag demo` end to end in a fresh process: cold (empty cache and Prefect home), fully
+    cached, and cold with the trained weights kept, one model after the other and side by side.
+    A cached run computes nothing, so its wall time is the flow's own overhead: process start,
+    imports, the temporary Prefect server, cache look-ups, writing the runs."""
     import os
     import subprocess
     import sys
 
+    import shutil
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"MMDIAG_CACHE": str(Path(tmp) / "cache")}
+        cache = Path(tmp) / "cache"
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"MMDIAG_CACHE": str(cache)}
         command = [sys.executable, "-m", "flows.cli", "demo", "--out", str(Path(tmp) / "runs"), "--device", device]
-        for label in ("cold (trains both models, new Prefect home)", "fully cached rerun (= flow overhead)"):
+        runs = [("cold (trains both models, new Prefect home)", []), ("fully cached rerun (= flow overhead)", []),
+                ("cold, trained weights cached, new Prefect home, one by one (--one-by-one)", ["--one-by-one"]),
+                ("cold, trained weights cached, new Prefect home, side by side (the default)", [])]
+        for i, (label, flags) in enumerate(runs):
+            if i >= 2:  # all but the trained weights forgotten
+                for entry in cache.iterdir():
+                    if entry.name != "models":
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             start = time.perf_counter()
-            subprocess.run(command, env=env, check=True, capture_output=True)
+            subprocess.run(command + flags, env=env, check=True, capture_output=True)
             secs = time.perf_counter() - start
             stages = [json.loads((Path(tmp) / "runs" / r / "summary.json").read_text())["stages"] for r in ("demo-film", "demo-late")]
             computed = sum(s["seconds"] or 0 for st in stages for s in st.values() if not s["cached"])

@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", nargs="+", default=["demo-film", "demo-late"], metavar="MODEL",
                       help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-vlm, demo-film-clean, demo-late-clean, demo-vlm-clean)")
     demo.add_argument("--one-by-one", action="store_true", help="diagnose the models one after the other in this process "
-                      "(default: once the first model has something to compute, the others start beside it, one process "
-                      "and a share of the CPU cores each)")
+                      "(default on a machine with one or two cores a model: once the first model has something to compute, "
+                      "the others start beside it, one process and one thread each)")
     demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
                       "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
 
@@ -192,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
         first, *later = demo_configs(args.out, device=args.device, models=tuple(args.models))
         api_url = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get().api_url
         try:
-            with side_by_side.Overflow([] if args.one_by_one else later, api_url, args.verbose, first=first.run) as overflow:
+            # --fix retrains after the runs: with this process's threads, not the one a run beside others keeps
+            with side_by_side.Overflow([] if args.one_by_one or args.fix else later, api_url, args.verbose, first=first.run) as overflow:
                 log.info("%s: diagnosing (the model is trained on first use, then cached)", first.run)
                 _print_run(run(first))
                 beside = overflow.finish() if overflow.started else None
@@ -211,13 +212,7 @@ def _run(args: argparse.Namespace) -> int:
             print(fix_demo(args.out, args.device))
         return 0
     if args.command == "diagnose":
-        import os
-
-        from flows import side_by_side
         from pipeline.config import load_config
-
-        if os.environ.get(side_by_side.THREADS_FILE):  # started side by side by `mmdiag demo`
-            side_by_side.follow_parent()
 
         config = load_config(args.config)
         _early_server(config.cache)
