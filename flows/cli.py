@@ -342,5 +342,20 @@ def _write_traceback(e: BaseException) -> Path:
     return Path(name)
 
 
+def entry() -> None:
+    """The `mmdiag` command: main(), the exit handlers (Prefect's own, the temporary server's
+    stop, logging's), then the exit without the interpreter's teardown of torch and the rest of
+    the modules: 0.8 s of a cached `mmdiag demo`, with nothing left to write (every result is
+    written atomically and closed)."""
+    import atexit
+    import os
+
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -124,3 +124,14 @@ def test_diagnose_a_users_own_model_and_data(tmp_path, monkeypatch, capsys):
     assert summary["crossmodal"]["n_reference"] == 40
     assert {s["where"] for s in summary["model"]["slices"]} == {"loud=0", "loud=1"}
 
+
+
+def test_the_command_runs_the_exit_handlers_and_keeps_the_exit_code():
+    """`entry` skips the interpreter's teardown, not the atexit handlers (Prefect's, the temporary
+    server's stop) nor the output."""
+    code = ("import atexit, sys; atexit.register(lambda: print('handler ran', flush=True)); "
+            "sys.argv = ['mmdiag', *sys.argv[1:]]; from flows.cli import entry; entry()")
+    done = subprocess.run([sys.executable, "-c", code, "stages"], capture_output=True, text=True)
+    assert done.returncode == 0 and "unimodal" in done.stdout and done.stdout.rstrip().endswith("handler ran")
+    done = subprocess.run([sys.executable, "-c", code, "compare", "/nonexistent-a", "/nonexistent-b"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("mmdiag: error:") and "handler ran" in done.stdout
