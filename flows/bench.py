@@ -267,7 +267,7 @@ def _demo_rows(device: str) -> list[dict]:
         command = [sys.executable, "-m", "flows.cli", "demo", "--out", str(Path(tmp) / "runs"), "--device", device]
         runs = [("cold (trains both models, new Prefect home)", []), ("fully cached rerun (= flow overhead)", []),
                 ("cold, trained weights cached, new Prefect home, one by one (--one-by-one)", ["--one-by-one"]),
-                ("cold, trained weights cached, new Prefect home, side by side (the default)", [])]
+                ("cold, trained weights cached, new Prefect home, the default (side by side where a model has one or two cores)", [])]
         for i, (label, flags) in enumerate(runs):
             if i >= 2:  # all but the trained weights forgotten
                 for entry in cache.iterdir():

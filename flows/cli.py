@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", nargs="+", default=["demo-film", "demo-late"], metavar="MODEL",
                       help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-vlm, demo-film-clean, demo-late-clean, demo-vlm-clean)")
     demo.add_argument("--one-by-one", action="store_true", help="diagnose the models one after the other in this process "
-                      "(default on a machine with one or two cores a model: once the first model has something to compute, "
-                      "the others start beside it, one process and one thread each)")
+                      "(default with at least one and fewer than two CPU cores a model: once the first model has something "
+                      "to compute, the others start beside it, one process and one thread each)")
     demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
                       "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
 
@@ -190,10 +190,10 @@ def _run(args: argparse.Namespace) -> int:
             raise MmdiagError(f"--models: {unknown[0]!r} is not a built-in model; choose from {', '.join(MODELS)}")
         writable(args.out, "--out")
         first, *later = demo_configs(args.out, device=args.device, models=tuple(args.models))
-        api_url = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get().api_url
+        server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get()
         try:
             # --fix retrains after the runs: with this process's threads, not the one a run beside others keeps
-            with side_by_side.Overflow([] if args.one_by_one or args.fix else later, api_url, args.verbose, first=first.run) as overflow:
+            with side_by_side.Overflow([] if args.one_by_one or args.fix else later, server, args.verbose, first=first.run) as overflow:
                 log.info("%s: diagnosing (the model is trained on first use, then cached)", first.run)
                 _print_run(run(first))
                 beside = overflow.finish() if overflow.started else None
@@ -309,10 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -343,17 +339,23 @@ def _write_traceback(e: BaseException) -> Path:
 
 
 def entry() -> None:
-    """The `mmdiag` command: main(), the exit handlers (Prefect's own, the temporary server's
-    stop, logging's), then the exit without the interpreter's teardown of torch and the rest of
-    the modules: 0.8 s of a cached `mmdiag demo`, with nothing left to write (every result is
-    written atomically and closed)."""
+    """The `mmdiag` command: main(), then, on the temporary server of a run, the exit handlers
+    (the server's stop, logging's) and the exit without the interpreter's teardown of torch and
+    the other modules: 0.8 s of a cached `mmdiag demo`, with nothing left to write (every result
+    is written atomically and closed). With a Prefect server of the user's (PREFECT_API_URL) the
+    exit is Python's own: Prefect sends its last logs and events in the interpreter's shutdown."""
     import atexit
     import os
 
     code = main()
+    if os.environ.get("PREFECT_API_URL"):
+        sys.exit(code)
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # `mmdiag ... | head`
+        pass
     os._exit(code)
 
 

@@ -4,6 +4,19 @@ import logging
 import sys
 
 
+class _RunTag(logging.Filter):
+    """While other runs report beside this process's (flows.side_by_side), its own lines carry
+    its run's name too; lines relayed from those runs carry theirs already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows import progress
+
+        tag = progress.run_tag
+        if tag and not getattr(record, "relayed", False) and not record.getMessage().startswith(f"{tag}: "):
+            record.msg, record.args = f"{tag}: {record.getMessage()}", ()
+        return True
+
+
 def setup(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     log = logging.getLogger("mmdiag")
@@ -16,6 +29,7 @@ def setup(verbose: bool = False) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("mmdiag: %(message)s"))
+    handler.addFilter(_RunTag())
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False

@@ -42,7 +42,7 @@ def seed(home: Path) -> bool:
         connection.close()
         try:
             os.link(part, db)  # atomic, and never over a database another run created meanwhile
-        except FileExistsError:
+        except OSError:  # one created meanwhile, or a file system without hard links: Prefect migrates
             return False
     return True
 

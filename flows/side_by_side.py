@@ -71,14 +71,16 @@ class Child:
 
 
 class Overflow:
-    """Within `with Overflow(later, api_url, first=run):` this process runs the first config; the
+    """Within `with Overflow(later, server, first=run):` this process runs the first config; the
     later configs start as children at its first computation (`started`, then `finish()`), or
-    not at all. `api_url`: this process's temporary server (None: the user's PREFECT_API_URL)."""
+    not at all. `server`: this process's temporary server (None: the user's PREFECT_API_URL),
+    whose URL is read when the children start (a port taken meanwhile moves it)."""
 
-    def __init__(self, configs, api_url: str | None, verbose: bool = False, first: str = ""):
-        self.configs, self.api_url, self.verbose, self.first = list(configs), api_url, verbose, first
+    def __init__(self, configs, server, verbose: bool = False, first: str = ""):
+        self.configs, self.server, self.verbose, self.first = list(configs), server, verbose, first
         self.children: list[Child] = []
         self.tmp: tempfile.TemporaryDirectory | None = None
+        self.lock = threading.Lock()
 
     @property
     def started(self) -> bool:
@@ -108,27 +110,33 @@ class Overflow:
         from pipeline.device import resolve_device
         from pipeline.resolve import load_model
 
-        cache.before_computing.remove(self._start)
+        with self.lock:  # sharded runs compute in several threads at once
+            if self._start not in cache.before_computing:
+                return
+            cache.before_computing.remove(self._start)
         if threading.current_thread() is not threading.main_thread():  # sharded: the runner's threads
             return
         for config in self.configs:  # missing weights trained here, with this process's threads: as one by one
             load_model(config.model, config.cache, resolve_device(config.device).type)
         self.tmp = tempfile.TemporaryDirectory(prefix="mmdiag-side-by-side-")
-        self.children = [self._spawn(i, config) for i, config in enumerate(self.configs)]
+        for i, config in enumerate(self.configs):
+            self.children.append(self._spawn(i, config))  # one by one: a failed start still stops those started
         torch.set_num_threads(1)  # lowered to one only (see the module's note)
-        progress.run_tag = self.first  # this process's lines now need its run's name too
         log.info("%s: diagnosing beside %s, one thread each", ", ".join(c.run for c in self.configs), self.first)
+        progress.run_tag = self.first  # this process's lines now need its run's name too
 
     def _spawn(self, i: int, config) -> Child:
         path = Path(self.tmp.name) / f"{i}.json"  # JSON is YAML: what `mmdiag diagnose` reads
         absolute = {"out": Path(config.out).resolve(), "cache": config.cache and Path(config.cache).resolve()}  # not the file's folder
         path.write_text(json.dumps(config.model_copy(update=absolute).model_dump(mode="json")))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **({PARENT_API_URL: self.api_url} if self.api_url else {})}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **({PARENT_API_URL: self.server.api_url} if self.server else {})}
+        # a process group of its own: a Ctrl-C reaches it once, from this process (`_stop`)
         process = subprocess.Popen(self.command(path), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, bufsize=1)
+                                   text=True, errors="replace", bufsize=1, process_group=0)
         child = Child(config.run, process)
         child.readers = [threading.Thread(target=_relay, args=(child.run, process.stderr), daemon=True),
                          threading.Thread(target=lambda: child.output.extend(line.rstrip("\n") for line in process.stdout), daemon=True)]
+
         for reader in child.readers:
             reader.start()
         return child
@@ -144,11 +152,16 @@ class Overflow:
                 child.process.wait()
                 for reader in child.readers:
                     reader.join()
-            failed = next((c.process.returncode for c in self.children if c.process.returncode != 0), None)
+            failed = next((c for c in self.children if c.process.returncode != 0), None)
         finally:
             self._cleanup()
         if failed is not None:
-            raise Failed(failed)
+            code = failed.process.returncode
+            if code < 0:  # killed (out of memory, say): it said nothing itself
+                log.error("error: %s: its process was ended by signal %d (%s); rerun with --one-by-one to see its own error",
+                          failed.run, -code, signal.Signals(-code).name)
+                code = 128 - code
+            raise Failed(code)
         return [c.output for c in self.children]
 
     def _cleanup(self) -> None:
@@ -170,26 +183,37 @@ def _stop(children: list[Child], sig: int) -> None:
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()
+        for reader in child.readers:
+            reader.join(timeout=5)  # its last lines
 
 
 def _relay(run: str, stream) -> None:
-    """A child's log lines as this process's, tagged with its run; on a terminal its progress
-    lines move a bar (the finished stage's line stays in the log)."""
+    """A child's log lines as this process's, tagged with its run (an error line stays one:
+    `mmdiag: error: RUN: ...`); on a terminal its progress lines move a bar (the finished
+    stage's line stays in the log). Reads to the end whatever happens, so the child never
+    blocks on a full pipe."""
     from flows import progress
 
     bars, tasks = (progress.BARS if progress.terminal() else None), {}
     for line in stream:
-        text = line.rstrip("\n")
-        text = text[len("mmdiag: "):] if text.startswith("mmdiag: ") else text
-        if not text.startswith(f"{run}: "):
-            text = f"{run}: {text}"
-        step = PROGRESS.match(text[len(run) + 2:])
-        if bars is not None and step:
-            stage, fraction = step["stage"], int(step["percent"]) / 100
-            if stage not in tasks:
-                tasks[stage] = bars.add(f"{run}: {stage}")
-            bars.update(tasks[stage], f"{run}: {stage}: {step['what']}", fraction)
-            if fraction < 1:
+        try:
+            text = line.rstrip("\n")
+            text = text[len("mmdiag: "):] if text.startswith("mmdiag: ") else text
+            if text.startswith("error: "):
+                log.error("error: %s: %s", run, text[len("error: "):], extra={"relayed": True})
                 continue
-            bars.finish(tasks.pop(stage))
-        log.info("%s", text)
+            text = text[len(run) + 2:] if text.startswith(f"{run}: ") else text
+            step = PROGRESS.match(text)
+            if bars is not None and step:
+                stage, fraction = step["stage"], int(step["percent"]) / 100
+                if stage not in tasks:
+                    tasks[stage] = bars.add(f"{run}: {stage}")
+                bars.update(tasks[stage], f"{run}: {stage}: {step['what']}", fraction)
+                if fraction < 1:
+                    continue
+                bars.finish(tasks.pop(stage))
+            log.info("%s: %s", run, text, extra={"relayed": True})
+        except Exception as e:  # a line we could not show must not stop the reading
+            log.debug("%s: a line was not relayed: %s", run, e)
+    for task in tasks.values():  # stages the child never finished
+        bars.finish(task)

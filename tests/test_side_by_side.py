@@ -24,6 +24,9 @@ CHILD = textwrap.dedent("""
     if "fail" in config:
         sys.stderr.write("mmdiag: error: data.split: unknown split 'x'\\n")
         sys.exit(2)
+    if "killed" in config:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(20 if "hang" in config else 0.5)
     sys.stderr.write("mmdiag: unimodal: 100% (done)\\n")
     print("/runs/" + config.split('"run": "')[1].split('"')[0] + "/summary.json")
@@ -68,14 +71,14 @@ def test_side_by_side_only_where_one_by_one_leaves_each_run_a_thread_or_so(monke
 
 
 def test_nothing_starts_beside_a_run_that_finds_everything_cached(children):
-    with side_by_side.Overflow(children("demo-late"), "http://x/api", first="demo-film") as overflow:
+    with side_by_side.Overflow(children("demo-late"), SimpleNamespace(api_url="http://x/api"), first="demo-film") as overflow:
         pass
     assert not overflow.started and cache.before_computing == [] and children.prepared == [] and children.threads == []
 
 
 def test_the_later_runs_start_at_the_first_computation_and_come_back_tagged_in_order(children, caplog):
     with caplog.at_level(logging.INFO, logger="mmdiag"):
-        with side_by_side.Overflow(children("demo-late"), "http://127.0.0.1:9/api", first="demo-film") as overflow:
+        with side_by_side.Overflow(children("demo-late"), SimpleNamespace(api_url="http://127.0.0.1:9/api"), first="demo-film") as overflow:
             compute()
             compute()  # a second computation starts nothing more
             assert overflow.started and len(overflow.children) == 1
@@ -99,7 +102,36 @@ def test_a_failed_run_beside_gives_its_exit_code_and_its_own_line(children, capl
                 compute()
                 overflow.finish()
     assert failed.value.code == 2
-    assert "fail: error: data.split: unknown split 'x'" in [r.getMessage() for r in caplog.records]
+    assert "error: fail: data.split: unknown split 'x'" in [r.getMessage() for r in caplog.records]  # still `mmdiag: error: ...`
+
+
+def test_a_run_beside_ended_by_a_signal_says_so(children, caplog):
+    with caplog.at_level(logging.INFO, logger="mmdiag"):
+        with pytest.raises(side_by_side.Failed) as failed:
+            with side_by_side.Overflow(children("killed"), None, first="demo-film") as overflow:
+                compute()
+                overflow.finish()
+    assert failed.value.code == 128 + 9
+    assert any(r.getMessage().startswith("error: killed: its process was ended by signal 9 (SIGKILL)") for r in caplog.records)
+
+
+def test_this_runs_own_lines_carry_its_name_while_others_report_beside_it(monkeypatch):
+    import io
+
+    from flows import logs
+
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", screen)
+    logs.setup()
+    log = logging.getLogger("mmdiag")
+    monkeypatch.setattr(progress, "run_tag", "demo-film")
+    log.info("evaluate: the model on ood")
+    log.info("demo-film: unimodal: 100% (done)")
+    log.info("%s: %s", "demo-late", "unimodal:  50% (x)", extra={"relayed": True})
+    monkeypatch.setattr(progress, "run_tag", "")
+    log.info("evaluate: alone")
+    assert screen.getvalue().splitlines() == ["mmdiag: demo-film: evaluate: the model on ood", "mmdiag: demo-film: unimodal: 100% (done)",
+                                              "mmdiag: demo-late: unimodal:  50% (x)", "mmdiag: evaluate: alone"]
 
 
 def test_an_interrupted_run_stops_the_runs_beside_it(children):
@@ -113,10 +145,10 @@ def test_an_interrupted_run_stops_the_runs_beside_it(children):
 LU = "import torch; a = torch.randn(7, 257, 257); torch.linalg.solve(a @ a.mT + torch.eye(257), torch.randn(7, 257, 4)); print('ok')"
 
 
-@pytest.mark.parametrize("how", ["OMP_NUM_THREADS=1 at the start (a child)", "torch.set_num_threads(1) (this process)"])
+@pytest.mark.parametrize("how", ["OMP_NUM_THREADS=1 at the start (a child)", "lowered to one after work on all (this process)"])
 def test_one_thread_keeps_mkls_lu_sound(how):
     """What side by side relies on; raising threads with torch.set_num_threads(k >= 2) breaks it."""
-    code = LU if how.startswith("OMP") else "import torch; torch.set_num_threads(1); " + LU.removeprefix("import torch; ")
+    code = LU if how.startswith("OMP") else LU.replace("print('ok')", "torch.set_num_threads(1); ") + LU.removeprefix("import torch; ")
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if how.startswith("OMP") else dict(os.environ)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-300:]
