@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -160,8 +161,6 @@ def _print_run(path: Path) -> None:
 def _early_server(cache: Path | None) -> None:
     """Prefect's temporary server, launched before the heavy imports: it boots in its own
     process while this one imports torch and loads the data (the flow finds it running)."""
-    import os
-
     if os.environ.get("PREFECT_API_URL"):
         return
     from flows.server import TemporaryServer
@@ -176,8 +175,6 @@ def _early_server(cache: Path | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        import os
-
         _early_server(None)
         from flows import side_by_side
         from flows.flow import demo_configs, run, writable
@@ -199,12 +196,13 @@ def _run(args: argparse.Namespace) -> int:
                 beside = overflow.finish() if overflow.started else None
         except side_by_side.Failed as e:  # a run beside this one failed; its error line was relayed
             return e.code
-        if beside is not None:
+        if beside is None:  # nothing started beside the first run (it found everything cached, say)
+            for config in later:
+                log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
+                _print_run(run(config))
+        else:
             for lines in beside:
                 print(*lines, sep="\n")
-        for config in later if beside is None else ():  # the first run found everything cached
-            log.info("%s: diagnosing (the model is trained on first use, then cached)", config.run)
-            _print_run(run(config))
         if args.fix:
             from flows.fix import fix_demo
 
@@ -345,7 +343,6 @@ def entry() -> None:
     is written atomically and closed). With a Prefect server of the user's (PREFECT_API_URL) the
     exit is Python's own: Prefect sends its last logs and events in the interpreter's shutdown."""
     import atexit
-    import os
 
     code = main()
     if os.environ.get("PREFECT_API_URL"):

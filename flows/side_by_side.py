@@ -136,7 +136,6 @@ class Overflow:
         child = Child(config.run, process)
         child.readers = [threading.Thread(target=_relay, args=(child.run, process.stderr), daemon=True),
                          threading.Thread(target=lambda: child.output.extend(line.rstrip("\n") for line in process.stdout), daemon=True)]
-
         for reader in child.readers:
             reader.start()
         return child
