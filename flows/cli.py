@@ -175,9 +175,12 @@ def _early_server(cache: Path | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        from pipeline.paths import writable
+
+        writable(args.out, "--out")  # before Prefect's server starts
         _early_server(None)
         from flows import side_by_side
-        from flows.flow import demo_configs, run, writable
+        from flows.flow import demo_configs, run
         from flows.server import TemporaryServer
 
         from pipeline.demo.catalog import MODELS
@@ -185,7 +188,6 @@ def _run(args: argparse.Namespace) -> int:
         unknown = [m for m in args.models if m not in MODELS]
         if unknown:
             raise MmdiagError(f"--models: {unknown[0]!r} is not a built-in model; choose from {', '.join(MODELS)}")
-        writable(args.out, "--out")
         first, *later = demo_configs(args.out, device=args.device, models=tuple(args.models))
         server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get()
         try:
@@ -233,11 +235,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "compare":
         from flows.rerun import compare, load_summary, print_comparison
+        from pipeline.paths import writable
         from pipeline.store import write_json
 
         for flag, path in (("--json", args.json), ("--html", args.html)):
-            if path is not None and path.is_dir():
+            if path is None:
+                continue
+            if path.is_dir():
                 raise MmdiagError(f"{flag}: {path} is a folder; give a file name, e.g. {path / ('diff' + flag[1:].replace('-', '.'))}")
+            writable(path.parent, flag)  # before the table is printed, not after it
         diff = compare(args.run_a, args.run_b)
         print_comparison(diff)
         if args.json:
@@ -251,8 +257,9 @@ def _run(args: argparse.Namespace) -> int:
             print(args.html)
         return 0
     if args.command == "example":
-        from flows.flow import run, writable
+        from flows.flow import run
         from pipeline.examples.easyvqa import config
+        from pipeline.paths import writable
 
         writable(args.out, "--out")
         _print_run(run(config(args.out, device=args.device)))

@@ -25,6 +25,7 @@ from flows.watchdog import watch_this_process
 from flows.settings import configure, quiet_user_errors
 from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
+from pipeline.paths import writable
 from pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
 from stages import registry
 
@@ -197,7 +198,7 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     summary["suggestions"] = analysis["suggestions"]
     with remembered(FigureStore(cache_root(config.cache) / "figures")):  # a chart drawn before is not drawn again
         html = reports.render(summary, stage_results, analysed, analysis, provenance)
-    provenance["report"] = {"seconds": round(time.perf_counter() - start, 3), "bytes": len(html.encode())}
+    seconds = round(time.perf_counter() - start, 3)
     with new_run(config.out, config.run) as store:
         for name, (result, meta) in loaded.items():
             if result.arrays:
@@ -207,7 +208,9 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
             for rel, text in (stage.files(result) if stage and stage.files else {}).items():
                 write_text(store.path(rel), text)
         store.write_json("errors.json", {"cards": analysis["errors"]["cards"]}, compact=True)
-        write_text(store.path("report.html"), html)
+        report = write_text(store.path("report.html"), html)
+        # the size as written: a lone surrogate from a caption or class name became U+FFFD there
+        provenance["report"] = {"seconds": seconds, "bytes": report.stat().st_size}
         store.write_json("run.json", provenance)
         store.write_json("summary.json", summary)
     return Path(config.out) / config.run
@@ -311,8 +314,8 @@ def preflight(config: DiagConfig) -> tuple[dict[str, dict], Any]:
 
 
 def preflight_model(config: DiagConfig, spec: ModelSpec, data: dict[str, dict]) -> None:
-    """Build (or train) the model, check its contract with the analysed split, and hand it to
-    the flow's first task."""
+    """Build (or train) the model, check its contract with the analysed split and the stages'
+    own checks, and hand it to the flow's first task."""
     import torch
 
     from flows.tasks import adapter_for, data_for, hand_over, model_ref
@@ -321,20 +324,24 @@ def preflight_model(config: DiagConfig, spec: ModelSpec, data: dict[str, dict]) 
 
     cache = cache_root(config.cache)
     ref, cached = model_ref(spec, cache, resolve_device(config.device).type)
-    check_contract(adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split]), config.data.split)
+    adapter, analysed = adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split])
+    check_contract(adapter, analysed, config.data.split)
+    check_stages(config, adapter, analysed)
     hand_over(spec, ref, cached)
 
 
-def writable(folder: Path, field: str) -> None:
-    """A folder the run can write into: an existing folder we may write, or one we may create."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise MmdiagError(f"{field}: {folder} is a file, not a folder; give a folder")
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise MmdiagError(f"{field}: cannot write to {probe}; give a folder you can write to")
+def check_stages(config: DiagConfig, adapter, data) -> None:
+    """Each stage's own check of its settings against the model and the analysed split (a
+    reference set larger than the data, a single class), before the first stage runs."""
+    import torch
+
+    from stages import Context
+
+    settings = stage_settings(config)
+    ctx = Context(adapter, data, torch.device("cpu"), seed=config.seed)
+    for stage in registry.stages():
+        if stage.check is not None:
+            stage.check(ctx, stage.config.model_validate(settings[stage.name]))
 
 
 def task_runner(config: DiagConfig):

@@ -13,18 +13,22 @@ from pipeline.errors import MmdiagError
 from pipeline.store import SUMMARY_SCHEMA, read_json
 
 
+# not "rerun the stage": `mmdiag rerun` itself needs a readable run.json
+DAMAGED = "the file is damaged or not a run folder's; give a folder written by `mmdiag diagnose`, or run that again"
+
+
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MmdiagError(f"RUN_DIR: no run folder at {run_dir}; give a folder written by `mmdiag diagnose` or `mmdiag demo`")
-    run = read_json(run_dir / "run.json")
+    run = read_json(run_dir / "run.json", DAMAGED)
     if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
         raise MmdiagError(f"{run_dir}/run.json: not an mmdiag run record (no config); give a folder written by `mmdiag diagnose`, or run it again")
     return run
 
 
 def load_summary(run_dir: Path) -> dict:
-    summary = read_json(Path(run_dir) / "summary.json")
+    summary = read_json(Path(run_dir) / "summary.json", DAMAGED)
     if not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA:
         found = summary.get("schema") if isinstance(summary, dict) else type(summary).__name__
         raise MmdiagError(f"{run_dir}/summary.json: not an {SUMMARY_SCHEMA} summary (found {found!r}); run `mmdiag diagnose` again for this run")

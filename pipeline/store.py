@@ -69,13 +69,17 @@ def write_json(path: Path, obj: Any, compact: bool = False) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, fix: str = "the file is damaged, rerun the stage") -> Any:
+    """JSON from a file; a missing file, or one that is not UTF-8 JSON, is one line naming it
+    (and `fix`)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise MmdiagError(f"{path}: file not found; check the run folder") from None
+    except UnicodeDecodeError as e:
+        raise MmdiagError(f"{path}: not valid JSON (not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}); {fix}") from None
     except json.JSONDecodeError as e:
-        raise MmdiagError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged, rerun the stage") from None
+        raise MmdiagError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
 
 
 def write_arrays(path: Path, arrays: Mapping[str, Any]) -> Path:

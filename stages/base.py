@@ -83,3 +83,6 @@ class Stage:
     # Extra files the result adds to the run folder ({relative path: text}, e.g. GraphML under
     # graphs/); the flow writes them, so the stage itself stays free of I/O.
     files: Callable[[StageResult], dict[str, str]] | None = None
+    # What can be checked on the model, the analysed split and the settings alone (a Context
+    # without logits): the pre-flight calls it, so a mistake fails before any stage runs.
+    check: Callable[[Context, StageConfig], None] | None = None

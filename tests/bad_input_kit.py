@@ -170,6 +170,16 @@ def data_three_classes(split, n, seed):
     return _with(class_names=["a", "b", "c"])
 
 
+def data_one_class(split, n, seed):
+    return _with(labels=torch.zeros(N, dtype=torch.long))
+
+
+def data_lone_surrogates(split, n, seed):
+    """Not a mistake: captions and a class name with a lone surrogate (from a file name decoded
+    with surrogateescape, say), which are only shown."""
+    return _with(display={"caption": [f"caption {i} \ud800" for i in range(N)]}, class_names=["a", "b\udcff"])
+
+
 # --- model factories, each with one mistake
 
 def model_raises():

@@ -15,6 +15,10 @@ GOOD_DATA = "data: {factory: 'bad_input_kit:load', split: val}\n"
 GOOD = GOOD_MODEL + GOOD_DATA
 
 
+# a folder this process cannot write into: a read-only one, or /proc for root (who writes anywhere else)
+READ_ONLY = "/proc" if os.geteuid() == 0 else "readonly"
+
+
 def data(factory: str, extra: str = "") -> str:
     return GOOD_MODEL + f"data: {{factory: 'bad_input_kit:{factory}', split: val{extra}}}\n"
 
@@ -85,6 +89,9 @@ CONFIGS = {
     "out under a file": (GOOD + "out: afile/runs\n", "out: cannot write"),
     "cache is a file": (GOOD + "cache: afile\n", "cache: "),
     "cache under a file": (GOOD + "cache: afile/cache\n", "cache: cannot write"),
+    "out through a dangling link": (GOOD + "out: dangling/runs\n", "dangling is a link to "),
+    "out in a read-only folder": (GOOD + f"out: {READ_ONLY}/runs\n", "out: cannot write to "),
+    "cache in a read-only folder": (GOOD + f"cache: {READ_ONLY}/cache\n", "cache: cannot write to "),
     "plugins unknown": (GOOD + "plugins: [no_such_plugin_mod]\n", "plugins"),
     "plugins not a list": (GOOD + "plugins: 3\n", "plugins: must be a list"),
     # stages and their settings
@@ -196,6 +203,8 @@ def _kit_files(tmp_path):
 
     save_file({"other.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     (tmp_path / "afile").write_text("not a folder\n")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "readonly").mkdir(mode=0o555)
 
 
 def _check(capsys, tmp_path, code, expected, before=None):
@@ -248,10 +257,20 @@ def test_a_config_that_is_not_text_is_one_line(case, battery, capsys):
 def _run_folder(root, run_json, summary=None, name="r"):
     folder = root / "fixtures" / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.json").write_text(run_json if isinstance(run_json, str) else json.dumps(run_json))
+    _write(folder / "run.json", run_json)
     if summary is not None:
-        (folder / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+        _write(folder / "summary.json", summary)
     return folder
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+NOT_UTF8 = b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary"
 
 
 def _good_run(root, name="r"):
@@ -271,6 +290,8 @@ ARGV = {
     "demo unknown device": (lambda t: ["demo", "--device", "tpu"], "argument --device: invalid choice"),
     "demo out is a file": (lambda t: ["demo", "--out", str(t / "afile")], "--out: "),
     "demo out under a file": (lambda t: ["demo", "--out", str(t / "afile" / "runs")], "--out: cannot write"),
+    "demo out through a dangling link": (lambda t: ["demo", "--out", str(t / "dangling" / "runs")], "dangling is a link to "),
+    "demo out in a read-only folder": (lambda t: ["demo", "--out", str(t / READ_ONLY / "runs")], "--out: cannot write to "),
     "example unknown": (lambda t: ["example", "coco"], "invalid choice: 'coco'"),
     "example out is a file": (lambda t: ["example", "easyvqa", "--out", str(t / "afile")], "--out: "),
     "bench unknown device": (lambda t: ["bench", "--device", "tpu"], "argument --device: invalid choice"),
@@ -291,6 +312,7 @@ ARGV = {
     "rerun new model garbage": (lambda t: ["rerun", str(_good_run(t)), "--stage", "unimodal", "--model", str(t / "garbage.bin")], "model.weights: "),
     "rerun new model of another shape": (lambda t: ["rerun", str(_good_run(t)), "--stage", "unimodal", "--model", str(t / "other.safetensors")], "model.weights: "),
     "rerun run.json garbage": (lambda t: ["rerun", str(_run_folder(t, "{not json")), "--stage", "unimodal"], "run.json: not valid JSON"),
+    "rerun run.json of binary bytes": (lambda t: ["rerun", str(_run_folder(t, NOT_UTF8)), "--stage", "unimodal"], "run.json: not valid JSON (not UTF-8 text: byte 0x89 at offset 0)"),
     "rerun run.json a list": (lambda t: ["rerun", str(_run_folder(t, [1, 2])), "--stage", "unimodal"], "run.json: not an mmdiag run record"),
     "rerun run.json empty object": (lambda t: ["rerun", str(_run_folder(t, {})), "--stage", "unimodal"], "run.json: not an mmdiag run record"),
     "rerun run.json missing": (lambda t: ["rerun", str(_run_folder(t, "{}").parent / "empty-run" if (t / "fixtures" / "empty-run").mkdir(parents=True) is None else None), "--stage", "unimodal"], "run.json: file not found"),
@@ -300,11 +322,15 @@ ARGV = {
     "compare summary empty object": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, {})), str(_good_run(t, "g"))], "summary.json: not an mmdiag.summary/1 summary"),
     "compare summary a list": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, [1])), str(_good_run(t, "g"))], "summary.json: not an mmdiag.summary/1 summary (found 'list')"),
     "compare summary garbage": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, "\x00garbage")), str(_good_run(t, "g"))], "summary.json: not valid JSON"),
+    "compare summary of binary bytes": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, NOT_UTF8)), str(_good_run(t, "g"))], "summary.json: not valid JSON (not UTF-8 text"),
+    "compare run.json of binary bytes": (lambda t: ["compare", str(_good_run(t)), str(_run_folder(t, NOT_UTF8, name="g"))], "run.json: not valid JSON (not UTF-8 text"),
     "compare summary of another schema": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, {"schema": "other/9"})), str(_good_run(t, "g"))], "found 'other/9'"),
     "compare summary without a model block": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, {"schema": "mmdiag.summary/1", "stages": {}})), str(_good_run(t, "g"))], "its model or stages block"),
     "compare summary missing": (lambda t: ["compare", str(_run_folder(t, {"config": {}})), str(_good_run(t, "g"))], "summary.json: file not found"),
     "compare --json onto a folder": (lambda t: ["compare", str(_good_run(t)), str(_good_run(t, "g")), "--json", str(t)], "--json: "),
     "compare --html onto a folder": (lambda t: ["compare", str(_good_run(t)), str(_good_run(t, "g")), "--html", str(t)], "--html: "),
+    "compare --html in a read-only folder": (lambda t: ["compare", str(_good_run(t)), str(_good_run(t, "g")), "--html", str(t / READ_ONLY / "d.html")], "--html: cannot write to "),
+    "compare --json under a file": (lambda t: ["compare", str(_good_run(t)), str(_good_run(t, "g")), "--json", str(t / "afile" / "d.json")], "afile is a file, not a folder"),
     "cache unknown action": (lambda t: ["cache", "purge"], "invalid choice: 'purge'"),
     "cache bad date": (lambda t: ["cache", "prune", "--unused-since", "yesterday"], "YYYY-MM-DD"),
     "cache folder is a file": (lambda t: ["cache", "info", "--cache", str(t / "afile")], "--cache: "),
@@ -324,6 +350,45 @@ def test_a_bad_command_line_is_one_line_naming_the_field(case, battery, capsys):
     _check(capsys, battery, code, expected)
     after = sorted(str(p) for p in (battery / "fixtures").rglob("*")) if (battery / "fixtures").exists() else []
     assert after == fixtures  # nothing written, nothing removed
+
+
+# what a stage needs of the analysed split, found by the pre-flight (not after stage 1 ran)
+NEEDED_BY_A_STAGE = {
+    "n below n_reference": (data("load", ", n: 10") + "stages: {crossmodal: {n_reference: 20}}\n",
+                            "stages.crossmodal.n_reference: 20 reference samples asked for, the analysed split has 10; lower n_reference or use more samples (data.n)"),
+    "a single class": (data("data_one_class"), "data: every sample of the analysed split has the same label ('a'); stage crossmodal needs at least two classes"),
+}
+
+
+@pytest.mark.parametrize("case", NEEDED_BY_A_STAGE)
+def test_what_a_stage_needs_of_the_data_is_checked_before_anything_runs(case, battery, capsys):
+    text, expected = NEEDED_BY_A_STAGE[case]
+    cfg = battery / "diag.yaml"
+    cfg.write_text(text + f"out: {battery / 'out'}\ncache: {battery / 'cache'}\n")
+    _check(capsys, battery, main(["diagnose", "--config", str(cfg)]), expected)
+    assert not list(battery.glob("cache/results/*"))  # not even the evaluation ran
+
+
+def test_compare_checks_where_it_writes_before_it_prints(battery, capsys):
+    a, b = _good_run(battery), _good_run(battery, "g")
+    for flag in ("--json", "--html"):
+        assert main(["compare", str(a), str(b), flag, str(battery / READ_ONLY / "diff")]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and printed.err.startswith(f"mmdiag: error: {flag}: cannot write to "), printed
+
+
+def test_a_lone_surrogate_in_a_caption_or_class_name_is_shown_replaced(battery, capsys):
+    """Captions and class names are only shown: a lone surrogate in one (which no UTF-8 file can
+    hold) becomes U+FFFD in the report, and the run, which used to fail after every stage, ends."""
+    cfg = battery / "diag.yaml"
+    cfg.write_text(data("data_lone_surrogates") + f"device: cpu\nout: {battery / 'out'}\ncache: {battery / 'cache'}\n"
+                   "stages: {crossmodal: {shapley_draws: 2}}\n")
+    assert main(["diagnose", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    run = battery / "out" / "diagnosis"
+    html = (run / "report.html").read_bytes().decode("utf-8")
+    assert "caption 0 \ufffd" in html and "b\ufffd" in html
+    assert json.loads((run / "run.json").read_text())["report"]["bytes"] == len(html.encode())
+    assert json.loads((run / "summary.json").read_text())["model"]["n"] == 24
 
 
 def test_the_battery_has_at_least_150_cases():
