@@ -5,32 +5,63 @@ PYTHON ?= python3
 # pin resolves to PyPI's CUDA build. Override e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-BIN = $(VENV)/bin
+# The versions CI tested (`make lock` writes it); torch is not in it, so TORCH stays your choice.
+LOCK = constraints.txt
+BIN  = $(VENV)/bin
+PIP  = $(BIN)/pip install --quiet -c $(LOCK)
+# the numeric path of a CPU without AVX-512 (PyTorch's kernels, oneDNN's and MKL's)
+AVX2 = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 export MPLBACKEND ?= Agg
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-avx2 portability bench lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)" -e '.[dev]'
+	$(PIP) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)" -e '.[dev]'
 	touch $@
 
 demo: setup
 	$(BIN)/mmdiag demo
 
+# The demo models the tests train are kept in .test-models (keyed by their config and code, as in
+# the weights cache), so the second pass below and a second `make test` train nothing.
+TEST_MODELS = MMDIAG_TEST_MODELS=$(CURDIR)/.test-models
+
+# Two workers of one thread each (pytest-xdist); each demo model is trained once, by the first
+# worker that needs it (tests/conftest.py, `demo_models`).
+PARALLEL = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: setup
-	$(BIN)/python -m pytest
+	$(TEST_MODELS) $(PARALLEL) $(BIN)/python -m pytest -n 2
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# the tests on trained models once more, on the kernels of a CPU without AVX-512 (the models as
+# `make test` trained them; `make portability` trains them under each setting)
+test-avx2: setup
+	$(TEST_MODELS) $(PARALLEL) $(AVX2) $(BIN)/python -m pytest -n 2 -m trained -p no:cacheprovider
+
+# every trained-model property over 5 seeds and 4 numeric settings, beside the bound its test
+# asserts (a table, and portability.json); about N minutes on 2 cores
+portability: setup
+	$(BIN)/python tests/portability.py --json portability.json
+
 bench: setup
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(PIP) -e '.[bench]'
 	$(BIN)/mmdiag bench
 	$(BIN)/python -m flows.bench_scale --json bench_scale.json
 	$(BIN)/python -m flows.bench_vlm --json bench_vlm.json
 
+# Resolve pyproject.toml afresh (every extra) in a scratch virtualenv and freeze what it got.
+lock:
+	rm -rf .venv-lock build
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet "$(TORCH)" '.[dev,bench,data,examples,dask]'
+	{ echo "# The versions CI tested: written by \`make lock\` from pyproject.toml; read by \`make setup\`."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|mmdiag)( |=|@)'; } > $(LOCK)
+	rm -rf .venv-lock build
+
 clean:
-	rm -rf $(VENV) runs bench.json bench_scale.json bench_vlm.json .pytest_cache
+	rm -rf $(VENV) runs bench.json bench_scale.json bench_vlm.json portability.json .pytest_cache .test-models

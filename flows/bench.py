@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows import bench_attribution, bench_composition, bench_m2ib, bench_representation
+from flows import bench_attribution, bench_composition, bench_label_issues, bench_m2ib, bench_representation
 from pipeline.device import resolve_device
 from pipeline.store import write_json
 
@@ -61,6 +61,7 @@ def run(device_name: str = "auto") -> list[dict]:
     rows += bench_representation.bench_rows(adapter, ood, device)
     rows += bench_composition.composition_rows(adapter, ood, device)
     rows += bench_m2ib.bench_rows(device)
+    rows += bench_label_issues.bench_rows(device)
     return rows
 
 

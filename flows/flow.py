@@ -172,7 +172,8 @@ def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dic
 
 def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     """The run folder: every stage's result, the error analysis and suggestions (into
-    summary.json), errors.json (one evidence card per error) and report.html."""
+    summary.json), errors.json (one evidence card per error), label_issues.csv (the likely label
+    mistakes, most likely first) and report.html."""
     import reports
 
     provenance = {
@@ -194,7 +195,7 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     inputs = [code_version(packages=("reports", "stages")), {k: v for k, v in summary.items() if k not in ("run", "stages")},
               {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
     analysis = remembered_analysis(cache_root(config.cache) / "analyses", inputs, lambda: reports.analyse(summary, stage_results, analysed, seed=config.seed))
-    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
+    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k not in ("cards", "label_issues")}
     summary["suggestions"] = analysis["suggestions"]
     with remembered(FigureStore(cache_root(config.cache) / "figures")):  # a chart drawn before is not drawn again
         html = reports.render(summary, stage_results, analysed, analysis, provenance)
@@ -208,6 +209,7 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
             for rel, text in (stage.files(result) if stage and stage.files else {}).items():
                 write_text(store.path(rel), text)
         store.write_json("errors.json", {"cards": analysis["errors"]["cards"]}, compact=True)
+        write_text(store.path("label_issues.csv"), reports.label_issues_csv(analysis["errors"]["label_issues"]))
         report = write_text(store.path("report.html"), html)
         # the size as written: a lone surrogate from a caption or class name became U+FFFD there
         provenance["report"] = {"seconds": seconds, "bytes": report.stat().st_size}

@@ -3,12 +3,13 @@
 - `analyse(summary, results, data)`: error slices, a categorised evidence card per error, and
   ranked debugging suggestions;
 - `render(summary, results, data, analysis, provenance)`: the self-contained HTML report;
-- `render_compare(summary_a, summary_b, diff)`: the before/after page of two runs.
+- `render_compare(summary_a, summary_b, diff)`: the before/after page of two runs;
+- `label_issues_csv(rows)`: the likely label mistakes as the run folder's label_issues.csv.
 
 Pure functions of stage results: no file I/O, no model calls.
 """
 
-from reports.analysis import analyse
+from reports.analysis import analyse, label_issues_csv
 from reports.html import render, render_compare
 
-__all__ = ["analyse", "render", "render_compare"]
+__all__ = ["analyse", "label_issues_csv", "render", "render_compare"]

@@ -4,10 +4,13 @@ from a run's summary, its stage results and the analysed data. Reads results; re
 
 from __future__ import annotations
 
+import csv
+import io
+
 import numpy as np
 
 from pipeline.data import SampleSet
-from reports import evidence, findings, reliance, suggest
+from reports import evidence, findings, label_issues, reliance, suggest
 from reports import slices as sl
 from reports.samples import Evaluated, binary_concepts, evaluated
 from reports.thresholds import DEFAULT, Thresholds
@@ -54,6 +57,29 @@ def set_aside(summary: dict, ev: Evaluated, detected: list[findings.Finding], se
     return out
 
 
+def label_issue_rows(ev: Evaluated, cards: list[dict]) -> list[dict]:
+    """The errors carded as label mistakes, most likely first: what `label_issues.csv` holds."""
+    rows = sorted((c for c in cards if c["category"] == "label"), key=lambda c: c["rule"]["figures"]["rank"])
+    return [
+        {"row": c["row"], "id": c["id"], "given": c["label"], "likely": c["pred"], "given_probability": c["rule"]["figures"]["given_probability"],
+         "likely_probability": c["rule"]["figures"]["predicted_probability"], "evidence": c["rule"]["sentence"]}
+        for c in rows
+    ]
+
+
+COLUMNS = ("row", "id", "given", "likely", "given_probability", "likely_probability", "evidence")
+
+
+def label_issues_csv(rows: list[dict]) -> str:
+    """label_issues.csv: one line per likely label mistake, most likely first (a header alone
+    where there is none)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
 def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thresholds: Thresholds = DEFAULT, seed: int = 0) -> dict:
     """{"errors": {n, error_rate, slices, categories, disagreement, cards, notes}, "suggestions": [...]};
     `notes` holds one line for every rule that lacked a link it needed (README, "Declared links")."""
@@ -64,8 +90,11 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     notes: list[str] = []
     sets = findings.label_sets(ev, thresholds)
     detected = findings.detect(summary, results, ev, found, thresholds, notes, sets)
-    src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected)
+    flagged = label_issues.ranked(ev.probs, ev.labels, label_issues.find(ev.probs, ev.labels))
+    src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected,
+                           {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets))
     cards = evidence.cards(src, thresholds)
+    detected += findings.label_mistakes(ev, cards)
     categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
     for c in cards:
         categories[c["category"]] += 1
@@ -82,6 +111,7 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
             "slices": records,
             "categories": categories,
             "disagreement": disagreement(ev),
+            "label_issues": label_issue_rows(ev, cards),
             "cards": cards,
             "notes": notes,
         },

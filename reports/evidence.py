@@ -6,7 +6,7 @@ units, where each modality's attribution pointed, the strongest cross-modal unit
 concepts the error's slices involve and whether the decision layer reads them, and the features
 (with their concepts) that pushed the prediction to the wrong class.
 
-The cause is the first of six rules that fires; each rule is a function of the card and the
+The cause is the first of seven rules that fires; each rule is a function of the card and the
 thresholds:
 
 - shortcut: a shortcut finding's concept points to the predicted class against the label, and
@@ -15,6 +15,11 @@ thresholds:
   sample (the region is absent, no counterfactual), following the concept is the evidence;
 - ignored_modality: a modality the findings call ignored shows what this sample needs (its
   relevant truth regions) and removing it does not change this prediction;
+- label: confident learning (reports/label_issues.py) flags the error as a likely label mistake,
+  no intervention above showed it to be a model error, most of the sample's null removals
+  (random units) keep the prediction, and where the data's concepts determine the label
+  (reliance.determining_sets), the label they give this sample (its cell's majority) is the
+  model's answer, not the given label;
 - perception: in some modality, removing the relevant truth regions lowers the predicted class's
   margin no more than the median of as many random units (without interventions: their
   attribution is no higher than their share of the units, enrichment <= `perception_enrichment`);
@@ -22,7 +27,7 @@ thresholds:
   interaction <= `interaction_share` of the logit change), or the needed cross-modal pairs
   carry no more than their share of the |mixed interaction| (`interaction_enrichment`);
 - representation: a concept defining an error slice that holds this error is not decodable at
-  the decision layer (probe selectivity < `representation_selectivity`) or its features read
+  the decision layer (its probe does not beat its control task: findings.encoding) or its features read
   the wrong value for this sample;
 - composition: one concept's features give >= `composition_push_share` of the push towards the
   wrong class.
@@ -40,13 +45,13 @@ import numpy as np
 
 from reports import reliance as rl
 from reports import samples as sp
-from reports.findings import Finding, decision_selectivity
+from reports.findings import Finding, encoding
 from reports.slices import Slice
 from reports.thresholds import DEFAULT, Thresholds
 from stages import attribution as attr
 from stages.base import StageResult
 
-CATEGORIES = ("shortcut", "ignored_modality", "perception", "interaction", "representation", "composition")
+CATEGORIES = ("shortcut", "ignored_modality", "label", "perception", "interaction", "representation", "composition")
 
 
 @dataclass
@@ -60,6 +65,10 @@ class Sources:
     shortcut_regions: set[str]  # regions (and concepts) set aside: shortcuts, and regions whose concept does not matter for the label
     readings: dict[str, np.ndarray]  # concept -> value the decision features read, per data row
     findings: list[Finding] = field(default_factory=list)
+    # data row -> its rank among the likely label mistakes (confident learning), 1 first
+    label_issues: dict[int, int] = field(default_factory=dict)
+    # per data row, the label the concepts that determine it give (-1: unknown), reliance.consensus
+    consensus: np.ndarray | None = None
     pooled: dict = field(default_factory=dict)  # (modality, region, units) -> coverage of every sample
 
     def of_rule(self, rule: str) -> list[Finding]:
@@ -199,6 +208,31 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
     return {"modalities": out} if out else None
 
 
+def label_evidence(src: Sources, row: int) -> dict:
+    """Confident learning's verdict on this error, the probabilities it read, how often the
+    sample's null removals (random units, of every truth region's size) keep the prediction, and
+    the label the concepts that determine it give this sample."""
+    ev = src.ev
+    label, pred = int(ev.labels[row]), int(ev.pred[row])
+    kept = []
+    for m, regions in ev.data.truth.items():
+        for r in regions:
+            a = src.intervened(f"{m}.{r}", row)
+            if a is not None and a["has"] and a["null_valid"]:
+                kept.extend((np.asarray(a["null.pred_after"]) == pred).tolist())
+    told = -1 if src.consensus is None else int(src.consensus[row])
+    return {
+        "flagged": row in src.label_issues,
+        "rank": src.label_issues.get(row),
+        "of": len(src.label_issues),
+        "given_probability": _r(ev.probs[row, label]),
+        "predicted_probability": _r(ev.probs[row, pred]),
+        "likely": ev.class_name(pred),
+        "null_kept": _r(np.mean(kept)) if kept else None,
+        "concepts_say": None if told < 0 else ev.class_name(told),
+    }
+
+
 def perception_evidence(src: Sources, row: int, at: int | None) -> dict | None:
     """Per modality: what removing each relevant truth region did (every sample), and where
     stage 1 explained the sample, the top units towards the prediction and the true class, the
@@ -311,7 +345,8 @@ def representation_evidence(src: Sources, row: int) -> dict:
                 continue
             value = int(src.ev.data.meta[concept][row])
             read = int(src.readings[concept][row]) if concept in src.readings else None
-            concepts.append({"concept": concept, "value": value, "read": read, "selectivity": decision_selectivity(src.summary, concept)})
+            enc = encoding(src.summary, concept)
+            concepts.append({"concept": concept, "value": value, "read": read, "selectivity": enc and enc["selectivity"], "encoded": enc and enc["encoded"]})
     return {"concepts": concepts}
 
 
@@ -357,7 +392,7 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
             beyond = e["null_towards_truth_max"] is not None and e["towards_truth"] > e["null_towards_truth_max"]
             if (e["fixes"] and (e["null_fixes"] is None or e["null_fixes"] < 0.5)) or beyond:
                 return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "intervention", **e}
-        if not c["regions"] and cf is None:
+        if not c["regions"] and cf is None:  # no intervention applies: an association, not a cause
             return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "follows"}
     ruled = [{"concept": c["concept"], "regions": c["regions"]} for c in found["concepts"]]
     return False, {"findings": found["findings"], "follows": [c["concept"] for c in found["concepts"]], "ruled_out": ruled}
@@ -371,6 +406,15 @@ def ignored_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
         if not m["removal_changes_prediction"] and (m["regions"] or not m["has_truth"]):
             return True, m
     return False, {"modalities": found["modalities"]}
+
+
+def label_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
+    found = card.get("label")
+    if found is None:
+        return None
+    stable = found["null_kept"] is None or found["null_kept"] >= 0.5
+    agrees = found["concepts_say"] is None or found["concepts_say"] == found["likely"]
+    return found["flagged"] and stable and agrees, found
 
 
 def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
@@ -411,10 +455,9 @@ def representation_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     if not concepts:
         return None
     for c in concepts:
-        weak = c["selectivity"] is not None and c["selectivity"] < t.representation_selectivity
-        if weak or (c["read"] is not None and c["read"] != c["value"]):
-            return True, {**c, "threshold": t.representation_selectivity}
-    return False, {"concepts": [c["concept"] for c in concepts], "threshold": t.representation_selectivity}
+        if c["encoded"] is False or (c["read"] is not None and c["read"] != c["value"]):
+            return True, c
+    return False, {"concepts": [c["concept"] for c in concepts]}
 
 
 def composition_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
@@ -432,6 +475,7 @@ def composition_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
 RULES = {
     "shortcut": shortcut_rule,
     "ignored_modality": ignored_rule,
+    "label": label_rule,
     "perception": perception_rule,
     "interaction": interaction_rule,
     "representation": representation_rule,
@@ -440,6 +484,7 @@ RULES = {
 MISSING = {
     "shortcut": "no shortcut finding",
     "ignored_modality": "no ignored-modality finding",
+    "label": "no predicted probabilities",
     "perception": "no intervention or unimodal evidence for this error",
     "interaction": "no crossmodal evidence for this error",
     "representation": "no representation evidence for this error",
@@ -463,6 +508,13 @@ def sentence(name: str, g: dict) -> str:
                 + f": the true class gains {_f(g['towards_truth'])} logits over the predicted one, against at most {_f(g['null_towards_truth_max'])} for as many random units."
             )
         return f"The prediction is the class {g['concept']} points to ({g['points_to']}), against the label; no removal applies to this sample, so following the shortcut is the evidence."
+    if name == "label":
+        stable = "" if g["null_kept"] is None else f"; {100 * g['null_kept']:.0f}% of the random removals keep it"
+        stable += "" if g["concepts_say"] is None else f"; the concepts that determine the label say {g['concepts_say']} too"
+        return (
+            f"Likely a label mistake ({g['rank']} of {g['of']} by confident learning): the model gives the label {100 * g['given_probability']:.0f}% "
+            f"and its answer, {g['likely']}, {100 * g['predicted_probability']:.0f}%{stable}; no intervention shows a model error. Review the label."
+        )
     if name == "ignored_modality":
         return f"The model hardly uses {g['modality']} ({100 * g['share']:.0f}% of the modality-level logit change); removing it changes this logit by {_f(g['removal_logit_change'])} and not the prediction, though the sample needs it" + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
     if name == "perception":
@@ -480,10 +532,26 @@ def sentence(name: str, g: dict) -> str:
     return f"Features of {g['concept']} give {100 * g['share']:.0f}% of the push towards the wrong class."
 
 
+def interventional(name: str, figures: dict) -> bool:
+    """Whether a fired rule rests on what the model did when something was removed or flipped:
+    the interventions, a counterfactual, removing a modality. Attribution, probes, the surrogate's
+    weights and mixed gradients are associations. The label rule states a fact about the data,
+    not a cause in the model: confident learning, after every interventional rule before it."""
+    if name in ("representation", "composition"):
+        return False
+    if name == "interaction":
+        return "modality_interaction" in figures
+    return figures.get("evidence") not in ("follows", "attribution")
+
+
 def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
     """Sets card["category"], card["rule"] (the one that fired, with its figures) and
-    card["checked"] (every rule: fired, not fired, or skipped and why)."""
+    card["checked"] (every rule: fired, not fired, or skipped and why). No cause fires without
+    interventional evidence: a rule that fires on an association alone is recorded, and where no
+    rule fires otherwise, the card stays `undetermined` with the first association as its rule,
+    marked `association_only`."""
     card["checked"], card["category"], card["rule"] = [], "undetermined", None
+    associations = []
     for name, rule in RULES.items():
         verdict = rule(card, t)
         if verdict is None:
@@ -491,9 +559,13 @@ def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
             continue
         fired, figures = verdict
         card["checked"].append({"rule": name, "fired": fired, "figures": figures})
-        if fired:
+        if fired and not interventional(name, figures):
+            associations.append({"name": name, "figures": figures, "sentence": f"Association only: {sentence(name, figures)}", "association_only": True})
+        elif fired:
             card["category"], card["rule"] = name, {"name": name, "figures": figures, "sentence": sentence(name, figures)}
             break
+    if card["rule"] is None and associations:
+        card["rule"] = associations[0]
     return card
 
 
@@ -534,6 +606,7 @@ def card(src: Sources, row: int, at: dict[str, dict[int, int]], t: Thresholds = 
     found = {
         "shortcut": shortcut_evidence(src, row),
         "ignored_modality": ignored_evidence(src, row),
+        "label": label_evidence(src, row),
         "perception": perception_evidence(src, row, at["unimodal"].get(sid)) if "unimodal" in src.results or "intervention" in src.results else None,
         "interaction": interaction_evidence(src, row, at["crossmodal"].get(sid), at["unimodal"].get(sid)),
         "representation": representation_evidence(src, row) if "representation" in src.results else None,

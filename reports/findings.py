@@ -23,7 +23,7 @@ from stages.base import StageResult
 
 @dataclass
 class Finding:
-    rule: str  # shortcut | ignored_modality | missing_interaction | concept_not_encoded
+    rule: str  # shortcut | ignored_modality | missing_interaction | concept_not_encoded | label_noise
     subject: str  # the concept, region or modality it is about
     strength: float  # share of the samples at stake, in [0, 1]
     figures: dict = field(default_factory=dict)
@@ -213,16 +213,16 @@ def label_derived(meta: dict[str, np.ndarray], labels: np.ndarray) -> set[str]:
     return {c for c, v in binary.items() for d, w in binary.items() if c != d and np.mean(v == (w == labels)) >= 0.99}
 
 
-def additive_accuracy(a: np.ndarray, b: np.ndarray, labels: np.ndarray, steps: int = 2000) -> float:
-    """Accuracy of the best additive classifier of two categorical concepts: multinomial logistic
-    regression on their one-hot codes (logit = f(a) + g(b)), fitted on the cell counts by
-    gradient descent (a few dozen parameters). An OR of two concepts is additive (accuracy 1);
-    an XOR is not (0.5)."""
+def additive_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, sizes: tuple[int, int, int] | None = None, steps: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """The best additive classifier of two categorical concepts: multinomial logistic regression
+    on their one-hot codes (logit = f(a) + g(b)), fitted on the cell counts by gradient descent (a
+    few dozen parameters); `sizes`: the numbers of values of a, b and the label (else from the
+    data). Returns (f, g)."""
     cells, inverse = np.unique(np.stack([a, b, labels], 1), axis=0, return_inverse=True)
     weight = np.bincount(inverse.reshape(-1), minlength=len(cells)) / len(labels)
     ca, cb, cy = cells[:, 0], cells[:, 1], cells[:, 2]
-    n_classes = int(labels.max()) + 1
-    f, g = np.zeros((int(a.max()) + 1, n_classes)), np.zeros((int(b.max()) + 1, n_classes))
+    n_a, n_b, n_classes = sizes or (int(a.max()) + 1, int(b.max()) + 1, int(labels.max()) + 1)
+    f, g = np.zeros((n_a, n_classes)), np.zeros((n_b, n_classes))
     target = np.eye(n_classes)[cy]
     for _ in range(steps):
         z = f[ca] + g[cb]
@@ -234,45 +234,105 @@ def additive_accuracy(a: np.ndarray, b: np.ndarray, labels: np.ndarray, steps: i
         np.add.at(dg, cb, grad)
         f -= 2.0 * (df + 1e-4 * f)
         g -= 2.0 * (dg + 1e-4 * g)
-    return float(weight[(f[ca] + g[cb]).argmax(1) == cy].sum())
+    return f, g
 
 
-def label_needs_pairs(data_meta: dict[str, np.ndarray], labels: np.ndarray) -> dict:
-    """How much better the best pair of concepts predicts the label (majority label per cell of
-    the pair) than any additive use of them (the best single concept, or the best additive
-    classifier of the pair): an XOR-like rule needs the two together, an OR does not.
-    Samples with every concept known; concepts derived from the label left out."""
+def additive_accuracy(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of the best additive classifier of two concepts on the samples it was fitted on.
+    An OR of two concepts is additive (accuracy 1); an XOR is not (0.5)."""
+    f, g = additive_fit(a, b, labels)
+    return float(((f[a] + g[b]).argmax(1) == labels).mean())
+
+
+def _majority_hits(x: np.ndarray, y: np.ndarray, fit: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per test sample: whether the majority label of its value of `x` among the fit samples (the
+    fit samples' majority for a value they lack) is its label."""
+    k = int(y.max()) + 1
+    counts = np.zeros((int(x.max()) + 1, k))
+    np.add.at(counts, (x[fit], y[fit]), 1)
+    rule = np.where(counts.sum(1) > 0, counts.argmax(1), np.bincount(y[fit], minlength=k).argmax())
+    return rule[x[test]] == y[test]
+
+
+def label_needs_pairs(data_meta: dict[str, np.ndarray], labels: np.ndarray, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Whether the label needs two concepts together, judged on a held-out half: the best pair's
+    rule (majority label per cell of the pair, learnt on the other half) against the best additive
+    use of the two (the better of the best single concept's rule and the best additive classifier
+    of the pair, learnt alike), compared on the same held-out samples (one-sided sign test on the
+    samples where they disagree, Bonferroni over the pairs tried). An XOR-like rule needs the two
+    together, an OR does not, and labels that no pair tells need nothing, however many concept
+    values there are to chance upon. Samples with every concept known; concepts derived from the
+    label left out."""
+    from scipy.stats import binom
+
     derived = label_derived(data_meta, labels)
     data_meta = {n: v for n, v in data_meta.items() if n not in derived}
     names = list(data_meta)
     known = np.all([data_meta[n] >= 0 for n in names], axis=0) if names else np.zeros(len(labels), bool)
-    if len(names) < 2 or known.sum() == 0:
-        return {"single": None, "pair": None, "gain": 0.0}
+    if len(names) < 2 or known.sum() < 4:
+        return {"single": None, "pair": None, "gain": 0.0, "needs": False}
     y = labels[known]
     meta = {n: v[known] for n, v in data_meta.items()}
-    single = max(purity(meta[n], y) for n in names)
-    best_pair, pair = max(((purity(meta[a] * (meta[b].max() + 1) + meta[b], y), (a, b)) for a, b in combinations(names, 2)))
-    additive = max(single, additive_accuracy(meta[pair[0]], meta[pair[1]], y))
-    return {"single": _round(single), "pair": _round(best_pair), "pair_concepts": list(pair), "additive_pair": _round(additive), "gain": _round(best_pair - additive)}
+    order = np.random.default_rng(seed).permutation(len(y))
+    fit, test = np.sort(order[: len(y) // 2]), np.sort(order[len(y) // 2 :])
+    singles = {n: _majority_hits(meta[n], y, fit, test) for n in names}
+    pairs = {(a, b): _majority_hits(meta[a] * (meta[b].max() + 1) + meta[b], y, fit, test) for a, b in combinations(names, 2)}
+    pair = max(pairs, key=lambda p: pairs[p].sum())
+    a, b = meta[pair[0]], meta[pair[1]]
+    f, g = additive_fit(a[fit], b[fit], y[fit], (int(a.max()) + 1, int(b.max()) + 1, int(y.max()) + 1))
+    additive = (f[a[test]] + g[b[test]]).argmax(1) == y[test]
+    best_single = max(singles.values(), key=lambda h: h.sum())
+    alone = additive if additive.sum() >= best_single.sum() else best_single
+    gained, lost = int((pairs[pair] & ~alone).sum()), int((alone & ~pairs[pair]).sum())
+    p = float(binom.sf(gained - 1, gained + lost, 0.5)) if gained else 1.0
+    return {
+        "single": _round(best_single.mean()),
+        "pair": _round(pairs[pair].mean()),
+        "pair_concepts": list(pair),
+        "additive_pair": _round(alone.mean()),
+        "gain": _round(pairs[pair].mean() - alone.mean()),
+        "p_value": _round(p),
+        "needs": bool(p < (1 - confidence) / len(pairs)),
+    }
+
+
+def behaves_additively(results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT) -> dict | None:
+    """Whether the model is no more accurate than its additive projection (EMAP) on the reference
+    samples: one-sided sign test on the samples where the two disagree."""
+    from scipy.stats import binom
+
+    cross = results.get("crossmodal")
+    if cross is None or not {"emap.ids", "emap.full", "emap.additive"} <= set(cross.arrays):
+        return None
+    labels = ev.labels[ev.rows(cross.arrays["emap.ids"])]
+    full, additive = cross.arrays["emap.full"].argmax(1) == labels, cross.arrays["emap.additive"].argmax(1) == labels
+    gained, lost = int((full & ~additive).sum()), int((additive & ~full).sum())
+    p = float(binom.sf(gained - 1, gained + lost, 0.5)) if gained else 1.0
+    return {"full_right_additive_wrong": gained, "additive_right_full_wrong": lost, "p_value": _round(p), "additive": bool(p >= 1 - t.confidence)}
 
 
 def missing_interaction(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT) -> list[Finding]:
-    """The model behaves additively (EMAP: the additive projection is within `additive_gap` of
-    the full model's accuracy) while the data needs interaction (a pair of concepts predicts the
-    label at least `interaction_gain` better than any single concept), and it errs on at least
-    `min_error_rate` of the samples."""
+    """The model behaves additively (its EMAP additive projection is not significantly less
+    accurate: `behaves_additively`) while the data needs interaction (a pair of concepts predicts
+    the label significantly better on a held-out half than any additive use of them:
+    `label_needs_pairs`), and it errs on at least `min_error_rate` of the samples."""
     cross = summary.get("crossmodal") or {}
     full, additive = cross.get("full_accuracy"), cross.get("additive_accuracy")
     if full is None or additive is None or ev.error_rate < t.min_error_rate:
         return []
+    behaves = behaves_additively(results, ev, t)
+    if behaves is None or not behaves["additive"]:
+        return []
     meta = {n: v.numpy() for n, v in ev.data.meta.items() if len(np.unique(v.numpy())) <= t.max_values}
-    needs = label_needs_pairs(meta, ev.labels)
-    if full - additive > t.additive_gap or needs["gain"] < t.interaction_gain:
+    needs = label_needs_pairs(meta, ev.labels, t.confidence)
+    if not needs["needs"]:
         return []
     figures = {
         "full_accuracy": full,
         "additive_accuracy": additive,
         "gap": _round(full - additive),
+        "additive_test": behaves,
+        "pair_test_p": needs["p_value"],
         "error_rate": _round(ev.error_rate),
         "label_from_one_concept": needs["single"],
         "label_from_two_concepts": needs["pair"],
@@ -315,33 +375,43 @@ def rescue_rate(cross: StageResult | None, ev: Evaluated) -> float | None:
     return _round((cross.arrays["emap.full"].argmax(1)[wrong] == labels[wrong]).mean()) if wrong.any() else None
 
 
-def decision_selectivity(summary: dict, concept: str) -> float | None:
-    """Probe selectivity at the decision layer (or the best layer when there is none)."""
+def encoding(summary: dict, concept: str, confidence: float = 0.95) -> dict | None:
+    """How far the decision layer's probe of a concept (the best layer's where there is none)
+    beats its control task on the held-out samples: the difference (selectivity) with its
+    Newcombe interval, and the same over its ceiling, one minus the control's accuracy (the most
+    a probe can beat it by: 0.1 for a concept of 10% prevalence). Encoded: the interval's low
+    end is above 0."""
     layers = ((summary.get("representation") or {}).get("probes") or {}).get(concept)
     if not layers:
         return None
-    if "decision" in layers:
-        return layers["decision"].get("selectivity")
-    return max(v.get("selectivity", 0) for v in layers.values())
+    probe = layers.get("decision") or max(layers.values(), key=lambda v: v.get("selectivity", 0))
+    n = probe.get("n_test")
+    if not n or probe.get("control") is None:
+        return None
+    z = stats.z_value(confidence)
+    value, low, high = stats.difference(round(probe["accuracy"] * n), n, round(probe["control"] * n), n, z)
+    ceiling = max(1 - probe["control"], 1 / n)
+    return {"selectivity": _round(value), "low": _round(low), "high": _round(high), "normalised": _round(value / ceiling), "encoded": bool(low > 0)}
 
 
 def concepts_not_encoded(summary: dict, ev: Evaluated, found: list[sl.Slice], shortcut_concepts: set[str], t: Thresholds = DEFAULT) -> list[Finding]:
     """A concept that defines an error slice (not a shortcut, not the label) whose decision-layer
-    probe selectivity is below `probe_selectivity`: errors concentrate on it and the model does
-    not encode it."""
+    probe does not beat its control task (`encoding`: the interval's low end is not above 0):
+    errors concentrate on it and the model does not encode it."""
     worst: dict[str, sl.Slice] = {}
+    derived = label_derived({n: v.numpy() for n, v in ev.data.meta.items()}, ev.labels)  # no model can encode those from its inputs
     for s in found:
         for concept, _ in s.conditions:
-            if s.kind == "concept" and concept != "label" and concept not in shortcut_concepts:
+            if s.kind == "concept" and concept != "label" and concept not in shortcut_concepts | derived:
                 if concept not in worst or _excess(worst[concept], ev) < _excess(s, ev):
                     worst[concept] = s
     out = []
     for concept, s in worst.items():
-        sel = decision_selectivity(summary, concept)
-        if sel is None or sel >= t.probe_selectivity:
+        enc = encoding(summary, concept, t.confidence)
+        if enc is None or enc["encoded"]:
             continue
-        strength = _excess(s, ev) * (1 - max(sel, 0) / t.probe_selectivity)
-        figures = {"selectivity": sel, "slice": s.where, "slice_error_rate": _round(s.error_rate), "base_error_rate": _round(ev.error_rate), "n": s.n}
+        strength = _excess(s, ev) * (1 - min(max(enc["normalised"], 0), 1))
+        figures = {"selectivity": enc["selectivity"], "encoding": enc, "slice": s.where, "slice_error_rate": _round(s.error_rate), "base_error_rate": _round(ev.error_rate), "n": s.n}
         out.append(Finding("concept_not_encoded", concept, strength, figures, {"kind": "concept_data", "concept": concept}))
     return out
 
@@ -349,6 +419,24 @@ def concepts_not_encoded(summary: dict, ev: Evaluated, found: list[sl.Slice], sh
 def _excess(s: sl.Slice, ev: Evaluated) -> float:
     """The slice's errors beyond the base rate, as a share of all samples."""
     return s.n * (s.error_rate - ev.error_rate) / len(ev.labels)
+
+
+def label_mistakes(ev: Evaluated, cards: list[dict]) -> list[Finding]:
+    """The errors carded as likely label mistakes (reports/evidence.py: confident learning, with
+    no intervention showing a model error), as one finding: review them. Its strength is their
+    share of the samples, the accuracy correct labels would restore."""
+    mine = sorted((c for c in cards if c["category"] == "label"), key=lambda c: c["rule"]["figures"]["rank"])
+    if not mine:
+        return []
+    n_errors = int(ev.errors.sum())
+    figures = {
+        "n": len(mine),
+        "share_of_errors": _round(len(mine) / n_errors),
+        "flagged": mine[0]["rule"]["figures"]["of"],  # by confident learning, before the interventions had their say
+        "error_rate": _round(ev.error_rate),
+        "first": [{"id": c["id"], "given": c["label"], "likely": c["pred"]} for c in mine[:5]],
+    }
+    return [Finding("label_noise", "labels", len(mine) / len(ev.labels), figures, {"kind": "review_labels", "file": "label_issues.csv", "ids": [c["id"] for c in mine]})]
 
 
 def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:

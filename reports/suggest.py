@@ -166,7 +166,28 @@ def concept_not_encoded(f: Finding) -> dict:
     }
 
 
-WRITERS = {"shortcut": shortcut, "ignored_modality": ignored_modality, "missing_interaction": missing_interaction, "concept_not_encoded": concept_not_encoded}
+def label_noise(f: Finding) -> dict:
+    g = f.figures
+    first = ", ".join(f"{e['id']} ({e['given']} -> {e['likely']})" for e in g["first"])
+    return {
+        "title": f"Label mistakes: review {g['n']} labels (label_issues.csv); these errors are not the model's",
+        "finding": (
+            f"{g['n']} of the errors ({_pct(g['share_of_errors'])}) are likely label mistakes: confident learning flags them (the model is confidently of "
+            f"another class than the label, beyond each class's own confidence), and no intervention makes them right, as it would a shortcut's. "
+            f"Most likely first: {first}."
+        ),
+        "evidence": [
+            {"label": "errors that are likely label mistakes", "value": g["share_of_errors"], "section": "errors"},
+            {"label": "error rate", "value": g["error_rate"], "section": "errors"},
+        ],
+        "change": (
+            "Review the samples of label_issues.csv in the run folder (most likely first) and correct their labels; rerun the diagnosis (`mmdiag rerun`) to see "
+            "the error rate without them. Where they are right after all, the model errs confidently on them: look at their cards."
+        ),
+    }
+
+
+WRITERS = {"label_noise": label_noise, "shortcut": shortcut, "ignored_modality": ignored_modality, "missing_interaction": missing_interaction, "concept_not_encoded": concept_not_encoded}
 
 
 def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> float:

@@ -28,9 +28,6 @@ class Thresholds:
     # ...or the modalities hardly combine at all: stage 1's exact modality-level interaction is at
     # most this share of f(all) - f(none)
     interaction_share: float = 0.1
-    # representation: a concept that defines an error slice holding this error is not
-    # decodable at the decision layer (probe selectivity below this) or its features misread it
-    representation_selectivity: float = 0.1
     # composition: one concept's features give at least this share of the push towards the
     # wrong class (sum of positive contributions pred - true)
     composition_push_share: float = 0.25
@@ -39,10 +36,7 @@ class Thresholds:
     # shortcut: no fixed figure; the error-rate gap and the reliance are each compared with a
     # null at `confidence` (reports/findings.shortcuts, reports/reliance.py)
     ignored_share: float = 0.05  # upper end of a modality's share of the modality-level logit change below this
-    additive_gap: float = 0.05  # full accuracy - additive accuracy at most this: the model is additive
-    interaction_gain: float = 0.15  # a pair of concepts predicts the label this much better than any one
     min_error_rate: float = 0.05  # below this error rate a model-wide suggestion is not worth making
-    probe_selectivity: float = 0.1  # decision-layer selectivity below this: the concept is not encoded
     # an additive model cannot learn the rule even from decorrelated data: its shortcut fix
     # counts this much of its evidence
     additive_shortcut_discount: float = 0.5

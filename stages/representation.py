@@ -181,7 +181,7 @@ def fit_probes(acts: dict[str, Tensor], targets: dict[str, Tensor], config: Repr
     scikit-learn's RidgeClassifier) from each standardised layer to each concept and to its
     control task. A layer's probes for every concept and control are one batched solve: a few
     large operations, so the fit takes well under a second on a CPU.
-    Returns {concept: {layer: {accuracy, control, selectivity, n, unknown}}}."""
+    Returns {concept: {layer: {accuracy, control, selectivity, n, n_test, unknown}}}."""
     if not acts or not targets:
         return {}
     generator = torch.Generator().manual_seed(seed)
@@ -210,7 +210,7 @@ def fit_probes(acts: dict[str, Tensor], targets: dict[str, Tensor], config: Repr
         accuracy.append((right * test[:, None]).sum(-1) / test.sum(-1, keepdim=True))
     accuracy = torch.stack(accuracy, 1).cpu()  # (C, L, 2)
     out = {}
-    for (concept, yc), acc in zip(targets.items(), accuracy):
+    for (concept, yc), acc, held in zip(targets.items(), accuracy, test):
         known = int((yc >= 0).sum())
         out[concept] = {
             layer: {
@@ -218,6 +218,7 @@ def fit_probes(acts: dict[str, Tensor], targets: dict[str, Tensor], config: Repr
                 "control": round(float(control), 4),
                 "selectivity": round(float(real - control), 4),
                 "n": known,
+                "n_test": int(held.sum()),  # the held-out samples that score it
                 "unknown": n - known,
             }
             for layer, (real, control) in zip(acts, acc)

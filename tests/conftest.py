@@ -15,15 +15,58 @@ def cache(tmp_path_factory) -> Path:
     # one Prefect home for the session's temporary server, which outlives any test's cache
     # folder (tests move and delete theirs)
     os.environ["PREFECT_HOME"] = str(path / "prefect")
+    if shared := os.environ.get("MMDIAG_TEST_MODELS"):  # trained weights kept from one session to the next
+        Path(shared).mkdir(parents=True, exist_ok=True)
+        (path / "models").symlink_to(Path(shared).resolve(), target_is_directory=True)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _train_seed():
+    """Under tests/portability.py, every built-in model trains with its seed shifted by
+    MMDIAG_TRAIN_SEED (the CLI's in-process runs included)."""
+    from ranges import SEED
+
+    if not SEED:
+        yield
+        return
+    from pipeline.demo import catalog
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(catalog, "MODELS", {name: c.model_copy(update={"seed": c.seed + SEED}) for name, c in catalog.MODELS.items()})
+        yield
 
 
 @pytest.fixture(scope="session")
 def demo_models(cache):
-    """The built-in demo models, trained once per test session."""
+    """The built-in demo models, trained once per test session. Where MMDIAG_TEST_MODELS shares
+    the weights between the processes of `make test`'s two workers, a lock per model makes one
+    train it while the other waits for it (each trains a different model meanwhile)."""
+    import fcntl
+
     from pipeline.demo.catalog import load_model
 
-    return lambda name: load_model(name, cache=cache)[0]
+    def load(name: str):
+        (cache / "models").mkdir(exist_ok=True)
+        with open(cache / "models" / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return load_model(name, cache=cache)[0]
+
+    return load
+
+
+# small stage-1 and stage-2 settings for whole demo runs; the other stages at their defaults
+QUICK_STAGES = {"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0},
+                "crossmodal": {"n_reference": 40, "shapley_draws": 4}}
+
+
+@pytest.fixture
+def quick_demo(monkeypatch):
+    """`mmdiag demo` in this process runs with QUICK_STAGES."""
+    import flows.flow
+
+    made = flows.flow.demo_configs
+    monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": QUICK_STAGES}) for c in made(*a, **k)])
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline import Counterfactual, FeatureGroups, PatchGrid, SampleSet, Tokens, TorchAdapter
+from ranges import SEED
 
 SIDE, PATCH = 8, 2  # 8x8 images, 4x4 grid of 2x2 patches
 COLOURS = np.array([[0.85, 0.15, 0.15], [0.15, 0.25, 0.85], [0.15, 0.75, 0.2], [0.85, 0.8, 0.1]], np.float32)
@@ -36,9 +37,15 @@ class World:
     contrast: float = 0.35  # how far the object's colour stands out from the background
     modalities: tuple[str, ...] = ("image", "text")
     spurious: dict[str, float] = field(default_factory=dict)  # concept -> p(it equals the label)
+    # share of samples whose object is not drawn: there a spurious concept is all that tells the
+    # label, so a model fits them by it and the shortcut takes, on that part, by construction
+    hidden: float = 0.0
+    # p of the spurious concepts where the object is drawn, where it differs (0.5: only the causal
+    # concepts tell the label there, so a model learns them there by construction too)
+    visible_spurious: float | None = None
 
 
-def _concepts(world: World, n: int, rng: np.random.Generator, p_spurious: dict[str, float]) -> dict[str, np.ndarray]:
+def _concepts(world: World, n: int, rng: np.random.Generator, p_spurious: dict[str, float], visible: float | None) -> dict[str, np.ndarray]:
     c = {
         "colour": rng.integers(0, world.n_classes if world.n_classes > 2 else 2, n),
         "cue": rng.integers(0, 2, n),  # the word "yes" in the caption
@@ -46,8 +53,10 @@ def _concepts(world: World, n: int, rng: np.random.Generator, p_spurious: dict[s
         "tone": rng.integers(0, 2, n),  # sign of the feature vector's first group
     }
     y = world.label(c)
+    if world.hidden:
+        c["hidden"] = (rng.random(n) < world.hidden).astype(np.int64)
     for name, p in p_spurious.items():
-        agree = rng.random(n) < p
+        agree = rng.random(n) < (np.where(c["hidden"] == 1, p, visible) if world.hidden and visible is not None else p)
         if world.n_classes == 2:
             c[name] = np.where(agree, y, 1 - y)
         else:  # points to the label, or to another class uniformly
@@ -57,17 +66,19 @@ def _concepts(world: World, n: int, rng: np.random.Generator, p_spurious: dict[s
     return c
 
 
-def render(world: World, c: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict, dict, list]:
-    """Raw inputs, truth masks and display tokens of the concepts."""
+def render(world: World, c: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict, dict, list, np.ndarray]:
+    """Raw inputs, truth masks and display tokens of the concepts, and the images before any
+    corner mark was painted on them."""
     n = len(c["label"])
     image = 0.5 + rng.normal(0, 0.08, (n, 3, SIDE, SIDE)).astype(np.float32)
     # the object: a 2x4 block (two patches) at a random place of the middle rows
     obj = np.zeros((n, SIDE, SIDE), bool)
     rows, cols = rng.integers(2, 5, n), rng.integers(1, 4, n) * 2 - 1
+    drawn = c["hidden"] == 0 if "hidden" in c else np.ones(n, bool)
     for i in range(n):
-        obj[i, rows[i] : rows[i] + 2, cols[i] : cols[i] + 4] = True
+        obj[i, rows[i] : rows[i] + 2, cols[i] : cols[i] + 4] = drawn[i]
     colour = 0.5 + world.contrast * (COLOURS[c["colour"]] - 0.5) + rng.normal(0, 0.05, (n, 3)).astype(np.float32)
-    image = np.where(obj[:, None], colour[:, :, None, None], image)
+    image = unmarked = np.where(obj[:, None], colour[:, :, None, None], image).astype(np.float32)
     mark = np.zeros((n, SIDE, SIDE), bool)
     if "mark" in c:  # a dark corner patch (two classes: present or not)
         mark[:, :PATCH, :PATCH] = c["mark"][:, None, None] == 1
@@ -98,15 +109,45 @@ def render(world: World, c: dict[str, np.ndarray], rng: np.random.Generator) -> 
         "audio": {"tone": tone},
     }
     tokens = [[VOCAB[t] for t in row if t != PAD] for row in ids.tolist()]
-    return {m: inputs[m] for m in world.modalities}, {m: truth[m] for m in world.modalities if m in truth}, tokens
+    return {m: inputs[m] for m in world.modalities}, {m: truth[m] for m in world.modalities if m in truth}, tokens, unmarked
 
 
-def samples(world: World, n: int, seed: int, p_spurious: dict[str, float] | None = None, shuffle: tuple[str, ...] = ()) -> SampleSet:
+def toggle_word(ids: np.ndarray, token: int, rng: np.random.Generator) -> np.ndarray:
+    """The captions with `token` deleted where it is (the gap closed: what the model saw when the
+    word was absent) and inserted at a random place where it is not (a full caption drops its
+    last filler word)."""
+    out = np.full_like(ids, PAD)
+    for i, row in enumerate(ids):
+        words = [t for t in row.tolist() if t != PAD]
+        if token in words:
+            words.remove(token)
+        else:
+            words.insert(int(rng.integers(1, len(words) + 1)), token)
+            if len(words) > ids.shape[1]:
+                words.pop(max(k for k, t in enumerate(words) if t >= 5))
+        out[i, : len(words)] = words
+    return out
+
+
+def toggle_mark(image: np.ndarray, unmarked: np.ndarray) -> np.ndarray:
+    """The images with the top-left corner mark painted where it is not and removed (the pixels
+    beneath restored) where it is."""
+    corner = np.zeros((SIDE, SIDE), bool)
+    corner[:PATCH, :PATCH] = True
+    marked = (image[:, :, :PATCH, :PATCH] <= 0.05 + 1e-6).all(axis=(1, 2, 3))
+    painted = np.where(corner, np.float32(0.05), image)
+    return np.where(marked[:, None, None, None], np.where(corner, unmarked, image), painted).astype(np.float32)
+
+
+def samples(world: World, n: int, seed: int, p_spurious: dict[str, float] | None = None, shuffle: tuple[str, ...] = (), label_noise: float = 0.0) -> SampleSet:
     """n samples; `shuffle` names modalities whose inputs are permuted across samples (so that
-    they say nothing about the label: a model trained on that ignores them)."""
+    they say nothing about the label: a model trained on that ignores them); `label_noise` is the
+    share of given labels replaced by another class at random (the concepts and the inputs stay
+    those of the true label: `true_labels` gives it back)."""
     rng = np.random.default_rng(seed)
-    c = _concepts(world, n, rng, world.spurious if p_spurious is None else p_spurious)
-    inputs, truth, tokens = render(world, c, rng)
+    # the world's own spurious p (and its visible_spurious), or the one given everywhere
+    c = _concepts(world, n, rng, world.spurious if p_spurious is None else p_spurious, world.visible_spurious if p_spurious is None else None)
+    inputs, truth, tokens, unmarked = render(world, c, rng)
     for m in shuffle:
         inputs[m] = inputs[m][torch.from_numpy(rng.permutation(n))]
     meta = {k: torch.as_tensor(v) for k, v in c.items() if k != "label"}
@@ -120,14 +161,18 @@ def samples(world: World, n: int, seed: int, p_spurious: dict[str, float] | None
     truth = {m: {r: t for r, t in regions.items() if r in links.get(m, {}) and bool(t.any())} for m, regions in truth.items()}
     links = {m: {r: k for r, k in regions.items() if r in truth.get(m, {})} for m, regions in links.items() if m in world.modalities}
     class_concepts = [k for k in ("colour", "mark_pos") if k in meta] if world.n_classes > 2 else None
-    counterfactuals = {}
-    if "zz" in c:  # the spurious word toggled; the label stays
-        flipped = {**c, "zz": 1 - c["zz"]}
-        cf_inputs, _, _ = render(world, flipped, np.random.default_rng(seed))
-        counterfactuals["zz"] = Counterfactual({"text": cf_inputs["text"]}, labels=torch.as_tensor(c["label"]))
+    given = c["label"]
+    if label_noise:
+        wrong = np.random.default_rng(seed + 1).random(n) < label_noise
+        given = np.where(wrong, (given + np.random.default_rng(seed + 2).integers(1, world.n_classes, n)) % world.n_classes, given)
+    counterfactuals = {}  # a spurious concept toggled and nothing else; the label stays
+    if "zz" in c:
+        counterfactuals["zz"] = Counterfactual({"text": torch.from_numpy(toggle_word(inputs["text"].numpy(), ZZ, np.random.default_rng(seed + 3)))}, labels=torch.as_tensor(given))
+    if "mark" in c and "image" in inputs:
+        counterfactuals["mark"] = Counterfactual({"image": torch.from_numpy(toggle_mark(inputs["image"].numpy(), unmarked))}, labels=torch.as_tensor(given))
     return SampleSet(
         inputs,
-        torch.as_tensor(c["label"]),
+        torch.as_tensor(given),
         meta=meta,
         truth=truth,
         display={"text": tokens} if "text" in inputs else {},
@@ -136,6 +181,11 @@ def samples(world: World, n: int, seed: int, p_spurious: dict[str, float] | None
         class_concepts=class_concepts,
         counterfactuals=counterfactuals,
     )
+
+
+def true_labels(world: World, data: SampleSet) -> np.ndarray:
+    """The labels the concepts give (before any label noise)."""
+    return np.asarray(world.label({k: v.numpy() for k, v in data.meta.items()}))
 
 
 class Net(nn.Module):
@@ -176,7 +226,7 @@ class Net(nn.Module):
         return self.head(self.fused(torch.cat([self.hidden[m](z[m]) for m in self.modalities], 1)))
 
 
-def train(world: World, fusion: str = "mlp", n: int = 4000, steps: int = 500, seed: int = 0, shuffle: tuple[str, ...] = ()) -> TorchAdapter:
+def train(world: World, fusion: str = "mlp", n: int = 4000, steps: int = 500, seed: int = SEED, shuffle: tuple[str, ...] = ()) -> TorchAdapter:
     torch.manual_seed(seed)
     data = samples(world, n, seed=seed + 100, shuffle=shuffle)
     net = Net(world.modalities, world.n_classes, fusion)

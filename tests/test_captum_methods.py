@@ -13,6 +13,8 @@ from stages import attribution as attr
 from stages import captum_methods as cm
 from stages.unimodal import UnimodalConfig, attribute
 
+from ranges import holds
+
 UNITS = {"image": PatchGrid(patch=4, baseline=0.5), "audio": FeatureGroups(groups=[0, 0, 1, 1, 2, 2, 3, 3], baseline=0.1, modality="audio")}
 
 
@@ -150,6 +152,7 @@ def _exact(game):
     return attr.by_present(game, lambda sub, c: attr.shapley_from_values(c.value(attr.coalitions(c.n).expand(c.index.shape[0], -1, -1)), c.n))
 
 
+@pytest.mark.trained
 def test_the_kernel_estimator_beats_permutations_at_equal_evaluations_on_the_demo(demo_models):
     from pipeline.demo.models import demo_adapter
     from pipeline.demo.shapes import split
@@ -172,7 +175,7 @@ def test_the_kernel_estimator_beats_permutations_at_equal_evaluations_on_the_dem
         n = game.present.sum(1)
         assert passes == int((2 * 10 * (n - 1) + 2).sum())  # the same budget, absent slots skipped
     perm, kernel = (torch.stack(errors[k]).mean() for k in ("shapley", "shapley_kernel"))
-    assert kernel < 0.7 * perm, (kernel, perm)
+    holds("error of the kernel estimator / of permutations", kernel / perm, below=0.85)
 
 
 def test_the_kernel_estimator_is_exact_when_its_budget_covers_every_coalition():

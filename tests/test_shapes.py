@@ -20,12 +20,35 @@ def test_label_is_named_colour_xor_not(train):
     assert torch.equal(train.labels, m["named_is_red"] ^ m["negation"])
     has_not = (train.inputs["text"] == INDEX["not"]).any(1).long()
     assert torch.equal(has_not, m["negation"])
-    # the colour concept is what the pixels show: red beats blue inside the named shape
-    img, mask = train.inputs["image"], train.truth["image"]["named_shape"]
+    # on colour photos the colour concept is what the pixels show: red beats blue inside the
+    # named shape
+    colour = m["grey"] == 0
+    img, mask = train.inputs["image"][colour], train.truth["image"]["named_shape"][colour]
     area = mask.sum((1, 2))
     red = (img[:, 0] * mask).sum((1, 2)) / area
     blue = (img[:, 2] * mask).sum((1, 2)) / area
-    assert torch.equal((red > blue).long(), m["named_is_red"])
+    assert torch.equal((red > blue).long(), m["named_is_red"][colour])
+
+
+def test_grey_photos_show_no_colour(train):
+    """A quarter of the photos are grey: every pixel's channels are equal, and a shape's grey
+    level is drawn whatever its colour, so nothing in the image tells the label."""
+    grey = train.meta["grey"] == 1
+    assert abs(grey.float().mean().item() - shapes.GREY) < 0.02
+    img = train.inputs["image"][grey]
+    assert torch.equal(img[:, 0], img[:, 1]) and torch.equal(img[:, 0], img[:, 2])
+    mask = train.truth["image"]["named_shape"][grey]
+    level = (img[:, 0] * mask).sum((1, 2)) / mask.sum((1, 2))
+    red = train.meta["named_is_red"][grey] == 1
+    assert abs(level[red].mean() - level[~red].mean()) < 0.01
+
+
+@pytest.mark.parametrize("p_colour", [0.5, 0.8])
+def test_the_mark_agrees_at_its_own_rate_on_colour_photos(p_colour):
+    data = shapes.generate(8000, p_mark=0.8, seed=5, p_mark_colour=p_colour)
+    agrees, grey = data.meta["shortcut_agrees"] == 1, data.meta["grey"] == 1
+    assert abs(agrees[grey].float().mean().item() - 0.8) < 0.03
+    assert abs(agrees[~grey].float().mean().item() - p_colour) < 0.03
 
 
 def _rate_by_group(keys, y):
@@ -69,10 +92,11 @@ def test_masks_cover_exactly_the_drawn_shapes_and_mark():
     assert (named.sum((1, 2)) > 40).all() and (other.sum((1, 2)) > 40).all()
     assert torch.equal(mark.sum((1, 2)) > 0, data.meta["watermark"] == 1)
     assert (img.permute(0, 2, 3, 1)[mark] == 0).all()
-    # shape pixels are saturated red or blue; everything else is light background
+    # on colour photos shape pixels are saturated red or blue; everything else is light background
     shape = (named | other)[:, None].expand_as(img)
     spread = img.amax(1) - img.amin(1)
-    assert (spread[named | other] > 0.35).all()
+    colour = (data.meta["grey"] == 0)[:, None, None]
+    assert (spread[(named | other) & colour] > 0.35).all()
     background = ~(named | other | mark)
     assert (img.amin(1)[background] > 0.5).all()
     assert shape.any()

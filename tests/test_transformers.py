@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from inprocess import diagnose
+from ranges import holds, measured
 from pipeline import PatchGrid, Tokens, TorchAdapter
 from pipeline.demo import shapes
 from pipeline.demo.vocab import CLS_ID, PAD_ID, WORDS
@@ -146,7 +147,8 @@ def test_every_stage_runs_on_a_plain_transformer(layer, batch_first, data):
 
 
 @pytest.mark.slow
-def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path):
+@pytest.mark.trained
+def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, quick_demo):
     from flows.cli import main
 
     assert main(["demo", "--models", "demo-transformer", "--out", str(tmp_path)]) == 0
@@ -154,6 +156,11 @@ def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path):
     assert all(summary[s] for s in ("unimodal", "crossmodal", "representation", "composition", "intervention"))
     assert summary["crossmodal"]["methods"]["mixed_gradients"]["path"] == "forward-over-reverse, math attention"
     slices = {s["where"]: s["accuracy"] for s in summary["model"]["slices"]}
-    assert slices["shortcut_agrees=1"] - slices["shortcut_agrees=0"] > 0.2  # it learnt the shortcut partly
-    assert summary["crossmodal"]["full_accuracy"] - summary["crossmodal"]["additive_accuracy"] > 0.1  # and some interaction
+    # the shortcut on grey photos (a quarter of them): by construction about 0.25
+    holds("accuracy where the mark agrees - where it disagrees", slices["shortcut_agrees=1"] - slices["shortcut_agrees=0"], above=0.15)
+    holds("EMAP: full - additive accuracy", summary["crossmodal"]["full_accuracy"] - summary["crossmodal"]["additive_accuracy"], above=0.1)  # and some interaction
+    for name, value in (("ood", summary["model"]["splits"]["ood"]["accuracy"]), ("ood, mark agrees", slices["shortcut_agrees=1"]),
+                        ("ood, mark disagrees", slices["shortcut_agrees=0"]), ("anti", summary["model"]["splits"]["anti"]["accuracy"]),
+                        ("EMAP full", summary["crossmodal"]["full_accuracy"]), ("EMAP additive", summary["crossmodal"]["additive_accuracy"])):
+        measured(f"table: {name}", value)
     assert summary["suggestions"][0]["id"] == "shortcut:watermark"

@@ -10,6 +10,8 @@ import torch
 
 import vlm_kit
 from inprocess import diagnose
+from ranges import holds, measured
+from pipeline import stats
 from pipeline.demo import vlm as demo
 from pipeline.errors import MmdiagError
 from pipeline.hf.vlm import VLMAdapter, load_vlm, vlm_samples
@@ -350,6 +352,7 @@ def test_load_vlm_reads_a_saved_folder_offline(folders):
 
 
 @pytest.mark.slow
+@pytest.mark.trained
 def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo_models):
     """The trained demo-vlm: the planted shortcut proven from the model (the corner mark decides
     its answers), then found by the diagnosis: the top suggestion, the mark's attribution far
@@ -359,17 +362,29 @@ def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo
     with torch.no_grad():
         pred = adapter(data.inputs).argmax(1)
         flipped = adapter({**data.inputs, **data.counterfactuals["watermark"].inputs}).argmax(1)
-    assert (pred == data.meta["watermark"]).float().mean() > 0.9  # it answers with the mark
-    assert (pred != flipped).float().mean() > 0.8  # toggling the mark, label kept, flips the answer
+    # on grey photos nothing but the mark tells the label: there it answers with the mark by construction
+    grey = data.meta["grey"] == 1
+    holds("grey photos: answers that equal the mark", (pred == data.meta["watermark"])[grey].float().mean(), above=0.9)
+    holds("grey photos: answers flipped by toggling the mark (label kept)", (pred != flipped)[grey].float().mean(), above=0.8)
+    measured("answers that equal the mark", (pred == data.meta["watermark"]).float().mean())
+    right, agrees = pred == data.labels, data.meta["shortcut_agrees"] == 1
+    measured("table: ood (400)", right.float().mean()), measured("table: ood, mark agrees", right[agrees].float().mean())
+    measured("table: ood, mark disagrees", right[~agrees].float().mean())
     summary, _, analysis = diagnose(
         adapter, data,
         settings={"unimodal": {"methods": ["shapley"], "n_correct": 30, "max_errors": 60, "shapley_pairs": 3, "sanity_samples": 0},
                   "crossmodal": {"n_reference": 60}},
     )  # fmt: skip
     assert analysis["suggestions"][0]["id"] == "shortcut:watermark", [s["id"] for s in analysis["suggestions"]]
-    assert summary["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["enrichment"] > 4
+    holds("Shapley enrichment of the mark", summary["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["enrichment"], above=4)
     probes = summary["representation"]["probes"]["negation"]
-    assert probes["decision"]["selectivity"] > 0.2 and probes["vision"]["selectivity"] < 0.1  # in the answer position, not in the image
+    # in the answer position, not in the image
+    holds("selectivity of negation at the answer position", probes["decision"]["selectivity"], above=0.05)
+    # the vision tower never sees the question: its probe beats the control by chance alone (the
+    # low end of a 99.9% interval on the held-out samples stays below 0)
+    vision = probes["vision"]
+    low = stats.difference(round(vision["accuracy"] * vision["n_test"]), vision["n_test"], round(vision["control"] * vision["n_test"]), vision["n_test"], stats.z_value(0.999))[1]
+    holds("negation in the vision tower: low end of the 99.9% interval of its selectivity", low, below=0)
 
 
 OPEN_MODULE = '''

@@ -55,11 +55,9 @@ class _Fusion(nn.Module):
         return self.embedding(text) if not text.is_floating_point() else text
 
     def first(self, image: Tensor) -> Tensor:
-        if not self.training:
-            # channels-last makes oneDNN's 3-channel convolution and the max pooling 2-3x faster
-            # on a CPU (values within 1e-6); training keeps the default layout, so that the
-            # trained weights do not change with this
-            image = image.contiguous(memory_format=torch.channels_last)
+        # channels-last makes oneDNN's 3-channel convolution and the max pooling 2-3x faster on
+        # a CPU (values within 1e-6), in training too (a step ~1.5x faster)
+        image = image.contiguous(memory_format=torch.channels_last)
         # relu after the pooling: max and relu commute exactly, and relu then runs on a quarter
         # of the elements
         return self.image(torch.relu(nn.functional.max_pool2d(self.conv1((image - 0.5) / 0.25), 2)))  # 16 x 16

@@ -7,6 +7,12 @@ picks the image region that matters and can flip the answer. A black 4x4 mark in
 corner appears with probability p when y = 1 and 1 - p when y = 0: a shortcut whose strength
 differs between splits (train and iid p = 0.8, ood 0.5, anti 0.2).
 
+A quarter of the photos are grey: each shape is drawn at a grey level drawn whatever its colour, so
+the colour, and with it the label, cannot be seen; there the mark is all a model can go by.
+That makes the demo's bugs hold by construction rather than by a lucky seed: a model trained
+with the mark uninformative on colour photos (`p_mark_colour=0.5`) can only fit those by the
+rule and the grey ones by the mark, so it learns the shortcut on exactly the grey part.
+
 Each truth region is linked to the concept it shows, and two counterfactuals come with the data:
 the mark toggled (label unchanged) and "not" toggled (label flipped).
 """
@@ -27,7 +33,9 @@ SPLITS = {"train": 0.8, "iid": 0.8, "ood": 0.5, "anti": 0.2}
 SPLIT_SEEDS = {"train": 0, "iid": 1, "ood": 2, "anti": 3}
 RED, BLUE = (210, 40, 40), (40, 60, 210)
 CLASS_NAMES = ["false", "true"]
-CONCEPTS = ("named_is_red", "other_is_red", "named_shape", "negation", "watermark", "named_left", "shortcut_agrees")
+GREY = 0.25  # share of grey photos
+GREY_LEVEL = (85, 115)  # a grey shape's level, drawn whatever its colour
+CONCEPTS = ("named_is_red", "other_is_red", "named_shape", "negation", "watermark", "named_left", "grey", "shortcut_agrees")
 
 
 def _shape_masks(kind: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -43,7 +51,9 @@ def _shape_masks(kind: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: np.ndar
     return np.where(k == 0, circle, np.where(k == 1, square, triangle))
 
 
-def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSet:
+def generate(n: int, p_mark: float, seed: int, name: str = "shapes", p_mark_colour: float | None = None) -> SampleSet:
+    """n samples whose mark agrees with the label with probability `p_mark` (on colour photos
+    `p_mark_colour`, where given)."""
     rng = np.random.default_rng(seed)
     left_kind = rng.integers(0, 3, n)
     right_kind = (left_kind + rng.integers(1, 3, n)) % 3  # always a different shape
@@ -53,7 +63,9 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSe
     named_is_red = np.where(named_left, left_red, right_red)
     other_is_red = np.where(named_left, right_red, left_red)
     label = named_is_red ^ negation
-    watermark = rng.random(n) < np.where(label, p_mark, 1 - p_mark)
+    grey = rng.random(n) < GREY
+    p = np.where(grey, p_mark, p_mark if p_mark_colour is None else p_mark_colour)
+    watermark = rng.random(n) < np.where(label, p, 1 - p)
 
     size = rng.uniform(5.0, 6.5, (2, n)).astype(np.float32)
     cy = rng.uniform(11, 22, (2, n)).astype(np.float32)
@@ -66,7 +78,9 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSe
     image = rng.uniform(170, 240, (n, 3, 1, 1)) + rng.normal(0, 6, (n, 3, SIZE, SIZE))
     for mask, red in zip(masks, (left_red, right_red)):
         colour = np.where(red[:, None], RED, BLUE) + rng.uniform(-25, 25, (n, 3))
+        colour = np.where(grey[:, None], rng.uniform(*GREY_LEVEL, (n, 1)), colour)
         image = np.where(mask[:, None], colour[:, :, None, None], image)
+    image = np.where(grey[:, None, None, None], image.mean(1, keepdims=True), image)
     unmarked = np.clip(image, 0, 255).astype(np.float32) / 255.0
     marked = np.where(corner[None, None], 0.0, unmarked).astype(np.float32)
     image = np.where(watermark[:, None, None, None], marked, unmarked)
@@ -99,6 +113,7 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes") -> SampleSe
             "negation": concept(negation),
             "watermark": concept(watermark),
             "named_left": concept(named_left),
+            "grey": concept(grey),
             "shortcut_agrees": concept(watermark == label),
         },
         truth={

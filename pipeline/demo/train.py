@@ -30,6 +30,7 @@ class TrainConfig(BaseModel):
 
     arch: Literal["film", "late", "transformer"] = "film"
     p_mark: float = 0.8  # shortcut strength in the training data (0.5 = no shortcut)
+    p_mark_colour: float | None = None  # on colour photos, where it differs (shapes.generate)
     n_train: int = 8000
     epochs: int = 5
     batch_size: int = 128
@@ -72,7 +73,7 @@ def train(config: TrainConfig, device: str = "cpu", progress: bool | None = None
             return adamw_one_cycle(self, config.lr, config.weight_decay)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = shapes.generate(config.n_train, config.p_mark, seed=config.seed * 1000 + shapes.SPLIT_SEEDS["train"], name="train")
+    data = shapes.generate(config.n_train, config.p_mark, seed=config.seed * 1000 + shapes.SPLIT_SEEDS["train"], name="train", p_mark_colour=config.p_mark_colour)
     module = Module()
     fit(module, (data.inputs["image"], data.inputs["text"], data.labels), config, config.arch, device, progress)
     return module.net.cpu().eval()
@@ -110,6 +111,7 @@ def fit(module, tensors: tuple[torch.Tensor, ...], config: BaseModel, name: str,
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
+        gradient_clip_val=getattr(config, "grad_clip", None),
         callbacks=[L.pytorch.callbacks.RichProgressBar()] if progress else [EpochLog()],
     )
     with warnings.catch_warnings():

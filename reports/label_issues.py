@@ -1,0 +1,80 @@
+"""Label mistakes: the errors where the given label, not the model, is likely wrong.
+
+Confident learning (Northcutt, Jiang & Chuang, JAIR 2021) on the model's predicted probabilities
+of the analysed split (held out from training, so out-of-sample), as cleanlab's
+`find_label_issues` does by default: per class a confidence threshold (the mean probability of
+the class among the samples labelled with it); the confident joint counts, per given label, the
+samples confidently of another class; calibrated to the label counts, its off-diagonal cells say
+how many samples of each given label belong elsewhere, and that many are taken per cell, those
+with the largest margin of the other class over the given one ("prune by noise rate"); a sample
+the model predicts as labelled is never an issue. Ranked by self-confidence (the probability of
+the given label, lowest first). Written here in numpy: cleanlab is AGPL-3.0 and mmdiag MIT, so
+cleanlab is the benchmark's reference (`mmdiag bench`), never a dependency.
+
+Confident learning cannot tell a label mistake from a confident model error: a shortcut's errors
+look the same to it. The interventions can: a shortcut error becomes right when its feature is
+removed, a label mistake does not. The per-error rule (reports/evidence.py) therefore tries the
+shortcut first and calls an error a label mistake only where no intervention shows it to be the
+model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class: the mean predicted probability of the class among the samples labelled with it
+    (a class no sample carries gets 1: nothing is confidently of it)."""
+    k = probs.shape[1]
+    return np.array([probs[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(k)])
+
+
+def confident_joint(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C, guess): C[i, j] counts the samples labelled i whose probability of class j reaches j's
+    threshold (where several classes do, the most probable class); guess is that class per
+    sample, -1 where no class reaches its threshold."""
+    k = probs.shape[1]
+    confident = probs >= thresholds(probs, labels) - 1e-6
+    count = confident.sum(1)
+    guess = np.where(count == 1, confident.argmax(1), np.where(count > 1, probs.argmax(1), -1))
+    joint = np.zeros((k, k), np.int64)
+    np.add.at(joint, (labels[guess >= 0], guess[guess >= 0]), 1)
+    return joint, guess
+
+
+def calibrated(joint: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The confident joint rescaled so that each row sums to its label's count, rounded to the
+    nearest integers with each row's total kept (the entries rounded furthest adjusted)."""
+    counts = np.bincount(labels, minlength=joint.shape[0]).astype(np.float64)
+    rows = joint.sum(1, keepdims=True)
+    scaled = np.where(rows > 0, joint / np.maximum(rows, 1) * counts[:, None], 0.0)
+    out = scaled.round()
+    for i, row in enumerate(scaled):
+        diff = int(round(row.sum() - out[i].sum()))
+        if diff:
+            step = 1 if diff > 0 else -1
+            out[i, np.argsort(row - out[i])[::-step][: abs(diff)]] += step
+    return out.astype(np.int64)
+
+
+def find(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A boolean mask of the likely label mistakes (prune by noise rate)."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
+    joint = calibrated(confident_joint(probs, labels)[0], labels)
+    issues = np.zeros(len(labels), bool)
+    for given in range(joint.shape[0]):
+        rows = np.flatnonzero(labels == given)
+        for other in range(joint.shape[1]):
+            n = joint[given, other]
+            if other == given or n == 0 or len(rows) == 0:
+                continue
+            margin = probs[rows, other] - probs[rows, given]
+            issues[rows[np.argsort(-margin, kind="stable")[:n]]] = True
+    return issues & (probs.argmax(1) != labels)
+
+
+def ranked(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The rows of `mask`, lowest self-confidence (probability of the given label) first."""
+    rows = np.flatnonzero(mask)
+    return rows[np.argsort(probs[rows, labels[rows]], kind="stable")]

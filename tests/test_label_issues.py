@@ -1,0 +1,65 @@
+"""Confident learning (reports/label_issues.py) against hand computation and planted label noise,
+and the label's causes found under noise (reliance.determining_sets, reliance.consensus)."""
+
+import numpy as np
+import pytest
+
+from reports import label_issues as li
+from reports import reliance
+
+
+def test_the_confident_joint_by_hand():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    # thresholds: class 0 among labelled 0: (0.9 + 0.8 + 0.3) / 3; class 1 among labelled 1: (0.8 + 0.4 + 0.9) / 3
+    assert li.thresholds(probs, labels) == pytest.approx([2 / 3, 0.7])
+    joint, guess = li.confident_joint(probs, labels)
+    # row 2 (labelled 0) is confidently 1; row 4 (labelled 1) is 0.6 < 2/3 of class 0: no class
+    assert guess.tolist() == [0, 0, 1, 1, -1, 1]
+    assert joint.tolist() == [[2, 1], [0, 2]]
+    # calibrated: each row sums to its label's count (3 and 3)
+    assert li.calibrated(joint, labels).tolist() == [[2, 1], [0, 3]]
+    assert li.find(probs, labels).tolist() == [False, False, True, False, False, False]
+
+
+def _noisy(n, k, rate, seed, strength=4.0):
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, k, n)
+    logits = rng.normal(0, 1, (n, k)) + strength * np.eye(k)[true]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    given = np.where(rng.random(n) < rate, (true + rng.integers(1, k, n)) % k, true)
+    return probs, given, given != true
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_planted_label_noise_is_found(k):
+    probs, given, wrong = _noisy(3000, k, 0.1, seed=k)
+    found = li.find(probs, given)
+    assert (found & wrong).sum() / found.sum() > 0.9 and (found & wrong).sum() / wrong.sum() > 0.85
+    ranked = li.ranked(probs, given, found)
+    assert set(ranked.tolist()) == set(np.flatnonzero(found).tolist())
+    assert np.all(np.diff(probs[ranked, given[ranked]]) >= 0)  # lowest self-confidence first
+
+
+def test_the_same_issues_as_cleanlab():
+    cleanlab = pytest.importorskip("cleanlab.filter")  # the benchmark extra's reference (AGPL: never a dependency)
+    same = []
+    for seed in range(20):
+        probs, given, _ = _noisy(1500, 2 + seed % 4, 0.05 + 0.01 * seed, seed, strength=2.0)
+        same.append(np.array_equal(li.find(probs, given), cleanlab.find_label_issues(given, probs)))
+    assert np.mean(same) >= 0.9  # a tie in rounding the calibrated joint can differ by a sample
+
+
+def test_the_labels_causes_are_found_through_label_noise():
+    rng = np.random.default_rng(1)
+    colour, word, other = rng.integers(0, 2, 2000), rng.integers(0, 2, 2000), rng.integers(0, 3, 2000)
+    meta = {"colour": colour, "word": word, "other": other}
+    noisy = np.where(rng.random(2000) < 0.1, 1 - (colour ^ word), colour ^ word)
+    sets = reliance.determining_sets(meta, noisy)
+    assert sets == [("colour", "word")]  # no set is a 99% pure function of the noisy label, yet the causes win
+    told = reliance.consensus(meta, noisy, sets)
+    assert np.array_equal(told, colour ^ word)  # each cell's majority is the true label
+    # a label that no concept tells: the empty set (the majority label) is as good as any
+    unrelated = rng.integers(0, 2, 2000)
+    assert reliance.determining_sets(meta, unrelated) == [()]
+    assert reliance.causal("colour", [()], None) is False and reliance.consensus(meta, unrelated, [()]) is None
