@@ -44,7 +44,7 @@ test-avx2: setup
 	$(TEST_MODELS) $(PARALLEL) $(AVX2) $(BIN)/python -m pytest -n 2 -m trained -p no:cacheprovider
 
 # every trained-model property over 5 seeds and 4 numeric settings, beside the bound its test
-# asserts (a table, and portability.json); about N minutes on 2 cores
+# asserts (a table, and portability.json); about two hours on 2 cores
 portability: setup
 	$(BIN)/python tests/portability.py --json portability.json
 
@@ -58,7 +58,7 @@ bench: setup
 lock:
 	rm -rf .venv-lock build
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet "$(TORCH)" '.[dev,bench,data,examples,dask]'
+	.venv-lock/bin/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)" '.[dev,bench,data,examples,dask]'
 	{ echo "# The versions CI tested: written by \`make lock\` from pyproject.toml; read by \`make setup\`."; \
 	  .venv-lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|mmdiag)( |=|@)'; } > $(LOCK)
 	rm -rf .venv-lock build

@@ -61,7 +61,7 @@ def run(device_name: str = "auto") -> list[dict]:
     rows += bench_representation.bench_rows(adapter, ood, device)
     rows += bench_composition.composition_rows(adapter, ood, device)
     rows += bench_m2ib.bench_rows(device)
-    rows += bench_label_issues.bench_rows(device)
+    rows += bench_label_issues.bench_rows()
     return rows
 
 

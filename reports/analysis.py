@@ -81,7 +81,8 @@ def label_issues_csv(rows: list[dict]) -> str:
 
 
 def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thresholds: Thresholds = DEFAULT, seed: int = 0) -> dict:
-    """{"errors": {n, error_rate, slices, categories, disagreement, cards, notes}, "suggestions": [...]};
+    """{"errors": {n, error_rate, slices, categories, association_only, disagreement, label_issues,
+    cards, notes}, "suggestions": [...]};
     `notes` holds one line for every rule that lacked a link it needed (README, "Declared links")."""
     ev = evaluated(results, data)
     cols = slice_columns(results, ev, thresholds, seed)
@@ -92,7 +93,7 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     detected = findings.detect(summary, results, ev, found, thresholds, notes, sets)
     flagged = label_issues.ranked(ev.probs, ev.labels, label_issues.find(ev.probs, ev.labels))
     src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected,
-                           {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets))
+                           {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets, thresholds.confidence))
     cards = evidence.cards(src, thresholds)
     detected += findings.label_mistakes(ev, cards)
     categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
@@ -110,6 +111,7 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
             "error_rate": round(ev.error_rate, 4),
             "slices": records,
             "categories": categories,
+            "association_only": sum(bool((c["rule"] or {}).get("association_only")) for c in cards),
             "disagreement": disagreement(ev),
             "label_issues": label_issue_rows(ev, cards),
             "cards": cards,

@@ -17,7 +17,8 @@ thresholds:
   relevant truth regions) and removing it does not change this prediction;
 - label: confident learning (reports/label_issues.py) flags the error as a likely label mistake,
   no intervention above showed it to be a model error, most of the sample's null removals
-  (random units) keep the prediction, and where the data's concepts determine the label
+  (random units) keep the prediction (without null removals, confident learning alone is an
+  association), and where the data's concepts determine the label
   (reliance.determining_sets), the label they give this sample (its cell's majority) is the
   model's answer, not the given label;
 - perception: in some modality, removing the relevant truth regions lowers the predicted class's
@@ -51,7 +52,9 @@ from reports.thresholds import DEFAULT, Thresholds
 from stages import attribution as attr
 from stages.base import StageResult
 
-CATEGORIES = ("shortcut", "ignored_modality", "label", "perception", "interaction", "representation", "composition")
+# the causes a card can be given; `representation` and `composition` rest on associations alone,
+# so they only ever name an undetermined card's `association_only` rule
+CATEGORIES = ("shortcut", "ignored_modality", "label", "perception", "interaction")
 
 
 @dataclass
@@ -333,7 +336,7 @@ def interaction_evidence(src: Sources, row: int, at: int | None, at_unimodal: in
     return out
 
 
-def representation_evidence(src: Sources, row: int) -> dict:
+def representation_evidence(src: Sources, row: int, t: Thresholds = DEFAULT) -> dict:
     """The concepts of the error slices holding this error (not the label, clusters or shortcuts):
     their decision-layer selectivity and what the decision features read for this sample."""
     concepts = []
@@ -345,7 +348,7 @@ def representation_evidence(src: Sources, row: int) -> dict:
                 continue
             value = int(src.ev.data.meta[concept][row])
             read = int(src.readings[concept][row]) if concept in src.readings else None
-            enc = encoding(src.summary, concept)
+            enc = encoding(src.summary, concept, t.confidence)
             concepts.append({"concept": concept, "value": value, "read": read, "selectivity": enc and enc["selectivity"], "encoded": enc and enc["encoded"]})
     return {"concepts": concepts}
 
@@ -384,6 +387,7 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     found = card.get("shortcut")
     if found is None:
         return None
+    follows = None
     for c in found["concepts"]:
         cf = c["counterfactual"]
         if cf is not None and cf["fixes"]:
@@ -392,8 +396,10 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
             beyond = e["null_towards_truth_max"] is not None and e["towards_truth"] > e["null_towards_truth_max"]
             if (e["fixes"] and (e["null_fixes"] is None or e["null_fixes"] < 0.5)) or beyond:
                 return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "intervention", **e}
-        if not c["regions"] and cf is None:  # no intervention applies: an association, not a cause
-            return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "follows"}
+        if not c["regions"] and cf is None and follows is None:  # no intervention applies: an association, not a cause
+            follows = {"concept": c["concept"], "points_to": c["points_to"], "evidence": "follows"}
+    if follows is not None:
+        return True, follows
     ruled = [{"concept": c["concept"], "regions": c["regions"]} for c in found["concepts"]]
     return False, {"findings": found["findings"], "follows": [c["concept"] for c in found["concepts"]], "ruled_out": ruled}
 
@@ -412,9 +418,9 @@ def label_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     found = card.get("label")
     if found is None:
         return None
-    stable = found["null_kept"] is None or found["null_kept"] >= 0.5
+    stable = found["null_kept"] is None or found["null_kept"] > 0.5
     agrees = found["concepts_say"] is None or found["concepts_say"] == found["likely"]
-    return found["flagged"] and stable and agrees, found
+    return found["flagged"] and stable and agrees, {**found, "evidence": "confident learning" if found["null_kept"] is None else "intervention"}
 
 
 def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
@@ -535,13 +541,13 @@ def sentence(name: str, g: dict) -> str:
 def interventional(name: str, figures: dict) -> bool:
     """Whether a fired rule rests on what the model did when something was removed or flipped:
     the interventions, a counterfactual, removing a modality. Attribution, probes, the surrogate's
-    weights and mixed gradients are associations. The label rule states a fact about the data,
-    not a cause in the model: confident learning, after every interventional rule before it."""
+    weights and mixed gradients are associations; so is a label mistake that confident learning
+    alone flags, where no null removal measured how the prediction stands."""
     if name in ("representation", "composition"):
         return False
     if name == "interaction":
         return "modality_interaction" in figures
-    return figures.get("evidence") not in ("follows", "attribution")
+    return figures.get("evidence") not in ("follows", "attribution", "confident learning")
 
 
 def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
@@ -609,7 +615,7 @@ def card(src: Sources, row: int, at: dict[str, dict[int, int]], t: Thresholds = 
         "label": label_evidence(src, row),
         "perception": perception_evidence(src, row, at["unimodal"].get(sid)) if "unimodal" in src.results or "intervention" in src.results else None,
         "interaction": interaction_evidence(src, row, at["crossmodal"].get(sid), at["unimodal"].get(sid)),
-        "representation": representation_evidence(src, row) if "representation" in src.results else None,
+        "representation": representation_evidence(src, row, t) if "representation" in src.results else None,
         "composition": composition_evidence(src, row) if "composition" in src.results else None,
     }
     out.update({k: v for k, v in found.items() if v is not None})

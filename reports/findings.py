@@ -71,7 +71,7 @@ def label_sets(ev: Evaluated, t: Thresholds = DEFAULT) -> list[tuple[str, ...]]:
     concepts that may explain it: few values, not derived from the label."""
     meta = {n: v.numpy() for n, v in ev.data.meta.items() if 2 <= len(np.unique(v.numpy()[v.numpy() >= 0])) <= t.max_values}
     derived = label_derived(meta, ev.labels)
-    return rl.determining_sets({n: v for n, v in meta.items() if n not in derived}, ev.labels)
+    return rl.determining_sets({n: v for n, v in meta.items() if n not in derived}, ev.labels, confidence=t.confidence)
 
 
 def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
@@ -131,8 +131,8 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
             "base_error_rate": _round(ev.error_rate),
             "follows": _round((ev.pred[known] == values[known]).mean()),  # how often the prediction is the class it points to
             "points_to": {str(v): ev.class_name(int(v)) for v in np.unique(values[known]).tolist()},
-            "cause_of_label": is_cause,  # False: some set of other concepts determines the label; None: the data cannot tell
-            "label_determined_by": [list(s) for s in sets if concept not in s][:3],
+            "cause_of_label": is_cause,  # False: the sets that predict the label best leave it out; None: the data cannot tell
+            "label_determined_by": [list(s) for s in sets if s and concept not in s][:3],
             "evidence": evidence,
             "decided_by": relied[0],
             "enrichment": _round(enrichment, 3) if method else None,
@@ -196,14 +196,6 @@ def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, no
     return found
 
 
-def purity(cells: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of predicting the majority label of each cell."""
-    hits = 0
-    for c in np.unique(cells):
-        hits += np.bincount(labels[cells == c]).max()
-    return hits / len(labels)
-
-
 def label_derived(meta: dict[str, np.ndarray], labels: np.ndarray) -> set[str]:
     """Binary concepts that say whether another concept agrees with the label (such as the demo's
     `shortcut_agrees`): with that other concept they give the label away, so they are no
@@ -217,7 +209,7 @@ def additive_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, sizes: tuple[
     """The best additive classifier of two categorical concepts: multinomial logistic regression
     on their one-hot codes (logit = f(a) + g(b)), fitted on the cell counts by gradient descent (a
     few dozen parameters); `sizes`: the numbers of values of a, b and the label (else from the
-    data). Returns (f, g)."""
+    data). Returns (f, g). An OR of two concepts is additive (it fits it exactly); an XOR is not."""
     cells, inverse = np.unique(np.stack([a, b, labels], 1), axis=0, return_inverse=True)
     weight = np.bincount(inverse.reshape(-1), minlength=len(cells)) / len(labels)
     ca, cb, cy = cells[:, 0], cells[:, 1], cells[:, 2]
@@ -235,13 +227,6 @@ def additive_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, sizes: tuple[
         f -= 2.0 * (df + 1e-4 * f)
         g -= 2.0 * (dg + 1e-4 * g)
     return f, g
-
-
-def additive_accuracy(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of the best additive classifier of two concepts on the samples it was fitted on.
-    An OR of two concepts is additive (accuracy 1); an XOR is not (0.5)."""
-    f, g = additive_fit(a, b, labels)
-    return float(((f[a] + g[b]).argmax(1) == labels).mean())
 
 
 def _majority_hits(x: np.ndarray, y: np.ndarray, fit: np.ndarray, test: np.ndarray) -> np.ndarray:

@@ -32,14 +32,16 @@ def thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def confident_joint(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C, guess): C[i, j] counts the samples labelled i whose probability of class j reaches j's
-    threshold (where several classes do, the most probable class); guess is that class per
-    sample, -1 where no class reaches its threshold."""
+    threshold (where several classes do, the most probable class), each diagonal cell at least 1
+    (as cleanlab: a class nobody is sure of still keeps one correct sample); guess is that class
+    per sample, -1 where no class reaches its threshold."""
     k = probs.shape[1]
     confident = probs >= thresholds(probs, labels) - 1e-6
     count = confident.sum(1)
     guess = np.where(count == 1, confident.argmax(1), np.where(count > 1, probs.argmax(1), -1))
     joint = np.zeros((k, k), np.int64)
     np.add.at(joint, (labels[guess >= 0], guess[guess >= 0]), 1)
+    np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1))  # every class keeps a sample it is sure of
     return joint, guess
 
 

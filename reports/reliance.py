@@ -167,11 +167,12 @@ def determining_sets(meta: dict[str, np.ndarray], labels: np.ndarray, size: int 
     does, judged on a held-out half: the majority label of each cell of their values, learnt on one
     half of the samples, is right on the other half not significantly less often than the best
     set's (one-sided sign test on the samples where the two disagree, Bonferroni over the sets
-    compared). Label mistakes lower every set's held-out accuracy alike, so the label's causes
-    still win with noisy labels, where asking for a (nearly) pure function of them would find
-    nothing. The empty set (the majority label) is a set too: it wins where no concept tells the
-    label. Sets that split the fit half into cells of fewer than `per_cell` samples on average are
-    not tried."""
+    compared), best first. Label mistakes lower every set's held-out accuracy alike, so the
+    label's causes still win with noisy labels, where asking for a (nearly) pure function of them
+    would find nothing. The empty set (the majority label) is a set too: `[()]` where it is the
+    best, no concept telling the label; `[]` (cannot tell) where a concept set does best but not
+    significantly better than the empty set, as on a few dozen samples. Sets that split the fit
+    half into cells of fewer than `per_cell` samples on average are not tried."""
     from scipy.stats import binom
 
     names = sorted(meta)
@@ -182,6 +183,8 @@ def determining_sets(meta: dict[str, np.ndarray], labels: np.ndarray, size: int 
         for combo in combinations(names, k):
             if int(np.prod([len(np.unique(meta[c])) for c in combo])) * per_cell <= len(fit):
                 hits[combo] = _held_out_hits(meta, combo, labels, fit, test)
+    if not hits:
+        return []
     best = max(hits, key=lambda c: (hits[c].sum(), -len(c)))
     alpha = (1 - confidence) / max(len(hits) - 1, 1)
     out = []
@@ -191,13 +194,15 @@ def determining_sets(meta: dict[str, np.ndarray], labels: np.ndarray, size: int 
         worse, better = int((hits[best] & ~h).sum()), int((h & ~hits[best]).sum())
         if worse == 0 or binom.sf(worse - 1, worse + better, 0.5) >= alpha:
             out.append(combo)
-    return out
+    if out == [()] and best != ():
+        return []  # a concept set does best, but not demonstrably: the data cannot tell
+    return sorted(out, key=lambda c: (-hits[c].sum(), len(c)))
 
 
 def consensus(meta: dict, labels: np.ndarray, sets: list[tuple[str, ...]], confidence: float = 0.95) -> np.ndarray | None:
-    """Per sample, the label the concepts of the best determining set give it: its cell's
-    majority label, where that majority is significant (one-sided binomial test against one
-    half); -1 elsewhere. None when no concept determines the label."""
+    """Per sample, the label the concepts of the best determining set (`determining_sets` lists
+    it first) give it: its cell's majority label, where that majority is significant (one-sided
+    binomial test against one half); -1 elsewhere. None when no concept determines the label."""
     from scipy.stats import binom
 
     if not sets or not sets[0]:
@@ -216,9 +221,9 @@ def consensus(meta: dict, labels: np.ndarray, sets: list[tuple[str, ...]], confi
 
 def causal(concept: str, sets: list[tuple[str, ...]], counterfactual_figures: dict | None) -> bool | None:
     """True when the concept is a cause of the label: a counterfactual that flips it changes the
-    label for most samples, or every small set of concepts that determines the label holds it.
-    False when some determining set leaves it out (or the counterfactual keeps the label);
-    None when the data cannot tell."""
+    label for most samples, or every set that predicts the label best (`determining_sets`) holds
+    it. False when one of those sets leaves it out (`[()]`: no concept tells the label), or the
+    counterfactual keeps the label; None when the data cannot tell (`[]`)."""
     if counterfactual_figures is not None and counterfactual_figures.get("label_changed_rate", {}).get("value") is not None:
         return counterfactual_figures["label_changed_rate"]["value"] > 0.5
     if not sets:

@@ -111,7 +111,7 @@ def composition(summary: dict) -> dict:
 def errors(analysis: dict) -> dict:
     e = analysis["errors"]
     base = e["error_rate"]
-    out = {"slices": e["slices"], "categories": e["categories"], "disagreement": e.get("disagreement") or [], "notes": e.get("notes") or [], "n": e["n"], "error_rate": base, "figures": []}
+    out = {"slices": e["slices"], "categories": e["categories"], "association_only": e.get("association_only", 0), "disagreement": e.get("disagreement") or [], "notes": e.get("notes") or [], "n": e["n"], "error_rate": base, "figures": []}
     if e["slices"]:
         s = e["slices"][:12]
         out["figures"].append({"title": "Error slices", "uri": figures.slice_rates([x["where"] for x in s], [x["error_rate"] for x in s], [x["ci"][0] for x in s], [x["ci"][1] for x in s], base)})

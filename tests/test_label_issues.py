@@ -63,3 +63,23 @@ def test_the_labels_causes_are_found_through_label_noise():
     unrelated = rng.integers(0, 2, 2000)
     assert reliance.determining_sets(meta, unrelated) == [()]
     assert reliance.causal("colour", [()], None) is False and reliance.consensus(meta, unrelated, [()]) is None
+
+
+def test_a_class_nobody_is_sure_of_keeps_one_sample():
+    """As cleanlab: the confident joint's diagonal is at least 1 before calibration."""
+    probs = np.array([[0.6, 0.4], [0.55, 0.45], [0.1, 0.9], [0.2, 0.8], [0.3, 0.7]])
+    labels = np.array([1, 1, 1, 0, 0])
+    joint, _ = li.confident_joint(probs, labels)
+    assert joint[0, 0] == 1 and (joint.diagonal() >= 1).all()
+
+
+def test_few_samples_cannot_tell_the_labels_causes():
+    """On a few dozen samples a concept set that does best but not significantly better than
+    the majority label is no verdict ([]: cannot tell), and fewer than ten samples give no set."""
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 2, 24)
+    meta = {"colour": colour, "a": rng.integers(0, 2, 24), "b": rng.integers(0, 2, 24)}
+    found = [reliance.determining_sets(meta, np.where(rng.random(24) < 0.3, 1 - colour, colour)) for _ in range(1)]
+    assert found[0] in ([], [("colour",)])
+    assert reliance.determining_sets({"colour": colour[:8]}, colour[:8]) == []
+    assert reliance.causal("colour", [], None) is None

@@ -195,8 +195,10 @@ def test_a_concept_derived_from_the_label_is_no_evidence_of_interaction():
 def test_an_or_needs_no_interaction_and_an_xor_does():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 2, 800), rng.integers(0, 2, 800)
-    assert findings.additive_accuracy(a, b, a | b) == 1.0
-    assert findings.additive_accuracy(a, b, a ^ b) < 0.6
+    for y, best in ((a | b, 1.0), (a ^ b, 0.6)):
+        f, g = findings.additive_fit(a, b, y)
+        accuracy = ((f[a] + g[b]).argmax(1) == y).mean()
+        assert accuracy == 1.0 if best == 1.0 else accuracy < best
     assert not findings.label_needs_pairs({"a": a, "b": b}, a | b)["needs"]
     xor = findings.label_needs_pairs({"a": a, "b": b}, a ^ b)
     assert xor["needs"] and xor["gain"] > 0.4
@@ -243,3 +245,30 @@ def test_a_rare_concept_encoded_perfectly_is_encoded():
     rare_enc, other_enc = findings.encoding(summary, "rare"), findings.encoding(summary, "other")
     assert probes["rare"]["decision"]["selectivity"] <= 0.12 and rare_enc["encoded"] and rare_enc["normalised"] > 0.9
     assert not other_enc["encoded"]
+
+
+LABEL = {"flagged": True, "rank": 1, "of": 3, "given_probability": 0.02, "predicted_probability": 0.98, "likely": "true"}
+
+
+@pytest.mark.parametrize(
+    "kept, concepts_say, category, association",
+    [
+        (0.9, "true", "label", False),  # stable, and the label's causes give the model's answer
+        (0.9, None, "label", False),  # no concept determines the label: the null removals decide
+        (0.5, "true", "undetermined", False),  # half the random removals change it: not "most"
+        (0.9, "false", "undetermined", False),  # the causes say the label is right: a model error
+        (None, None, "undetermined", True),  # confident learning alone: an association
+    ],
+)
+def test_the_label_rule_needs_a_stable_answer_that_the_labels_causes_share(kept, concepts_say, category, association):
+    card = evidence.categorise(_card(label={**LABEL, "null_kept": kept, "concepts_say": concepts_say}))
+    assert card["category"] == category
+    assert bool(card["rule"] and card["rule"].get("association_only")) == association
+
+
+def test_label_issues_csv_has_a_header_even_when_empty():
+    from reports import label_issues_csv
+
+    assert label_issues_csv([]) == "row,id,given,likely,given_probability,likely_probability,evidence\n"
+    line = label_issues_csv([{"row": 3, "id": 7, "given": "a", "likely": "b", "given_probability": 0.1, "likely_probability": 0.9, "evidence": "x, y"}])
+    assert line.splitlines()[1] == '3,7,a,b,0.1,0.9,"x, y"'
