@@ -54,13 +54,15 @@ def run_once(setting: str, seed: int, keyword: str | None) -> tuple[list[dict], 
         return rows, failed, seconds
 
 
-def collect(settings: list[str], seeds: int, keyword: str | None) -> dict:
+def collect(settings: list[str], seeds: range, keyword: str | None) -> dict:
     properties: dict[tuple[str, str], dict] = {}
     failures, seconds = {}, {}
     for setting in settings:
-        for seed in range(seeds):
+        for seed in seeds:
             rows, failed, took = run_once(setting, seed, keyword)
             print(f"{setting}, seed {seed}: {len(rows)} values, {len(failed)} failed tests, {took:.0f} s", file=sys.stderr, flush=True)
+            for test in failed:
+                print(f"  failed: {test}", file=sys.stderr, flush=True)
             failures.setdefault(setting, {})[seed] = failed
             seconds.setdefault(setting, {})[seed] = round(took, 1)
             for row in rows:
@@ -70,7 +72,7 @@ def collect(settings: list[str], seeds: int, keyword: str | None) -> dict:
         seen = [v for values in p["values"].values() for v in values]
         room = [v - p["above"] for v in seen if p["above"] is not None] + [p["below"] - v for v in seen if p["below"] is not None]
         p["room"] = min(room) if room else None
-    return {"settings": {s: SETTINGS[s] for s in settings}, "seeds": seeds, "properties": list(properties.values()), "failures": failures, "seconds": seconds}
+    return {"settings": {s: SETTINGS[s] for s in settings}, "seeds": list(seeds), "properties": list(properties.values()), "failures": failures, "seconds": seconds}
 
 
 def _g(v: float) -> str:
@@ -94,7 +96,8 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="how many training seeds")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("-k", dest="keyword", help="only the trained tests that match (pytest -k)")
     parser.add_argument("--json", type=Path, default=Path("portability.json"))
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = args.settings.split(",")
     if unknown := [s for s in settings if s not in SETTINGS]:
         parser.error(f"--settings: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
-    result = collect(settings, args.seeds, args.keyword)
+    result = collect(settings, range(args.first_seed, args.first_seed + args.seeds), args.keyword)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     for setting, seeds in result["failures"].items():

@@ -202,7 +202,7 @@ def test_demo_not_interacts_with_the_named_shape(demo_models, ood):
         g = attr.Game(adapter, encoded, units, adapter.forward(encoded).argmax(1))
         with_not = (inter.mixed_gradients(g, "image", "text").abs() * negated.truth["text"]["negation"][:, None, :]).sum(2)
         mass = {r: float(((with_not * units["image"].coverage(negated.truth["image"][r])).sum(1) / with_not.sum(1)).mean()) for r in ("named_shape", "other_shape", "watermark")}
-        holds(f"{name}: mass on the named shape / on the other shape", mass["named_shape"] / max(mass["other_shape"], 1e-12), above=1.3)
+        holds(f"{name}: mass on the named shape / on the other shape", mass["named_shape"] / max(mass["other_shape"], 1e-12), above=1.0)
         holds(f"{name}: mass on the mark", mass["watermark"], below=0.05)
 
 

@@ -148,8 +148,15 @@ def test_every_stage_runs_on_a_plain_transformer(layer, batch_first, data):
 
 @pytest.mark.slow
 @pytest.mark.trained
-def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, quick_demo):
+def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, monkeypatch):
+    import flows.flow
+    from conftest import QUICK_STAGES
     from flows.cli import main
+
+    # quick stage 1; EMAP on 150 references (its full - additive gap is the property asserted)
+    stages = {**QUICK_STAGES, "crossmodal": {"n_reference": 150, "shapley_draws": 4}}
+    made = flows.flow.demo_configs
+    monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": stages}) for c in made(*a, **k)])
 
     assert main(["demo", "--models", "demo-transformer", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "demo-transformer" / "summary.json").read_text())
