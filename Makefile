@@ -44,9 +44,12 @@ test-avx2: setup
 	$(TEST_MODELS) $(PARALLEL) $(AVX2) $(BIN)/python -m pytest -n 2 -m trained -p no:cacheprovider
 
 # every trained-model property over 5 seeds and 4 numeric settings, beside the bound its test
-# asserts (a table, and portability.json); about two hours on 2 cores
+# asserts (a table, and portability.json): the default setting alone (two threads), then the
+# three one-thread settings two at a time; about 1.5 hours on 2 cores
 portability: setup
-	$(BIN)/python tests/portability.py --json portability.json
+	$(BIN)/python tests/portability.py --settings default --json .portability-default.json
+	$(BIN)/python tests/portability.py --settings 1-thread,avx2,sse4.2 --jobs 2 --json .portability-kernels.json
+	$(BIN)/python tests/portability.py --merge .portability-default.json .portability-kernels.json --json portability.json
 
 bench: setup
 	$(PIP) -e '.[bench]'
@@ -64,4 +67,4 @@ lock:
 	rm -rf .venv-lock build
 
 clean:
-	rm -rf $(VENV) runs bench.json bench_scale.json bench_vlm.json portability.json .pytest_cache .test-models
+	rm -rf $(VENV) runs bench.json bench_scale.json bench_vlm.json portability.json .portability-*.json .pytest_cache .test-models

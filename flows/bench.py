@@ -58,6 +58,7 @@ def run(device_name: str = "auto") -> list[dict]:
     rows += bench_attribution.estimator_rows(adapter.module, ood, device)
     rows += crossmodal_rows(adapter, ood, device)
     rows += intervention_rows(adapter, ood, device)
+    rows += discovery_rows(adapter, ood, device)
     rows += bench_representation.bench_rows(adapter, ood, device)
     rows += bench_composition.composition_rows(adapter, ood, device)
     rows += bench_m2ib.bench_rows(device)
@@ -219,6 +220,27 @@ def intervention_rows(adapter, data, device) -> list[dict]:
     passes = result.summary["forward_passes_per_sample"]
     return [{"benchmark": f"interventions, demo-film, all {len(data):,} ood samples ({len(result.details['regions'])} regions x (1 + {config.null_sets} null sets), 2^2 modality coalitions, {len(result.details['counterfactuals'])} counterfactuals)",
              "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": passes, "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2)}]
+
+
+def discovery_rows(adapter, data, device) -> list[dict]:
+    """Discovery on every sample of the analysed split, its annotations stripped (what a user
+    brings): candidates, model inputs per sample, seconds, wall over the floor."""
+    from pipeline import SampleSet
+    from pipeline.resolve import predict
+    from stages import discovery as dc
+
+    bare = SampleSet(data.inputs, data.labels, class_names=data.class_names, display=data.display)
+    logits = predict(adapter, bare, device)
+    config = dc.DiscoveryConfig()
+    dc.discover(adapter, bare.subset(range(64)), logits[:64], config, device=device)  # warm-up
+    found, secs = _timed(lambda: dc.discover(adapter, bare, logits, config, device=device))
+    encoded = adapter.encode({m: x[:64].to(device) for m, x in data.inputs.items()})
+    floor = found.forward_passes * _per_input_forward(adapter, encoded, config.eval_batch)
+    kinds = {k: sum(f.kind == k for f in found.features) for k in config.kinds}
+    top = max(found.reliable, key=lambda f: f.stats["flip_effect"] * f.stats["n"], default=None)
+    return [{"benchmark": f"discovery, demo-film, all {len(data):,} ood samples, no annotations ({', '.join(f'{n} {k}s' for k, n in kinds.items())}; {len(found.reliable)} reliable)",
+             "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": round(found.forward_passes / len(data), 1),
+             "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2), "strongest": top.id if top else None}]
 
 
 def _tiled(encoded, batch: int) -> dict:

@@ -37,7 +37,7 @@ def stage_rows(adapter, data, per_input: float, per_grad: float) -> list[dict]:
     from flows.results import with_timings
     from pipeline.evaluate import model_summary
     from pipeline.resolve import predict
-    from stages import Context, StageResult, registry
+    from stages import Context, StageResult, extended, registry
 
     device = torch.device("cpu")
     logits, secs = _timed(lambda: predict(adapter, data, device))
@@ -45,8 +45,9 @@ def stage_rows(adapter, data, per_input: float, per_grad: float) -> list[dict]:
     _row(rows, f"demo-vlm: evaluate {len(data)} samples", secs, "s", forward_inputs_per_sample=1, over_floor=round(secs / (len(data) * per_input), 2))
     results = {"model": StageResult(model_summary(data, logits, "ood", {}, adapter.fusion), {"ids": data.ids.numpy(), "labels": data.labels.numpy(), "logits": logits.numpy()})}
     for stage in registry.stages():
-        ctx = Context(adapter, data, device, 0, logits)
-        result, secs = _timed(lambda: stage.run(ctx, stage.config(), {r: results[r] for r in stage.reads}))
+        read = {r: results[r] for r in stage.reads}
+        ctx = Context(adapter, extended(data, read), device, 0, logits)
+        result, secs = _timed(lambda: stage.run(ctx, stage.config(), read))
         results[stage.name] = result
         summary = with_timings(result.summary, result.timings)
         extra = {}

@@ -27,7 +27,7 @@ from pipeline.config import DiagConfig, ModelSpec, field_error
 from pipeline.errors import MmdiagError
 from pipeline.paths import writable
 from pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
-from stages import registry
+from stages import extended, registry
 
 log = logging.getLogger("mmdiag")
 
@@ -187,6 +187,7 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     }
     start = time.perf_counter()
     stage_results = {name: result for name, (result, _) in loaded.items()}
+    analysed = extended(analysed, stage_results)  # the features discovery found, as concepts
     from flows.cache import FigureStore, remembered_analysis
     from reports.figures import remembered
 

@@ -31,7 +31,7 @@ from pipeline.errors import MmdiagError
 from pipeline.evaluate import accuracy, model_summary
 from pipeline.resolve import load_data, load_model, predict
 from pipeline.store import fingerprint_module
-from stages import Context, StageResult, registry
+from stages import Context, StageResult, extended, registry
 
 log = logging.getLogger("mmdiag")
 
@@ -164,7 +164,8 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
     start = time.perf_counter()
     entry = registry.get(stage)
     evaluated, _ = results.load(evaluation, cache / "results")
-    samples, logits = data_for(data, cache), torch.from_numpy(evaluated.arrays["logits"])
+    read = {name: results.load(ref, cache / "results")[0] for name, ref in upstream.items()}
+    samples, logits = extended(data_for(data, cache), read), torch.from_numpy(evaluated.arrays["logits"])
     if shard is not None:
         rows = torch.tensor_split(torch.arange(len(samples)), shard[1])[shard[0]]
         samples, logits = samples.view(rows), logits[rows]
@@ -176,7 +177,6 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
         logits=logits,
         progress=Reporter(stage if shard is None else f"{stage} shard {shard[0] + 1}/{shard[1]}"),
     )
-    read = {name: results.load(ref, cache / "results")[0] for name, ref in upstream.items()}
     ctx.progress("starting", 0.0)  # the first line comes at once: a stage's first step can take seconds
     result = entry.run(ctx, entry.config.model_validate(settings), read)
     ctx.progress("done", 1.0)

@@ -30,18 +30,53 @@ from pipeline.store import ContentHash
 class Counterfactual:
     """The samples with one concept flipped: the raw inputs of the modalities that change
     (all rows), the labels the flipped samples have (None: unknown) and which rows have a
-    counterfactual at all (None: every row)."""
+    counterfactual at all (None: every row). `null`: the same rows changed as much at random
+    (a flip that no more than any change of its size does is no evidence; None: no null)."""
 
     inputs: dict[str, Tensor]
     labels: Tensor | None = None
     valid: Tensor | None = None
+    null: dict[str, Tensor] | None = None
 
     def subset(self, index: Tensor) -> "Counterfactual":
         return Counterfactual(
             {m: x[index] for m, x in self.inputs.items()},
             None if self.labels is None else self.labels[index],
             None if self.valid is None else self.valid[index],
+            None if self.null is None else {m: x[index] for m, x in self.null.items()},
         )
+
+
+class Derived:
+    """A column computed on read from the set's own rows (what mmdiag found: a place as a mask, a
+    transform of the images), so that nothing it adds is held in memory beside the data and a
+    streamed set stays streamed. Indexed like a tensor: `compute(rows)` gets positions in the set
+    it was made for."""
+
+    def __init__(self, rows: Tensor, row_shape: tuple[int, ...], dtype: torch.dtype, compute):
+        self.rows, self.row_shape, self.dtype, self.compute = rows, tuple(row_shape), dtype, compute
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.row_shape))
+
+    def dim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def view(self, index: Tensor) -> "Derived":
+        return Derived(self.rows[torch.as_tensor(index)], self.row_shape, self.dtype, self.compute)
+
+    def __getitem__(self, index) -> Tensor:
+        if isinstance(index, int) or (torch.is_tensor(index) and index.dim() == 0):
+            return self[torch.as_tensor([int(index)])][0]
+        rows = self.rows[index] if isinstance(index, slice) else self.rows[torch.as_tensor(index)]
+        return self.compute(rows)
 
 
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -66,6 +101,8 @@ class SampleSet(torch.utils.data.Dataset):
     truth_concepts: dict[str, dict[str, str]] = field(default_factory=dict)
     class_concepts: list[str] | None = None  # None: not declared
     counterfactuals: dict[str, Counterfactual] = field(default_factory=dict)
+    # concepts that mmdiag found rather than the user annotated (pipeline.discovery): {concept: feature record}
+    found: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.ids is None:
@@ -131,7 +168,7 @@ class SampleSet(torch.utils.data.Dataset):
                 raise MmdiagError(f"data ({self.name}): inputs.{m} of sample {bad} holds NaN or inf; clean the data")
         for m, regions in self.truth.items():
             for r, t in regions.items():
-                if not torch.is_tensor(t) or t.dim() < 2:
+                if not (torch.is_tensor(t) or isinstance(t, Derived)) or t.dim() < 2:
                     raise MmdiagError(f"data ({self.name}): truth.{m}.{r} must be a tensor of masks (N, ...) over the input's grid; got {_describe(t)}")
                 if len(t) != n:
                     raise MmdiagError(f"data ({self.name}): truth.{m}.{r} has {len(t)} masks for {n} samples")
@@ -153,11 +190,12 @@ class SampleSet(torch.utils.data.Dataset):
         for c, cf in self.counterfactuals.items():
             if c not in self.meta:
                 raise MmdiagError(f"{where}: counterfactuals.{c} is not a meta concept; name the concept the counterfactual flips")
-            for m, x in cf.inputs.items():
-                if m not in self.inputs:
-                    raise MmdiagError(f"{where}: counterfactuals.{c}.inputs.{m} is not an input modality ({', '.join(self.inputs)})")
-                if len(x) != n or x.shape[1:] != self.inputs[m].shape[1:] or x.dtype != self.inputs[m].dtype:
-                    raise MmdiagError(f"{where}: counterfactuals.{c}.inputs.{m} must match inputs.{m} in rows, shape and dtype; got {tuple(x.shape)} {x.dtype}")
+            for part, given in (("inputs", cf.inputs), ("null", cf.null or {})):
+                for m, x in given.items():
+                    if m not in self.inputs:
+                        raise MmdiagError(f"{where}: counterfactuals.{c}.{part}.{m} is not an input modality ({', '.join(self.inputs)})")
+                    if len(x) != n or x.shape[1:] != self.inputs[m].shape[1:] or x.dtype != self.inputs[m].dtype:
+                        raise MmdiagError(f"{where}: counterfactuals.{c}.{part}.{m} must match inputs.{m} in rows, shape and dtype; got {tuple(x.shape)} {x.dtype}")
             for part in ("labels", "valid"):
                 v = getattr(cf, part)
                 if v is not None and len(v) != n:
@@ -165,12 +203,14 @@ class SampleSet(torch.utils.data.Dataset):
 
     def class_valued(self) -> list[str] | None:
         """The concepts whose values point to classes: as declared, or, undeclared in a
-        two-class task, its binary concepts; None in a larger task that declares none."""
+        two-class task, its binary concepts; None in a larger task that declares none. A
+        discovered concept (`found`) points to the class it pushes towards, always."""
+        found = [c for c in self.found if c in self.meta]
         if self.class_concepts is not None:
-            return list(self.class_concepts)
+            return list(dict.fromkeys([*self.class_concepts, *found]))
         if max(len(self.class_names), int(self.labels.max()) + 1) != 2:
-            return None
-        return [c for c, v in self.meta.items() if set(v[v >= 0].unique().tolist()) == {0, 1}]
+            return found or None
+        return [c for c, v in self.meta.items() if c in found or set(v[v >= 0].unique().tolist()) == {0, 1}]
 
     def concept_of(self, modality: str, region: str) -> str | None:
         """The concept a truth region shows: declared in `truth_concepts`, or the concept of the
@@ -193,6 +233,7 @@ class SampleSet(torch.utils.data.Dataset):
             truth_concepts=self.truth_concepts,
             class_concepts=self.class_concepts,
             counterfactuals={c: cf.subset(index) for c, cf in self.counterfactuals.items()},
+            found=self.found,
         )
 
     def view(self, index: Tensor) -> "SampleSet":
@@ -206,11 +247,12 @@ class SampleSet(torch.utils.data.Dataset):
             yield rows, {m: x[rows].to(device) for m, x in self.inputs.items()}
 
     def large(self) -> dict[str, Tensor]:
-        """The columns that grow with the data (a streamed set hashes them as it reads)."""
+        """The columns that grow with the data (a streamed set hashes them as it reads); a
+        Derived column is a function of these and of what `found` records, and is left out."""
         named = {f"inputs.{m}": x for m, x in self.inputs.items()}
         named.update({f"truth.{m}.{r}": t for m, regions in self.truth.items() for r, t in regions.items()})
         named.update({f"counterfactuals.{c}.{m}": x for c, cf in self.counterfactuals.items() for m, x in cf.inputs.items()})
-        return named
+        return {k: v for k, v in named.items() if not isinstance(v, Derived)}
 
     def fingerprint(self) -> str:
         """Content hash of everything a stage may read: inputs, labels, ids, concepts, truth
@@ -233,5 +275,5 @@ class SampleSet(torch.utils.data.Dataset):
             small.update({f"counterfactuals.{c}.{p}": getattr(cf, p) for p in ("labels", "valid") if getattr(cf, p) is not None})
         for name, t in {**small, "labels": self.labels, "ids": self.ids}.items():
             h.update(name, t)
-        described = json.dumps([self.class_names, self.display, self.truth_concepts, self.class_concepts], sort_keys=True, default=str)
+        described = json.dumps([self.class_names, self.display, self.truth_concepts, self.class_concepts, *([self.found] if self.found else [])], sort_keys=True, default=str)
         return hashlib.sha256((h.hexdigest() + described).encode("utf-8", "surrogatepass")).hexdigest()[:16]

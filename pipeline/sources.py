@@ -192,8 +192,10 @@ class StreamedSampleSet(SampleSet):
             class_concepts=self.class_concepts,
             counterfactuals={c: Counterfactual({m: x.view(index) for m, x in cf.inputs.items()},
                                                None if cf.labels is None else cf.labels[index],
-                                               None if cf.valid is None else cf.valid[index])
+                                               None if cf.valid is None else cf.valid[index],
+                                               None if cf.null is None else {m: x.view(index) for m, x in cf.null.items()})
                              for c, cf in self.counterfactuals.items()},
+            found=self.found,
             reader=self.reader,
             content=f"{self.content}:{hash(tuple(rows))}",
             batch_size=self.batch_size,

@@ -160,7 +160,10 @@ def counterfactual_effect(src: Sources, concept: str, row: int) -> dict | None:
     a = src.intervened(f"counterfactual.{concept}", row)
     if a is None or not a["valid"] or (a["label"] >= 0 and a["label"] != src.ev.labels[row]):
         return None
-    return {"concept": concept, "fixes": bool(a["pred_after"] == src.ev.labels[row]), "towards_truth": _r(a["d_true"] - a["d_pred"])}
+    out = {"concept": concept, "fixes": bool(a["pred_after"] == src.ev.labels[row]), "towards_truth": _r(a["d_true"] - a["d_pred"])}
+    if "null.pred_after" in a:  # a change with a null: one that the random change as large also makes right is no evidence
+        out["null_fixes"] = bool(a["null.pred_after"] == src.ev.labels[row])
+    return out
 
 
 def _relevant_regions(src: Sources, modality: str, row: int) -> list[str]:
@@ -387,10 +390,14 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     found = card.get("shortcut")
     if found is None:
         return None
+    told = card.get("label") or {}
+    if told.get("flagged") and told.get("concepts_say") is not None and told["concepts_say"] == told["likely"]:
+        # the concepts that determine the label give the predicted class: the label is the mistake
+        return False, {"findings": found["findings"], "concepts_say": told["concepts_say"]}
     follows = None
     for c in found["concepts"]:
         cf = c["counterfactual"]
-        if cf is not None and cf["fixes"]:
+        if cf is not None and cf["fixes"] and not cf.get("null_fixes"):
             return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "counterfactual", **cf}
         for e in c["regions"]:
             beyond = e["null_towards_truth_max"] is not None and e["towards_truth"] > e["null_towards_truth_max"]

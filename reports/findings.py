@@ -60,6 +60,8 @@ def class_valued(ev: Evaluated) -> tuple[dict[str, np.ndarray], list[str]]:
     out = {c: ev.data.meta[c].numpy() for c in names}
     if ev.data.class_concepts is None:  # undeclared binary concepts: point where the model's predictions follow
         for c, v in out.items():
+            if c in ev.data.found:  # points to the class it was found to push towards
+                continue
             known = v >= 0
             if (ev.pred[known] == v[known]).mean() < 0.5:
                 out[c] = np.where(known, 1 - v, v)
@@ -72,6 +74,33 @@ def label_sets(ev: Evaluated, t: Thresholds = DEFAULT) -> list[tuple[str, ...]]:
     meta = {n: v.numpy() for n, v in ev.data.meta.items() if 2 <= len(np.unique(v.numpy()[v.numpy() >= 0])) <= t.max_values}
     derived = label_derived(meta, ev.labels)
     return rl.determining_sets({n: v for n, v in meta.items() if n not in derived}, ev.labels, confidence=t.confidence)
+
+
+def _concentrated(values: np.ndarray, labels: np.ndarray, errors: np.ndarray, z: float, t: Thresholds):
+    """((k_d, n_d, k_a, n_a), Newcombe gap, Wilson low of the disagree slice) where errors
+    concentrate where the concept disagrees with the label; None where they do not."""
+    known = values >= 0
+    disagree, agree = known & (values != labels), known & (values == labels)
+    if disagree.sum() < t.min_support or agree.sum() < t.min_support:
+        return None
+    k_d, n_d, k_a, n_a = int(errors[disagree].sum()), int(disagree.sum()), int(errors[agree].sum()), int(agree.sum())
+    gap = stats.difference(k_d, n_d, k_a, n_a, z)
+    low_d, _ = stats.wilson(k_d, n_d, z)
+    return ((k_d, n_d, k_a, n_a), gap, low_d) if gap[1] > 0 and low_d > errors.mean() else None
+
+
+def beyond_label_mistakes(detected: list[Finding], ev: Evaluated, cards: list[dict], t: Thresholds = DEFAULT) -> list[Finding]:
+    """The findings less each shortcut whose errors stop concentrating once the errors carded
+    as label mistakes are set aside: a feature the model follows against nothing but wrong
+    labels is the label's own cue (the case of a feature mmdiag found with no annotation to say
+    what the label means), and its 'errors' are label mistakes, not a model bug."""
+    mistakes = np.zeros(len(ev.labels), dtype=bool)
+    mistakes[[c["row"] for c in cards if c["category"] == "label"]] = True
+    if not mistakes.any():
+        return detected
+    z = stats.z_value(t.confidence, len(class_valued(ev)[0]))
+    keep = ~mistakes
+    return [f for f in detected if f.rule != "shortcut" or _concentrated(f.points_to[keep], ev.labels[keep], ev.errors[keep], z, t) is not None]
 
 
 def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
@@ -91,14 +120,10 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     found = []
     for concept, values in candidates.items():
         known = values >= 0
-        disagree, agree = known & (values != ev.labels), known & (values == ev.labels)
-        if disagree.sum() < t.min_support or agree.sum() < t.min_support:
+        concentrated = _concentrated(values, ev.labels, ev.errors, z, t)
+        if concentrated is None:
             continue
-        k_d, n_d, k_a, n_a = int(ev.errors[disagree].sum()), int(disagree.sum()), int(ev.errors[agree].sum()), int(agree.sum())
-        gap, gap_low, gap_high = stats.difference(k_d, n_d, k_a, n_a, z)
-        low_d, _ = stats.wilson(k_d, n_d, z)
-        if gap_low <= 0 or low_d <= ev.error_rate:
-            continue
+        (k_d, n_d, k_a, n_a), (gap, gap_low, gap_high), low_d = concentrated
         cf_figures = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
         is_cause = rl.causal(concept, sets, cf_figures)
         if is_cause:
@@ -308,7 +333,8 @@ def missing_interaction(summary: dict, results: dict[str, StageResult], ev: Eval
     behaves = behaves_additively(results, ev, t)
     if behaves is None or not behaves["additive"]:
         return []
-    meta = {n: v.numpy() for n, v in ev.data.meta.items() if len(np.unique(v.numpy())) <= t.max_values}
+    # the features mmdiag found say what the model follows, not what the label needs
+    meta = {n: v.numpy() for n, v in ev.data.meta.items() if n not in ev.data.found and len(np.unique(v.numpy())) <= t.max_values}
     needs = label_needs_pairs(meta, ev.labels, t.confidence)
     if not needs["needs"]:
         return []

@@ -64,12 +64,19 @@ def intervention(summary: dict, regions: list[tuple[str, str]]) -> dict | None:
 
 def counterfactual(summary: dict, concept: str) -> dict | None:
     """Flipping the concept while the label stays: how often the prediction flips (lower end > 0
-    means the model follows the concept where it should not)."""
+    means the model follows the concept where it should not); where the label is unknown and the
+    data gives a null change, how many more predictions the flip changes than the null does."""
     g = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
-    if not g or not g["flip_rate_label_kept"]["n"]:
+    if not g:
         return None
     kept = g["flip_rate_label_kept"]
-    return {"flip_rate_label_kept": kept, "fixes_error_rate": g["fixes_error_rate"]["value"], "beyond_null": bool(kept["low"] > 0)}
+    if kept["n"]:
+        return {"flip_rate_label_kept": kept, "fixes_error_rate": g["fixes_error_rate"]["value"], "beyond_null": bool(kept["low"] > 0)}
+    effect = g.get("flip_effect")
+    if effect and effect["n"]:  # the label unknown, a null beside it (a transform discovery found): flips beyond a random change as large
+        return {"flip_rate": g["flip_rate"]["value"], "null_flip_rate": g["null_flip_rate"]["value"], "flip_effect": effect, "n": effect["n"],
+                "fixes_error_rate": g["fixes_error_rate"]["value"], "null_fixes_error_rate": g["null_fixes_error_rate"]["value"], "beyond_null": bool(effect["low"] > 0)}
+    return None
 
 
 def attribution_rank(mass_of: np.ndarray, region: np.ndarray, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:

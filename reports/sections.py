@@ -10,6 +10,17 @@ from reports import samples as sp
 from stages.base import StageResult
 
 
+def discovery(summary: dict, ev: sp.Evaluated) -> dict:
+    """The features the model was found to follow, each with what it agrees with."""
+    s = summary["discovery"]
+    rows = []
+    for r in s["reliable"]:
+        where = f'"{r["word"]}"' if "word" in r else (f"box {r['box']}" if "box" in r else r.get("transform"))
+        status = (f"annotated as {r['annotated_as']}: discovery agrees" if r.get("annotated_as") else f"within {r['within']}" if r.get("within") else "found by mmdiag")
+        rows.append({**r, "where": where, "status": status, "pushes_to": ev.class_name(int(r["push"]))})
+    return {"n": s["n"], "candidates": s["candidates"], "passes": s.get("forward_passes_per_sample"), "fdr": s.get("fdr"), "rows": rows}
+
+
 def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict:
     s = summary["unimodal"]
     shares = s.get("modality_share") or {}
@@ -146,6 +157,7 @@ def modality_reliance(summary: dict) -> dict[str, float]:
 
 
 BUILDERS = {
+    "discovery": lambda summary, results, ev: discovery(summary, ev),
     "unimodal": lambda summary, results, ev: unimodal(summary, results, ev),
     "crossmodal": lambda summary, results, ev: crossmodal(summary, results),
     "representation": lambda summary, results, ev: representation(summary),

@@ -29,6 +29,13 @@ def _num(x, digits: int = 3) -> str:
 def reliance_sentence(c: str, g: dict) -> str:
     """The evidence that decided a shortcut, as a sentence a reader can check."""
     e, by = g["evidence"], g["decided_by"]
+    if by == "counterfactual" and "flip_rate_label_kept" not in e[by]:
+        k = e[by]
+        return (
+            f"applying {c} flips {_pct(k['flip_rate'])} of the predictions against {_pct(k['null_flip_rate'])} for a random colour change as large "
+            f"({_pct(k['flip_effect']['low'])}–{_pct(k['flip_effect']['high'])} more, {k['n']} samples), and makes {_pct(k['fixes_error_rate'])} of the errors right "
+            f"(the random change: {_pct(k['null_fixes_error_rate'])})"
+        )
     if by == "counterfactual":
         k = e[by]["flip_rate_label_kept"]
         return f"flipping {c} with the label unchanged flips {_pct(k['value'])} of the predictions ({_pct(k['low'])}–{_pct(k['high'])}, {k['n']} samples)"
@@ -60,7 +67,9 @@ def shortcut(f: Finding) -> dict:
             {"label": f"error rate where {c}≠label", "value": g["error_rate_disagree"], "section": "errors"},
             {"label": f"error rate where {c}=label", "value": g["error_rate_agree"], "section": "errors"},
             {"label": f"prediction is the class {c} points to", "value": g["follows"], "section": "errors"},
-            {"label": f"flip rate, {c} flipped (label kept)", "value": cf and cf["flip_rate_label_kept"]["value"], "section": "intervention"},
+            {"label": f"flip rate, {c} flipped (label kept)", "value": cf and cf.get("flip_rate_label_kept", {}).get("value"), "section": "intervention"},
+            {"label": f"flip rate, {c} applied", "value": cf and cf.get("flip_rate"), "section": "intervention"},
+            {"label": "flip rate, a random colour change as large", "value": cf and cf.get("null_flip_rate"), "section": "intervention"},
             {"label": f"flip rate, region of {c} removed", "value": inter and inter["flip_rate"], "section": "intervention"},
             {"label": "flip rate, as many random units removed", "value": inter and inter["null_flip_rate"], "section": "intervention"},
             {"label": f"errors made right by removing the region of {c}", "value": inter and inter["fixes_error_rate"], "section": "intervention"},

@@ -1,14 +1,16 @@
-"""The four analysis stages and the interventions the report rests on, registered in the order
-the flow runs them (see stages/registry.py)."""
+"""Discovery (the features a model follows, found with no annotations), the four analysis
+stages and the interventions the report rests on, registered in the order the flow runs them
+(see stages/registry.py)."""
 
-from stages.base import Context, Stage, StageConfig, StageResult
+from stages.base import Context, Stage, StageConfig, StageResult, extended
 from stages.registry import get, register, stages
-from stages import composition, crossmodal, intervention, representation, unimodal
+from stages import composition, crossmodal, discovery, intervention, representation, unimodal
 
+register(discovery.STAGE)
 register(unimodal.STAGE)
 register(crossmodal.STAGE)
 register(representation.STAGE)
 register(composition.STAGE)
 register(intervention.STAGE)
 
-__all__ = ["Context", "Stage", "StageConfig", "StageResult", "get", "register", "stages"]
+__all__ = ["Context", "Stage", "StageConfig", "StageResult", "extended", "get", "register", "stages"]

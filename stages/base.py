@@ -86,3 +86,18 @@ class Stage:
     # What can be checked on the model, the analysed split and the settings alone (a Context
     # without logits): the pre-flight calls it, so a mistake fails before any stage runs.
     check: Callable[[Context, StageConfig], None] | None = None
+    # A stage whose result adds to the data every later stage and the report see (discovery:
+    # the features it found become concepts): extends(data, result) -> data. The registry makes
+    # every later stage read it, so their cache keys follow its result.
+    extends: Callable[[SampleSet, StageResult], SampleSet] | None = None
+
+
+def extended(data: SampleSet, read: dict[str, StageResult]) -> SampleSet:
+    """The data as a stage that read these results sees it."""
+    from stages import registry
+
+    for name, result in read.items():
+        stage = registry.get(name) if name in {s.name for s in registry.stages()} else None
+        if stage is not None and stage.extends is not None:
+            data = stage.extends(data, result)
+    return data

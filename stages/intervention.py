@@ -139,12 +139,15 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
         add("modality.true", values.gather(2, y[:, None, None].expand(-1, values.shape[1], 1)).squeeze(2))
         add("modality.pred_after", values.argmax(2))
         for concept, cf in data.counterfactuals.items():
-            flipped = {**inputs, **{m: x[rows].to(device) for m, x in cf.inputs.items()}}
-            with torch.no_grad():
-                logits = torch.cat([adapter(_rows(flipped, s, eval_batch)).float() for s in range(0, len(p), eval_batch)])
-            game.passes += len(p)
-            for name, value in outcome(logits[:, None], p, y, base).items():
-                add(f"counterfactual.{concept}.{name}", value[:, 0])
+            for part, changed in (("", cf.inputs), (".null", cf.null or {})):
+                if not changed:
+                    continue
+                flipped = {**inputs, **{m: x[rows].to(device) for m, x in changed.items()}}
+                with torch.no_grad():
+                    logits = torch.cat([adapter(_rows(flipped, s, eval_batch)).float() for s in range(0, len(p), eval_batch)])
+                game.passes += len(p)
+                for name, value in outcome(logits[:, None], p, y, base).items():
+                    add(f"counterfactual.{concept}{part}.{name}", value[:, 0])
             add(f"counterfactual.{concept}.valid", torch.ones(len(p), dtype=torch.bool) if cf.valid is None else cf.valid[rows].bool())
             add(f"counterfactual.{concept}.label", torch.full((len(p),), -1) if cf.labels is None else cf.labels[rows].long())
         passes += game.passes
@@ -225,6 +228,7 @@ def summarise(arrays: dict[str, np.ndarray], details: dict) -> dict:
         out["counterfactuals"][concept] = {
             "n": int(valid.sum()),
             "flip_rate": stats.rate(int(flips[valid].sum()), int(valid.sum()), z),
+            **(_against_null(a, arrays, valid, errors, z) if "null.pred_after" in a else {}),
             "label_changed_rate": stats.rate(int((known & ~kept).sum()), int(known.sum()), z),
             "flip_rate_label_kept": stats.rate(int(flips[kept].sum()), int(kept.sum()), z),
             "fixes_error_rate": stats.rate(int(((a["pred_after"] == arrays["label"]) & valid & errors & (kept | ~known)).sum()), int((valid & errors & (kept | ~known)).sum()), z),
@@ -232,6 +236,19 @@ def summarise(arrays: dict[str, np.ndarray], details: dict) -> dict:
         }
     out["forward_passes_per_sample"] = round(details["forward_passes"] / max(n, 1), 1)
     return out
+
+
+def _against_null(a: dict, arrays: dict, valid: np.ndarray, errors: np.ndarray, z: float) -> dict:
+    """A counterfactual with a null (the same rows changed as much at random): its flips beyond
+    the null's, per sample, and the errors the null makes right."""
+    flips = (a["pred_after"] != arrays["pred"]).astype(float)
+    null_flips = (a["null.pred_after"] != arrays["pred"]).astype(float)
+    wrong = valid & errors
+    return {
+        "null_flip_rate": stats.rate(int(null_flips[valid].sum()), int(valid.sum()), z),
+        "flip_effect": stats.interval(flips[valid] - null_flips[valid], z),
+        "null_fixes_error_rate": stats.rate(int((a["null.pred_after"] == arrays["label"])[wrong].sum()), int(wrong.sum()), z),
+    }
 
 
 def _round(x, digits: int = 4) -> float:

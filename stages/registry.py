@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from stages.base import Stage
 
 _STAGES: dict[str, Stage] = {}
 
 
 def register(stage: Stage) -> Stage:
-    """Add a stage after the ones registered so far. Its `reads` must name earlier stages."""
+    """Add a stage after the ones registered so far. Its `reads` must name earlier stages; it
+    also reads every earlier stage that extends the data (it sees the data as they leave it)."""
     for name in stage.reads:
         if name not in _STAGES:
             raise ValueError(f"stage {stage.name!r} reads {name!r}, which is not registered before it")
+    extending = tuple(s.name for s in _STAGES.values() if s.extends is not None and s.name not in stage.reads and s.name != stage.name)
+    if extending:
+        stage = dataclasses.replace(stage, reads=(*extending, *stage.reads))
     _STAGES[stage.name] = stage
     return stage
 

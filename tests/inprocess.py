@@ -9,9 +9,10 @@ from flows import results as results_io
 from pipeline.evaluate import model_summary
 from pipeline.resolve import predict
 from reports import analyse
-from stages import Context, StageResult, registry
+from stages import Context, StageResult, extended, registry
 
 QUICK = {
+    "discovery": {},
     "unimodal": {"methods": ["grad_x_input", "integrated_gradients", "shapley"], "n_correct": 30, "max_errors": 120, "ig_steps": 16, "shapley_pairs": 2, "sanity_samples": 0},
     "crossmodal": {"n_reference": 60},
     "representation": {},
@@ -30,8 +31,9 @@ def diagnose(adapter, data, settings: dict | None = None, stages: tuple[str, ...
     for stage in registry.stages():
         if stages is not None and stage.name not in stages:
             continue
-        ctx = Context(adapter, data, device, 0, logits)
-        result = stage.run(ctx, stage.config.model_validate(settings.get(stage.name, {})), {r: results[r] for r in stage.reads})
+        read = {r: results[r] for r in stage.reads if r in results}
+        ctx = Context(adapter, extended(data, read), device, 0, logits)
+        result = stage.run(ctx, stage.config.model_validate(settings.get(stage.name, {})), read)
         results[stage.name] = result
         summary[stage.name] = results_io.with_timings(result.summary, result.timings)  # as the flow writes it
-    return summary, results, analyse(summary, results, data)
+    return summary, results, analyse(summary, results, extended(data, results))

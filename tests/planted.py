@@ -86,6 +86,8 @@ def render(world: World, c: dict[str, np.ndarray], rng: np.random.Generator) -> 
         for k, (r, q) in enumerate(CORNERS):
             mark[c["mark_pos"] == k, r : r + PATCH, q : q + PATCH] = True
     image = np.where(mark[:, None], 0.05, image).astype(np.float32)
+    if "cast" in c:  # a warm colour cast over the whole image: more red, less blue
+        image = (image + np.array([0.08, 0.0, -0.08], np.float32)[:, None, None] * c["cast"][:, None, None, None]).astype(np.float32)
     length = world.caption
     ids = np.full((n, length[1] + 2), PAD, np.int64)
     word_at = {k: np.zeros(ids.shape, bool) for k in ("zz", "negation", "cue")}
@@ -234,7 +236,10 @@ def train(world: World, fusion: str = "mlp", n: int = 4000, steps: int = 500, se
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, n, (128,), generator=g)
-        loss = nn.functional.cross_entropy(net({m: x[idx] for m, x in data.inputs.items()}), data.labels[idx])
+        batch = {m: x[idx] for m, x in data.inputs.items()}
+        for m in shuffle:  # paired anew each step: there is no pairing to memorise, so it is ignored by construction
+            batch[m] = batch[m][torch.randperm(len(idx), generator=g)]
+        loss = nn.functional.cross_entropy(net(batch), data.labels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()

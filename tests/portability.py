@@ -8,7 +8,8 @@ minimum, median and maximum over the seeds, and the room left between the bound 
 nearest value seen anywhere. Writes the same as JSON. A script, not a test: nothing here is
 timed or asserted.
 
-    python tests/portability.py [--seeds 5] [--settings default,1-thread,avx2,sse4.2] [-k EXPR] [--json portability.json]
+    python tests/portability.py [--seeds 5] [--settings default,1-thread,avx2,sse4.2] [--jobs 1] [-k EXPR] [--json portability.json]
+    python tests/portability.py --merge default.json 1-thread.json ... [--json portability.json]
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from pathlib import Path
 # The numeric paths a user's CPU may take: PyTorch's own kernels (ATen) pick an instruction set
 # at start, oneDNN (convolutions) and MKL (matrix products, LU) each their own; one thread
 # changes the order of every parallel reduction.
+# The kernel settings run one thread, as `make test`'s workers (and CI's AVX2 run) do, so two of
+# them can share two cores (`--jobs 2`).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SETTINGS = {
     "default": {},
-    "1-thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "sse4.2": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "1-thread": ONE_THREAD,
+    "avx2": {**ONE_THREAD, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "sse4.2": {**ONE_THREAD, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
 HERE = Path(__file__).resolve().parent
 
@@ -54,25 +58,54 @@ def run_once(setting: str, seed: int, keyword: str | None) -> tuple[list[dict], 
         return rows, failed, seconds
 
 
-def collect(settings: list[str], seeds: range, keyword: str | None) -> dict:
+def collect(settings: list[str], seeds: range, keyword: str | None, jobs: int = 1) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     properties: dict[tuple[str, str], dict] = {}
     failures, seconds = {}, {}
-    for setting in settings:
-        for seed in seeds:
-            rows, failed, took = run_once(setting, seed, keyword)
-            print(f"{setting}, seed {seed}: {len(rows)} values, {len(failed)} failed tests, {took:.0f} s", file=sys.stderr, flush=True)
-            for test in failed:
-                print(f"  failed: {test}", file=sys.stderr, flush=True)
-            failures.setdefault(setting, {})[seed] = failed
-            seconds.setdefault(setting, {})[seed] = round(took, 1)
-            for row in rows:
-                p = properties.setdefault((row["test"], row["name"]), {"test": row["test"], "name": row["name"], "above": row["above"], "below": row["below"], "values": {}})
-                p["values"].setdefault(setting, []).append(row["value"])
-    for p in properties.values():
+    runs = [(setting, seed) for setting in settings for seed in seeds]
+
+    def one(run: tuple[str, int]):
+        rows, failed, took = run_once(*run, keyword)
+        print(f"{run[0]}, seed {run[1]}: {len(rows)} values, {len(failed)} failed tests, {took:.0f} s", file=sys.stderr, flush=True)
+        for test in failed:
+            print(f"  failed: {test}", file=sys.stderr, flush=True)
+        return rows, failed, took
+
+    with ThreadPoolExecutor(jobs) as pool:  # each run is its own process
+        done = list(pool.map(one, runs))
+    for (setting, seed), (rows, failed, took) in zip(runs, done):
+        failures.setdefault(setting, {})[seed] = failed
+        seconds.setdefault(setting, {})[seed] = round(took, 1)
+        for row in rows:
+            p = properties.setdefault((row["test"], row["name"]), {"test": row["test"], "name": row["name"], "above": row["above"], "below": row["below"], "values": {}})
+            p["values"].setdefault(setting, []).append(row["value"])
+    return _with_room({"settings": {s: SETTINGS[s] for s in settings}, "seeds": list(seeds), "properties": list(properties.values()), "failures": failures, "seconds": seconds})
+
+
+def _with_room(result: dict) -> dict:
+    """Each property's room: the distance from its bound to the nearest value seen anywhere."""
+    for p in result["properties"]:
         seen = [v for values in p["values"].values() for v in values]
         room = [v - p["above"] for v in seen if p["above"] is not None] + [p["below"] - v for v in seen if p["below"] is not None]
         p["room"] = min(room) if room else None
-    return {"settings": {s: SETTINGS[s] for s in settings}, "seeds": list(seeds), "properties": list(properties.values()), "failures": failures, "seconds": seconds}
+    return result
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of other settings (e.g. each setting run apart, or on another machine)."""
+    merged: dict = {"settings": {}, "seeds": [], "properties": [], "failures": {}, "seconds": {}}
+    properties: dict[tuple[str, str], dict] = {}
+    for result in results:
+        merged["settings"].update(result["settings"])
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(result["seeds"]))
+        merged["failures"].update(result["failures"])
+        merged["seconds"].update(result["seconds"])
+        for p in result["properties"]:
+            q = properties.setdefault((p["test"], p["name"]), {**p, "values": {}})
+            q["values"].update(p["values"])
+    merged["properties"] = list(properties.values())
+    return _with_room(merged)
 
 
 def _g(v: float) -> str:
@@ -100,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("-k", dest="keyword", help="only the trained tests that match (pytest -k)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each is one process; 2 suits 2 cores for the one-thread settings)")
     parser.add_argument("--json", type=Path, default=Path("portability.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="train nothing: merge these runs' JSON into one table")
     args = parser.parse_args(argv)
-    settings = args.settings.split(",")
-    if unknown := [s for s in settings if s not in SETTINGS]:
-        parser.error(f"--settings: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
-    result = collect(settings, range(args.first_seed, args.first_seed + args.seeds), args.keyword)
+    if args.merge:
+        result = merge([json.loads(path.read_text()) for path in args.merge])
+    else:
+        settings = args.settings.split(",")
+        if unknown := [s for s in settings if s not in SETTINGS]:
+            parser.error(f"--settings: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+        result = collect(settings, range(args.first_seed, args.first_seed + args.seeds), args.keyword, args.jobs)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     for setting, seeds in result["failures"].items():

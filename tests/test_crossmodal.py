@@ -16,7 +16,7 @@ from stages.base import Context
 from stages.unimodal import UnimodalConfig
 from stages.unimodal import run as run_unimodal
 
-from ranges import holds
+from ranges import holds, measured
 
 
 def test_emap_reference_example():
@@ -177,10 +177,12 @@ def test_demo_emap_film_is_interaction_late_is_additive(demo_models, ood):
     acc = lambda x, y: float((x.argmax(1) == y).float().mean())  # noqa: E731
     holds("demo-film: accuracy of the full table", acc(film["full"], film["labels"]), above=0.7)
     holds("demo-film: accuracy of the additive projection", acc(film["additive"], film["labels"]), below=0.6)
-    # on grey photos the additive part of the FiLM model is the shortcut: it follows the mark
+    # on grey photos the additive part of the FiLM model is mostly the shortcut (0.54-0.98 over 5
+    # seeds: where the model reads the mark through the words' modulation, the projection loses it),
+    # recorded, not asserted: nothing in the construction makes the mark additive
     grey = film["meta"]["grey"] == 1
     follows = crossmodal.additive_follows(film["additive"].argmax(1)[grey], {"watermark": film["meta"]["watermark"][grey]}, ["watermark"])
-    holds("demo-film, grey photos: the additive projection follows the mark", follows["watermark"], above=0.85)
+    measured("demo-film, grey photos: the additive projection follows the mark", follows["watermark"])
     holds("demo-film: interaction share", inter.interaction_share(film["full"], film["additive"]), above=0.5)
     late = crossmodal.emap(Context(demo_models("demo-late"), ood, torch.device("cpu"), 0), quick)
     holds("demo-late: interaction share", inter.interaction_share(late["full"], late["additive"]), below=0.05)

