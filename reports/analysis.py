@@ -19,10 +19,13 @@ from stages.base import StageResult
 
 
 def slice_columns(results: dict[str, StageResult], ev: Evaluated, t: Thresholds, seed: int) -> dict[str, sl.Column]:
-    """The concepts to slice on: the data's meta, the label, and (with stage 3) clusters of the
-    decision-level features."""
+    """The concepts to slice on: the data's meta, the features mmdiag found (carried or not: a
+    slice then has a name without annotations, the Domino idea), the label, and (with stage 3)
+    clusters of the decision-level features."""
     meta = {k: v.numpy() for k, v in ev.data.meta.items()}
     cols = sl.columns(meta, ev.labels, ev.data.class_names, t.max_values)
+    for name in ev.data.found:
+        cols[name] = sl.Column((meta[name] >= 0).astype(np.int64), {1: "yes", 0: "no"})
     rep = results.get("representation")
     decision = ev.in_data_order(rep, "decision") if rep is not None and "decision" in rep.arrays else None
     if decision is not None:

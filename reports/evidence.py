@@ -216,7 +216,8 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
 
 def label_evidence(src: Sources, row: int) -> dict:
     """Confident learning's verdict on this error, the probabilities it read, how often the
-    sample's null removals (random units, of every truth region's size) keep the prediction, and
+    sample's null removals (random units, of every truth region's size; a found transform's
+    random change as large) keep the prediction, and
     the label the concepts that determine it give this sample."""
     ev = src.ev
     label, pred = int(ev.labels[row]), int(ev.pred[row])
@@ -226,6 +227,10 @@ def label_evidence(src: Sources, row: int) -> dict:
             a = src.intervened(f"{m}.{r}", row)
             if a is not None and a["has"] and a["null_valid"]:
                 kept.extend((np.asarray(a["null.pred_after"]) == pred).tolist())
+    for c, cf in ev.data.counterfactuals.items():  # a found transform's null: a random change as large
+        a = src.intervened(f"counterfactual.{c}", row) if cf.null else None
+        if a is not None and a["valid"] and "null.pred_after" in a:
+            kept.append(bool(a["null.pred_after"] == pred))
     told = -1 if src.consensus is None else int(src.consensus[row])
     return {
         "flagged": row in src.label_issues,

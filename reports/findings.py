@@ -76,6 +76,31 @@ def label_sets(ev: Evaluated, t: Thresholds = DEFAULT) -> list[tuple[str, ...]]:
     return rl.determining_sets({n: v for n, v in meta.items() if n not in derived}, ev.labels, confidence=t.confidence)
 
 
+def cue_sets(ev: Evaluated, t: Thresholds = DEFAULT) -> list[tuple[str, ...]]:
+    """label_sets with the features mmdiag found beside the annotated concepts, each as the
+    concept "carried or not": what the data shows the label to follow, annotated or not."""
+    if not ev.data.found:
+        return label_sets(ev, t)
+    found = {n: (ev.data.meta[n].numpy() >= 0).astype(np.int64) for n in ev.data.found}
+    meta = {n: v.numpy() for n, v in ev.data.meta.items() if n not in found and 2 <= len(np.unique(v.numpy()[v.numpy() >= 0])) <= t.max_values}
+    meta = {n: v for n, v in meta.items() if n not in label_derived(meta, ev.labels)}
+    return rl.determining_sets({**meta, **found}, ev.labels, confidence=t.confidence)
+
+
+def label_cues(ev: Evaluated, cues: list[tuple[str, ...]]) -> set[str]:
+    """The features mmdiag found that tell the label as well as anything the data shows (in a
+    set of `cue_sets`). Such a feature is the label's own cue (the colour of a colour-labelled
+    world), not a shortcut, even where errors concentrate where it disagrees with the labels:
+    those are label mistakes."""
+    return {c for s in cues for c in s if c in ev.data.found}
+
+
+def modalities_of(ev: Evaluated, concept: str) -> set[str]:
+    """Where a concept lives: its linked truth regions' modalities, or a found feature's."""
+    linked = {m for m, regions in ev.data.truth.items() for r in regions if ev.data.concept_of(m, r) == concept}
+    return linked | ({ev.data.found[concept]["modality"]} if concept in ev.data.found else set())
+
+
 def _concentrated(values: np.ndarray, labels: np.ndarray, errors: np.ndarray, z: float, t: Thresholds):
     """((k_d, n_d, k_a, n_a), Newcombe gap, Wilson low of the disagree slice) where errors
     concentrate where the concept disagrees with the label; None where they do not."""
@@ -103,7 +128,7 @@ def beyond_label_mistakes(detected: list[Finding], ev: Evaluated, cards: list[di
     return [f for f in detected if f.rule != "shortcut" or _concentrated(f.points_to[keep], ev.labels[keep], ev.errors[keep], z, t) is not None]
 
 
-def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
+def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
     """A concept the model follows against the label. Three things must hold:
     - errors concentrate where the concept disagrees with the label: the error rates' difference
       (disagree - agree, Newcombe interval) is above 0 and the disagree slice's Wilson interval
@@ -111,14 +136,18 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     - the model relies on it beyond a null of the same size (reports/reliance.py): removing its
       region or flipping it (the evidence of record, when there is any), else its attribution or
       composition weights against random unit or feature sets;
-    - the data does not show it to be a cause of the label (reliance.causal)."""
+    - the data does not show it to be a cause of the label (reliance.causal), nor, for a
+      feature mmdiag found, the label's own cue (label_cues; `cues`: cue_sets)."""
     notes = [] if notes is None else notes
     candidates, msgs = class_valued(ev)
     notes += msgs
     sets = label_sets(ev, t) if sets is None else sets
+    cues = label_cues(ev, cue_sets(ev, t) if cues is None else cues)
     z = stats.z_value(t.confidence, len(candidates))
     found = []
     for concept, values in candidates.items():
+        if concept in cues:
+            continue
         known = values >= 0
         concentrated = _concentrated(values, ev.labels, ev.errors, z, t)
         if concentrated is None:
@@ -170,13 +199,15 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     return found
 
 
-def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
+def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
     """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
     its share of the modality-level logit change (exact, from the 2^M ablations of every sample),
     or the share of predictions that removing it changes, is below `ignored_share` (the upper end
     of its interval). Shares do not depend on how many units a modality has. Runs without the intervention stage fall back to stage 1's MM-SHAP and
     ablation shares on the explained samples, and the finding says so (`evidence`). A modality
-    whose linked concepts the data shows not to matter for the label is not flagged."""
+    whose linked concepts the data shows not to matter for the label is not flagged, nor one
+    where a set that determines the label (cue_sets, found features included) lives wholly in
+    other modalities."""
     notes = [] if notes is None else notes
     if ev.error_rate < t.min_error_rate:
         return []
@@ -197,9 +228,14 @@ def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, no
     if len(share) < 2:
         return []
     sets = label_sets(ev, t) if sets is None else sets
+    cues = cue_sets(ev, t) if cues is None else cues
     found = []
     for m in sorted(low):
         if low[m] >= t.ignored_share:
+            continue
+        elsewhere = next((c for c in cues if c and all(modalities_of(ev, x) and m not in modalities_of(ev, x) for x in c)), None)
+        if elsewhere is not None:
+            notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without it ({', '.join(elsewhere)}); not flagged")
             continue
         linked = sorted({ev.data.concept_of(m, r) for r in ev.data.truth.get(m, {})} - {None})
         needed = [c for c in linked if rl.causal(c, sets, None)]
@@ -455,10 +491,11 @@ def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found:
     `sets`: the label-determining concept sets (label_sets), computed here when not given."""
     notes = [] if notes is None else notes
     sets = label_sets(ev, t) if sets is None else sets
-    cuts = shortcuts(summary, results, ev, t, notes, sets)
+    cues = cue_sets(ev, t)
+    cuts = shortcuts(summary, results, ev, t, notes, sets, cues)
     return [
         *cuts,
-        *ignored_modalities(summary, ev, t, notes, sets),
+        *ignored_modalities(summary, ev, t, notes, sets, cues),
         *missing_interaction(summary, results, ev, t),
         *concepts_not_encoded(summary, ev, found, {f.subject for f in cuts}, t),
     ]

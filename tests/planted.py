@@ -269,3 +269,8 @@ def accuracy(adapter: TorchAdapter, data: SampleSet, where: np.ndarray | None = 
         pred = adapter(data.inputs).argmax(1).numpy()
     hit = pred == data.labels.numpy()
     return float(hit[where].mean() if where is not None else hit.mean())
+
+
+def bare(data: SampleSet) -> SampleSet:
+    """Inputs, labels and class names: what a user brings."""
+    return SampleSet(data.inputs, data.labels, class_names=data.class_names, display=data.display)

@@ -24,11 +24,6 @@ from stages import discovery as dc
 SEED_EVAL = 7
 
 
-def bare(data: SampleSet) -> SampleSet:
-    """Inputs, labels and class names: what a user brings."""
-    return SampleSet(data.inputs, data.labels, class_names=data.class_names, display=data.display)
-
-
 class Rule(nn.Module):
     """A hand-made model over the planted worlds' inputs whose logit for class 1 is `score`."""
 
@@ -90,7 +85,7 @@ def test_the_place_the_model_reads_is_found_and_no_other():
     regions = [f for f in found.reliable if f.kind == "region"]
     assert regions and all(f.box[0] == 0 and f.box[1] == 0 for f in regions), [f.id for f in regions]
     assert not [f for f in found.reliable if f.kind == "word"]
-    taken = dc.settle(found.reliable, bare(data))
+    taken = dc.settle(found.reliable, pl.bare(data))
     assert [f.box for f in taken if f.kind == "region"] == [[0, 0, 2, 2]]  # the block around it is within it
     # annotated, the mark's truth region names it: nothing new is taken on
     assert not [f for f in dc.settle(found.reliable, data) if f.kind == "region"]
@@ -123,7 +118,7 @@ def _found_shortcut(model, data: SampleSet, kind: str) -> tuple[dict, dict, dict
     """Diagnose the bare data; the top suggestion is a shortcut on a feature of this kind that
     mmdiag found; of the errors where that feature points to the predicted class against the
     label, the share whose card blames it is returned with the suggestion."""
-    summary, _, analysis = diagnose(model, bare(data))
+    summary, _, analysis = diagnose(model, pl.bare(data))
     top = analysis["suggestions"][0]
     assert top["rule"] == "shortcut" and top["feature"]["found"] and top["feature"]["kind"] == kind, [s["id"] for s in analysis["suggestions"]]
     feature = top["feature"]
@@ -140,7 +135,7 @@ def _found_shortcut(model, data: SampleSet, kind: str) -> tuple[dict, dict, dict
 
 
 def _carriers(model, data: SampleSet, feature: dict) -> np.ndarray:
-    found = _discover(model, bare(data))
+    found = _discover(model, pl.bare(data))
     (f,) = [f for f in found.features if f.id == feature["id"]]
     return f.carriers
 
@@ -218,7 +213,7 @@ def test_a_clean_model_on_bare_data_gets_no_suggestion():
     model = pl.train(world)
     data = pl.samples(world, 600, seed=SEED_EVAL)
     holds("the clean model's accuracy", pl.accuracy(model, data), above=0.95)
-    summary, _, analysis = diagnose(model, bare(data))
+    summary, _, analysis = diagnose(model, pl.bare(data))
     assert analysis["suggestions"] == []
     # it follows the objects' colour, which discovery finds: reliance is not a bug
     assert any(r["kind"] == "transform" for r in summary["discovery"]["reliable"])

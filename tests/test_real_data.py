@@ -26,14 +26,17 @@ def _label_flags(analysis, data, true) -> tuple[float, float]:
     return hit / max(len(flagged), 1), hit / max(len(wrong), 1)
 
 
+@pytest.mark.parametrize("annotated", [True, False], ids=["annotated", "bare"])
 @pytest.mark.parametrize("rate", [0.05, 0.10])
-def test_flipped_labels_on_a_right_model_are_label_mistakes_not_a_model_bug(rate):
+def test_flipped_labels_on_a_right_model_are_label_mistakes_not_a_model_bug(rate, annotated):
+    """Bare, the colour the labels follow is found (a transform) and is the label's own cue:
+    the flipped labels disagree with it, and that is no shortcut."""
     world = pl.World(label=lambda c: c["colour"], contrast=0.5)
     model = pl.train(world)
     data = pl.samples(world, 1000, seed=SEED_EVAL, label_noise=rate)
     true = pl.true_labels(world, data)
     holds("accuracy against the true labels", (_pred(model, data) == true).mean(), above=0.97)  # the model is right
-    summary, _, analysis = diagnose(model, data)
+    summary, _, analysis = diagnose(model, data if annotated else pl.bare(data))
     assert [s["id"] for s in analysis["suggestions"]] == ["label_noise:labels"]  # no model bug
     precision, recall = _label_flags(analysis, data, true)
     holds("precision of the label flags", precision, above=0.8)
