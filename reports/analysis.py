@@ -4,7 +4,6 @@ from a run's summary, its stage results and the analysed data. Reads results; re
 
 from __future__ import annotations
 
-import dataclasses
 import csv
 import io
 
@@ -99,11 +98,6 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected,
                            {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets, thresholds.confidence))
     cards = evidence.cards(src, thresholds)
-    kept = findings.beyond_label_mistakes(detected, ev, cards, thresholds)
-    if len(kept) < len(detected):  # a shortcut that was only label mistakes: card the errors without it
-        detected = kept
-        src = dataclasses.replace(src, findings=kept, shortcut_regions=set_aside(summary, ev, kept, sets))
-        cards = evidence.cards(src, thresholds)
     for c in cards:  # a cause that is a feature mmdiag found names it
         if c["rule"] and (c["rule"]["figures"] or {}).get("concept") in data.found:
             c["rule"]["feature"] = data.found[c["rule"]["figures"]["concept"]]

@@ -241,6 +241,9 @@ def label_evidence(src: Sources, row: int) -> dict:
         "likely": ev.class_name(pred),
         "null_kept": _r(np.mean(kept)) if kept else None,
         "concepts_say": None if told < 0 else ev.class_name(told),
+        "concepts_tell": src.consensus is not None,  # some concept set determines the label
+        # a shortcut finding's concept points this sample to its prediction against its label
+        "follows_shortcut": [f.subject for f in src.of_rule("shortcut") if f.points_to is not None and f.points_to[row] == pred != label],
     }
 
 
@@ -431,8 +434,10 @@ def label_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     if found is None:
         return None
     stable = found["null_kept"] is None or found["null_kept"] > 0.5
-    agrees = found["concepts_say"] is None or found["concepts_say"] == found["likely"]
-    return found["flagged"] and stable and agrees, {**found, "evidence": "confident learning" if found["null_kept"] is None else "intervention"}
+    # where concepts determine the label, they must give this sample the model's answer: a
+    # sample whose cell they cannot tell (a grey photo in a colour-labelled world) is no evidence
+    agrees = found["concepts_say"] == found["likely"] if found["concepts_say"] is not None or found.get("concepts_tell") else True
+    return found["flagged"] and stable and agrees and not found.get("follows_shortcut"), {**found, "evidence": "confident learning" if found["null_kept"] is None else "intervention"}
 
 
 def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:

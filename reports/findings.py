@@ -114,20 +114,6 @@ def _concentrated(values: np.ndarray, labels: np.ndarray, errors: np.ndarray, z:
     return ((k_d, n_d, k_a, n_a), gap, low_d) if gap[1] > 0 and low_d > errors.mean() else None
 
 
-def beyond_label_mistakes(detected: list[Finding], ev: Evaluated, cards: list[dict], t: Thresholds = DEFAULT) -> list[Finding]:
-    """The findings less each shortcut whose errors stop concentrating once the errors carded
-    as label mistakes are set aside: a feature the model follows against nothing but wrong
-    labels is the label's own cue (the case of a feature mmdiag found with no annotation to say
-    what the label means), and its 'errors' are label mistakes, not a model bug."""
-    mistakes = np.zeros(len(ev.labels), dtype=bool)
-    mistakes[[c["row"] for c in cards if c["category"] == "label"]] = True
-    if not mistakes.any():
-        return detected
-    z = stats.z_value(t.confidence, len(class_valued(ev)[0]))
-    keep = ~mistakes
-    return [f for f in detected if f.rule != "shortcut" or _concentrated(f.points_to[keep], ev.labels[keep], ev.errors[keep], z, t) is not None]
-
-
 def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
     """A concept the model follows against the label. Three things must hold:
     - errors concentrate where the concept disagrees with the label: the error rates' difference
@@ -136,6 +122,9 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     - the model relies on it beyond a null of the same size (reports/reliance.py): removing its
       region or flipping it (the evidence of record, when there is any), else its attribution or
       composition weights against random unit or feature sets;
+    - errors still concentrate so against the label the concepts that determine it give each
+      sample, where they give one (rl.consensus): label mistakes are no errors there, and a
+      proxy of the label's causes (a colour transform in a colour-labelled world) no shortcut;
     - the data does not show it to be a cause of the label (reliance.causal), nor, for a
       feature mmdiag found, the label's own cue (label_cues; `cues`: cue_sets)."""
     notes = [] if notes is None else notes
@@ -143,6 +132,10 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
     notes += msgs
     sets = label_sets(ev, t) if sets is None else sets
     cues = label_cues(ev, cue_sets(ev, t) if cues is None else cues)
+    # the label by the data's own account: what the concepts that determine it give each sample
+    # (a label mistake is no error there, and a proxy of the label's causes no shortcut)
+    told = rl.consensus({n: v.numpy() for n, v in ev.data.meta.items()}, ev.labels, sets, t.confidence)
+    told = ev.labels if told is None else np.where(told >= 0, told, ev.labels)
     z = stats.z_value(t.confidence, len(candidates))
     found = []
     for concept, values in candidates.items():
@@ -150,7 +143,7 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
             continue
         known = values >= 0
         concentrated = _concentrated(values, ev.labels, ev.errors, z, t)
-        if concentrated is None:
+        if concentrated is None or _concentrated(values, told, ev.pred != told, z, t) is None:
             continue
         (k_d, n_d, k_a, n_a), (gap, gap_low, gap_high), low_d = concentrated
         cf_figures = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
@@ -196,7 +189,23 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
         if regions:
             action.update(region=regions[0][1], modality=regions[0][0])
         found.append(Finding("shortcut", concept, float(at_stake), figures, action, points_to=values))
-    return found
+    return explained_away(found, ev.pred, told, z, t)
+
+
+def explained_away(found: list[Finding], pred: np.ndarray, labels: np.ndarray, z: float, t: Thresholds = DEFAULT) -> list[Finding]:
+    """The shortcut findings less each whose errors stop concentrating once the errors another
+    finding's concept claims (it points the sample to its prediction against its label) are set
+    aside, where that other finding's errors survive the same with this one's: a concept that
+    merely co-occurs with another's errors (a colour transform that disagrees with the label
+    mostly where the object is hidden and a word decides) is explained away by it."""
+    errors = pred != labels
+    claims = {id(f): (f.points_to == pred) & errors for f in found}
+
+    def survives(f: Finding, without: Finding) -> bool:
+        keep = ~claims[id(without)]
+        return _concentrated(f.points_to[keep], labels[keep], errors[keep], z, t) is not None
+
+    return [f for f in found if not any(g is not f and not survives(f, g) and survives(g, f) for g in found)]
 
 
 def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
@@ -486,12 +495,14 @@ def label_mistakes(ev: Evaluated, cards: list[dict]) -> list[Finding]:
     return [Finding("label_noise", "labels", len(mine) / len(ev.labels), figures, {"kind": "review_labels", "file": "label_issues.csv", "ids": [c["id"] for c in mine]})]
 
 
-def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None) -> list[Finding]:
+def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None,
+           sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
     """Every finding; `notes` collects one line for each rule that lacked a link it needed;
-    `sets`: the label-determining concept sets (label_sets), computed here when not given."""
+    `sets`, `cues`: the label-determining concept sets (label_sets, cue_sets), computed here
+    when not given."""
     notes = [] if notes is None else notes
     sets = label_sets(ev, t) if sets is None else sets
-    cues = cue_sets(ev, t)
+    cues = cue_sets(ev, t) if cues is None else cues
     cuts = shortcuts(summary, results, ev, t, notes, sets, cues)
     return [
         *cuts,

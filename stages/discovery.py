@@ -15,6 +15,11 @@ adapter's own units, per modality (one record per kind in `KINDS`):
   that of every place of every image: a mark on half the images stands out all the same); removed
   as every perturbation method removes units (`Units.apply`); the null removes another place of
   the same shape in the same sample whose content deviates as much (one of the 3 nearest).
+- `group`: each feature group of each vector modality (`FeatureGroups`: a table's columns, a
+  signal's bands), on the half of the samples where its values are highest and, as another
+  candidate, where they are lowest (a group pushes one way or the other with its value); removed
+  as units are (`Units.apply`); the null removes another group of as many features in the same
+  sample, drawn at random.
 - `transform`: a fixed battery over each image modality (`TRANSFORMS`: grayscale, hue rotation,
   each channel's shift, brightness, contrast, blur), each removing one property from the whole
   image, on the half of the samples where that property is strongest (or weakest); the null is
@@ -51,7 +56,7 @@ from stages.intervention import null_scores
 
 
 class DiscoveryConfig(StageConfig):
-    kinds: list[str] = Field(default_factory=lambda: ["word", "region", "transform"])  # of KINDS
+    kinds: list[str] = Field(default_factory=lambda: ["word", "region", "group", "transform"])  # of KINDS
     min_samples: int = Field(default=20, gt=0)  # carriers a candidate needs to be tested
     max_words: int = Field(default=300, gt=0)  # the most frequent word types, per modality
     content_z: float = Field(default=3.0, gt=0)  # how far a place's pixels stand out on a carrier
@@ -64,7 +69,7 @@ class DiscoveryConfig(StageConfig):
 class Feature:
     """A candidate: where it is, on which samples, and what removing it does."""
 
-    id: str  # the concept name it takes: "word:photo", "region:0,0,4,4"
+    id: str  # the concept name it takes: "word:photo", "region:0,0,4,4", "group:tone:high"
     modality: str
     kind: str
     carriers: np.ndarray  # (N,) bool
@@ -74,13 +79,16 @@ class Feature:
     grid: "Grid | None" = None  # a region's places and their content, for its null
     mask: Tensor | None = None  # a word's token positions (N, L)
     transform: str | None = None  # a transform's name in TRANSFORMS
+    group: str | None = None  # a feature group's name; `side`: the half of the samples it is on
+    side: str | None = None
+    layout: Tensor | None = None  # a group's features (F,) bool
     scale: list[float] | None = None  # a transform's scale per channel
     stats: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         """The schema a suggestion and a card carry (`feature`)."""
         out = {"id": self.id, "modality": self.modality, "kind": self.kind, "found": True}
-        out.update({k: v for k, v in (("word", self.word), ("box", self.box), ("transform", self.transform)) if v is not None})
+        out.update({k: v for k, v in (("word", self.word), ("box", self.box), ("group", self.group), ("side", self.side), ("transform", self.transform)) if v is not None})
         return out
 
 
@@ -227,6 +235,40 @@ def region_candidates(batches: Callable[[], Iterator[Batch]], n: int, config: Di
     return out
 
 
+def _groups(units: Units, x: Tensor) -> bool:
+    """A vector modality split into the same groups in every sample (FeatureGroups)."""
+    return x.dim() == 2 and x.is_floating_point() and tuple(units.mask.shape) == tuple(x.shape) and bool((units.mask == units.mask[:1]).all())
+
+
+def group_candidates(batches: Callable[[], Iterator[Batch]], n: int, config: DiscoveryConfig) -> list[Feature]:
+    """Each feature group on the half of the samples where its mean value (less its removed
+    value) is highest, and on the half where it is lowest; a group with no other of its size
+    has no null and is not tested."""
+    values: dict[str, list[Tensor]] = {}
+    layouts: dict[str, tuple[Tensor, list[str]]] = {}
+    for b in batches():
+        for m, units in b.units.items():
+            x = b.encoded[m]
+            if not _groups(units, x):
+                continue
+            onehot = torch.nn.functional.one_hot(units.mask[0].clamp_min(0), units.n).T.to(x.dtype) * (units.mask[0] >= 0)
+            values.setdefault(m, []).append((((x - units.baseline) @ onehot.T) / onehot.sum(1).clamp_min(1)).cpu())
+            layouts[m] = (onehot.bool().cpu(), units.labels[0])
+    out = []
+    for m, (onehot, names) in layouts.items():
+        v = torch.cat(values[m])  # (N, G)
+        sizes = onehot.sum(1)
+        for g in range(onehot.shape[0]):
+            if int((sizes == sizes[g]).sum()) < 2:
+                continue
+            middle = v[:, g].median()
+            for side, carriers in (("high", v[:, g] > middle), ("low", v[:, g] < middle)):
+                carriers = carriers.numpy()
+                if config.min_samples <= carriers.sum() < n:
+                    out.append(Feature(f"group:{names[g]}:{side}", m, "group", carriers, group=names[g], side=side, slots=(g,), layout=onehot[g]))
+    return out
+
+
 # Image-wide properties: a fixed battery of transforms, each removing one property from the
 # whole image. `statistic` measures that property per image; its carriers are the half of the
 # samples where it is strongest (`high`) or weakest. A shift moves a carrier's colour to the
@@ -359,13 +401,19 @@ def _removed(feature: Feature, b: Batch, at: Tensor, ids: Tensor, seed: int, sal
         return {**enc, m: removed}, {**enc, m: nulled}
     keep = torch.ones(len(at), units.n, dtype=torch.bool, device=enc[m].device)
     keep[:, list(feature.slots)] = False
+    null_keep = torch.ones_like(keep)
+    if feature.kind == "group":  # another group of as many features, at random
+        sizes = (units.mask[0][None] == torch.arange(units.n, device=units.mask.device)[:, None]).sum(1)
+        same = [g for g in range(units.n) if g != feature.slots[0] and sizes[g] == sizes[feature.slots[0]]]
+        pick = (draws[:, 0] * len(same)).long().clamp_max(len(same) - 1)
+        null_keep[torch.arange(len(at)), torch.tensor(same, device=pick.device)[pick].to(keep.device)] = False
+        return {**enc, m: units.apply(enc[m], keep)}, {**enc, m: units.apply(enc[m], null_keep)}
     places = feature.grid.places
     z, own = feature.grid.z[b.rows][at.cpu()], places.index(feature.slots)
     same = _disjoint(places, feature.slots)
     distance = (z[:, same] - z[:, own : own + 1]).abs()
     nearest = distance.argsort(1)[:, :3]
     pick = nearest.gather(1, (draws[:, :1] * nearest.shape[1]).long().clamp_max(nearest.shape[1] - 1)).squeeze(1)
-    null_keep = torch.ones_like(keep)
     for i, p in enumerate(pick.tolist()):
         null_keep[i, list(places[same[p]])] = False
     return {**enc, m: units.apply(enc[m], keep)}, {**enc, m: units.apply(enc[m], null_keep)}
@@ -377,7 +425,7 @@ def _logits(adapter: ModelAdapter, encoded: dict[str, Tensor], size: int) -> Ten
         return torch.cat([adapter.forward({k: v[s : s + size] for k, v in encoded.items()}).float() for s in range(0, n, size)])
 
 
-KINDS: dict[str, Callable] = {"word": word_candidates, "region": region_candidates, "transform": transform_candidates}
+KINDS: dict[str, Callable] = {"word": word_candidates, "region": region_candidates, "group": group_candidates, "transform": transform_candidates}
 
 
 def discover(adapter: ModelAdapter, data: SampleSet, logits: Tensor, config: DiscoveryConfig | None = None, seed: int = 0, device: torch.device | str = "cpu",
@@ -469,9 +517,11 @@ def box_mask(carriers: np.ndarray, box: list[int], grid: tuple[int, int]) -> Cal
 
 def place(feature: Feature, shape: tuple[int, ...]) -> Tensor | Derived:
     """The feature's place over its modality's input grid, on its carriers: (N, *grid) bool, a
-    word's positions in memory, a box computed on read."""
+    word's positions or a group's features in memory, a box computed on read."""
     if feature.kind == "word":
         return feature.mask & torch.from_numpy(feature.carriers)[:, None]
+    if feature.kind == "group":
+        return feature.layout[None] & torch.from_numpy(feature.carriers)[:, None]
     grid = tuple(shape[-2:])
     return Derived(torch.arange(len(feature.carriers)), grid, torch.bool, box_mask(feature.carriers, feature.box, grid))
 
@@ -532,6 +582,7 @@ def run(ctx: Context, config: DiscoveryConfig, upstream: dict) -> StageResult:
     taken = settle(found.reliable, ctx.data)
     arrays = {f"carriers.{f.id}": f.carriers for f in taken}
     arrays.update({f"words.{f.id}": f.mask.numpy() for f in taken if f.kind == "word"})
+    arrays.update({f"group.{f.id}": f.layout.numpy() for f in taken if f.kind == "group"})
     details = {"taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {})} for f in taken],
                "seed": ctx.seed, "forward_passes": found.forward_passes}
     summary = {**found.summary(config.fdr), "taken": [f.id for f in taken]}
@@ -554,7 +605,7 @@ def extend(data: SampleSet, result: StageResult) -> SampleSet:
         if name in meta:
             raise MmdiagError(f"data.meta: a concept is named {name!r}, the name of a feature mmdiag found; rename it")
         f = Feature(name, m, record["kind"], result.arrays[f"carriers.{name}"].astype(bool), word=record.get("word"), box=record.get("box"),
-                    transform=record.get("transform"), scale=record.get("scale"))
+                    transform=record.get("transform"), scale=record.get("scale"), group=record.get("group"), side=record.get("side"))
         meta[name] = torch.where(torch.from_numpy(f.carriers), record["push"], -1).long()
         x = data.inputs[m]
         if f.kind == "transform":
@@ -565,6 +616,8 @@ def extend(data: SampleSet, result: StageResult) -> SampleSet:
         else:
             if f.kind == "word":
                 f.mask = torch.from_numpy(result.arrays[f"words.{name}"].astype(bool))
+            if f.kind == "group":
+                f.layout = torch.from_numpy(result.arrays[f"group.{name}"].astype(bool))
             truth.setdefault(m, {})[name] = place(f, tuple(x.shape))
             links.setdefault(m, {})[name] = name
         found[name] = f.record()

@@ -258,12 +258,19 @@ LABEL = {"flagged": True, "rank": 1, "of": 3, "given_probability": 0.02, "predic
         (0.5, "true", "undetermined", False),  # half the random removals change it: not "most"
         (0.9, "false", "undetermined", False),  # the causes say the label is right: a model error
         (None, None, "undetermined", True),  # confident learning alone: an association
+        (0.9, "cannot tell", "undetermined", False),  # concepts determine the label, but not this sample's
     ],
 )
 def test_the_label_rule_needs_a_stable_answer_that_the_labels_causes_share(kept, concepts_say, category, association):
-    card = evidence.categorise(_card(label={**LABEL, "null_kept": kept, "concepts_say": concepts_say}))
+    told = {"concepts_say": None, "concepts_tell": True} if concepts_say == "cannot tell" else {"concepts_say": concepts_say}
+    card = evidence.categorise(_card(label={**LABEL, "null_kept": kept, **told}))
     assert card["category"] == category
     assert bool(card["rule"] and card["rule"].get("association_only")) == association
+
+
+def test_a_sample_a_shortcut_points_to_its_prediction_is_no_label_mistake():
+    card = evidence.categorise(_card(label={**LABEL, "null_kept": 0.9, "concepts_say": None, "follows_shortcut": ["word:zz"]}))
+    assert card["category"] == "undetermined"
 
 
 def test_label_issues_csv_has_a_header_even_when_empty():
