@@ -20,6 +20,11 @@ adapter's own units, per modality (one record per kind in `KINDS`):
   candidate, where they are lowest (a group pushes one way or the other with its value); removed
   as units are (`Units.apply`); the null removes another group of as many features in the same
   sample, drawn at random.
+- `segment`: objects rather than places: each image cut into SLIC superpixels (scikit-image,
+  `slic_zero`: its compactness adapts to each superpixel), the superpixels of all images grouped
+  by their mean colour (k-means, `segment_groups`); a group's carriers are the images with one
+  of its superpixels. Removed by giving those pixels the unit baseline; the null gives as many
+  pixels of other superpixels of the same image (drawn at random, whole superpixels) the same.
 - `transform`: a fixed battery over each image modality (`TRANSFORMS`: grayscale, hue rotation,
   each channel's shift, brightness, contrast, blur), each removing one property from the whole
   image, on the half of the samples where that property is strongest (or weakest); the null is
@@ -56,7 +61,11 @@ from stages.intervention import null_scores
 
 
 class DiscoveryConfig(StageConfig):
-    kinds: list[str] = Field(default_factory=lambda: ["word", "region", "group", "transform"])  # of KINDS
+    # of KINDS; `segment` on request: where objects matter more than places (it splits a
+    # coloured object into several groups that compete with the places and transforms)
+    kinds: list[str] = Field(default_factory=lambda: ["word", "region", "group", "transform"])
+    segments: int = Field(default=16, gt=1)  # SLIC superpixels per image (about)
+    segment_groups: int = Field(default=8, gt=1)  # appearance groups of the superpixels of all images
     min_samples: int = Field(default=20, gt=0)  # carriers a candidate needs to be tested
     max_words: int = Field(default=300, gt=0)  # the most frequent word types, per modality
     content_z: float = Field(default=3.0, gt=0)  # how far a place's pixels stand out on a carrier
@@ -82,13 +91,16 @@ class Feature:
     group: str | None = None  # a feature group's name; `side`: the half of the samples it is on
     side: str | None = None
     layout: Tensor | None = None  # a group's features (F,) bool
+    segmentation: "Segmentation | None" = None  # a segment group's superpixels, for every image
+    cluster: int | None = None  # its appearance group
+    colour: list[float] | None = None  # the group's mean colour (the input's channel values)
     scale: list[float] | None = None  # a transform's scale per channel
     stats: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         """The schema a suggestion and a card carry (`feature`)."""
         out = {"id": self.id, "modality": self.modality, "kind": self.kind, "found": True}
-        out.update({k: v for k, v in (("word", self.word), ("box", self.box), ("group", self.group), ("side", self.side), ("transform", self.transform)) if v is not None})
+        out.update({k: v for k, v in (("word", self.word), ("box", self.box), ("group", self.group), ("side", self.side), ("colour", self.colour), ("transform", self.transform)) if v is not None})
         return out
 
 
@@ -269,6 +281,76 @@ def group_candidates(batches: Callable[[], Iterator[Batch]], n: int, config: Dis
     return out
 
 
+@dataclass
+class Segmentation:
+    """Every image's SLIC superpixels (N, H, W) and each superpixel's appearance group (N, S);
+    -1 where an image has fewer superpixels. Recomputed on read where it is not kept (`extend`)."""
+
+    labels: Tensor
+    groups: Tensor
+    centres: np.ndarray  # (K, C) mean colour of each group
+
+    def mask(self, rows: Tensor, cluster: int) -> Tensor:
+        """(len(rows), H, W) bool: the pixels of the group's superpixels."""
+        labels, groups = self.labels[rows].long(), self.groups[rows].long()
+        return groups.gather(1, labels.flatten(1)).view(labels.shape) == cluster
+
+
+def superpixels(x: Tensor, n_segments: int) -> Tensor:
+    """SLIC superpixels of images (B, C, H, W), each scaled to [0, 1] first: (B, H, W) int16."""
+    from skimage.segmentation import slic
+
+    out = []
+    for image in x.float().cpu().numpy():
+        lo, hi = float(image.min()), float(image.max())
+        out.append(slic((image - lo) / max(hi - lo, 1e-6), n_segments=n_segments, slic_zero=True, convert2lab=False, channel_axis=0, start_label=0))
+    return torch.from_numpy(np.stack(out).astype(np.int16))
+
+
+def _segment_colours(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean colour (B, S, C) and pixel count (B, S) of each superpixel."""
+    n = int(labels.max()) + 1
+    onehot = torch.nn.functional.one_hot(labels.long(), n).permute(0, 3, 1, 2).float()  # (B, S, H, W)
+    size = onehot.sum((2, 3))
+    return torch.einsum("bchw,bshw->bsc", x.float().cpu(), onehot) / size.clamp_min(1)[..., None], size
+
+
+def _assign(colours: Tensor, sizes: Tensor, centres: np.ndarray) -> Tensor:
+    """Each superpixel's nearest group centre (B, S); -1 for an absent superpixel."""
+    d = torch.cdist(colours, torch.from_numpy(centres).float()[None].expand(len(colours), -1, -1))
+    return torch.where(sizes > 0, d.argmin(-1), torch.full_like(sizes, -1, dtype=torch.long)).to(torch.int16)
+
+
+def segment_candidates(batches: Callable[[], Iterator[Batch]], n: int, config: DiscoveryConfig) -> list[Feature]:
+    """Each appearance group of the superpixels of each image modality, on the images that have
+    one of its superpixels (not on all: a group every image has cannot tell one from another)."""
+    from scipy.cluster.vq import kmeans2
+
+    labels: dict[str, list[Tensor]] = {}
+    colours: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for b in batches():
+        for m, x in b.encoded.items():
+            if x.dim() != 4 or not x.is_floating_point():
+                continue
+            sp = superpixels(x, config.segments)
+            labels.setdefault(m, []).append(sp)
+            colours.setdefault(m, []).append(_segment_colours(x, sp))
+    out = []
+    for m in labels:
+        width = max(c.shape[1] for c, _ in colours[m])
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1]))  # noqa: E731
+        colour, size = torch.cat([pad(c) for c, _ in colours[m]]), torch.cat([pad(s) for _, s in colours[m]])
+        present = (size > 0).numpy()
+        k = min(config.segment_groups, int(present.sum()))
+        centres, _ = kmeans2(colour.numpy()[present].astype(np.float64), k, rng=0, minit="++")
+        seg = Segmentation(torch.cat(labels[m]), _assign(colour, size, centres), centres)
+        for c in range(k):
+            carriers = (seg.groups == c).any(1).numpy()
+            if config.min_samples <= carriers.sum() < n:
+                out.append(Feature(f"segment:{c}", m, "segment", carriers, segmentation=seg, cluster=c, colour=[round(float(v), 3) for v in centres[c]]))
+    return out
+
+
 # Image-wide properties: a fixed battery of transforms, each removing one property from the
 # whole image. `statistic` measures that property per image; its carriers are the half of the
 # samples where it is strongest (`high`) or weakest. A shift moves a carrier's colour to the
@@ -399,6 +481,22 @@ def _removed(feature: Feature, b: Batch, at: Tensor, ids: Tensor, seed: int, sal
         removed = close_gaps(enc[m], slots, own, units.baseline)
         nulled = close_gaps(enc[m], slots, null, units.baseline)
         return {**enc, m: removed}, {**enc, m: nulled}
+    if feature.kind == "segment":
+        rows = torch.as_tensor(b.rows.start + at.cpu())
+        own = feature.segmentation.mask(rows, feature.cluster)
+        labels = feature.segmentation.labels[rows].long()
+        size = torch.nn.functional.one_hot(labels.flatten(1), int(labels.max()) + 1).sum(1)  # (B, S)
+        others = (feature.segmentation.groups[rows, : size.shape[1]] != feature.cluster) & (size > 0)
+        # other superpixels in a random order, up to as many pixels as the feature's
+        scores = null_scores(ids, seed, salt, 1, size.shape[1])[:, 0].cpu()
+        order = torch.where(others, scores, torch.full(size.shape, 2.0)).argsort(1)
+        before = (size.gather(1, order).cumsum(1) - size.gather(1, order)) < own.flatten(1).sum(1, keepdim=True)
+        chosen = torch.zeros_like(others).scatter(1, order, before & others.gather(1, order))
+        null = chosen.gather(1, labels.flatten(1)).view(labels.shape)
+        base = units.baseline.to(enc[m].dtype)
+        removed = torch.where(own[:, None].to(enc[m].device), base, enc[m])
+        nulled = torch.where(null[:, None].to(enc[m].device), base, enc[m])
+        return {**enc, m: removed}, {**enc, m: nulled}
     keep = torch.ones(len(at), units.n, dtype=torch.bool, device=enc[m].device)
     keep[:, list(feature.slots)] = False
     null_keep = torch.ones_like(keep)
@@ -425,7 +523,7 @@ def _logits(adapter: ModelAdapter, encoded: dict[str, Tensor], size: int) -> Ten
         return torch.cat([adapter.forward({k: v[s : s + size] for k, v in encoded.items()}).float() for s in range(0, n, size)])
 
 
-KINDS: dict[str, Callable] = {"word": word_candidates, "region": region_candidates, "group": group_candidates, "transform": transform_candidates}
+KINDS: dict[str, Callable] = {"word": word_candidates, "region": region_candidates, "segment": segment_candidates, "group": group_candidates, "transform": transform_candidates}
 
 
 def discover(adapter: ModelAdapter, data: SampleSet, logits: Tensor, config: DiscoveryConfig | None = None, seed: int = 0, device: torch.device | str = "cpu",
@@ -504,6 +602,19 @@ def discover(adapter: ModelAdapter, data: SampleSet, logits: Tensor, config: Dis
 # ---------------------------------------------------------------- what the rest of the diagnosis sees
 
 
+class LazySegmentation(Segmentation):
+    """A Segmentation computed for the rows read: SLIC is deterministic, so nothing is kept."""
+
+    def __init__(self, x: Tensor, centres: np.ndarray, n_segments: int):
+        self.x, self.centres, self.n_segments = x, centres, n_segments
+
+    def mask(self, rows: Tensor, cluster: int) -> Tensor:
+        images = self.x[rows]
+        labels = superpixels(images, self.n_segments)
+        groups = _assign(*_segment_colours(images, labels), self.centres)
+        return groups.long().gather(1, labels.long().flatten(1)).view(labels.shape) == cluster
+
+
 def box_mask(carriers: np.ndarray, box: list[int], grid: tuple[int, int]) -> Callable[[Tensor], Tensor]:
     """A place's masks over the image grid, for rows of the set: the box on its carriers."""
     def compute(rows: Tensor) -> Tensor:
@@ -523,6 +634,8 @@ def place(feature: Feature, shape: tuple[int, ...]) -> Tensor | Derived:
     if feature.kind == "group":
         return feature.layout[None] & torch.from_numpy(feature.carriers)[:, None]
     grid = tuple(shape[-2:])
+    if feature.kind == "segment":
+        return Derived(torch.arange(len(feature.carriers)), grid, torch.bool, lambda rows: feature.segmentation.mask(rows, feature.cluster))
     return Derived(torch.arange(len(feature.carriers)), grid, torch.bool, box_mask(feature.carriers, feature.box, grid))
 
 
@@ -583,7 +696,9 @@ def run(ctx: Context, config: DiscoveryConfig, upstream: dict) -> StageResult:
     arrays = {f"carriers.{f.id}": f.carriers for f in taken}
     arrays.update({f"words.{f.id}": f.mask.numpy() for f in taken if f.kind == "word"})
     arrays.update({f"group.{f.id}": f.layout.numpy() for f in taken if f.kind == "group"})
-    details = {"taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {})} for f in taken],
+    arrays.update({f"centres.{f.id}": f.segmentation.centres for f in taken if f.kind == "segment"})
+    details = {"taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {}), **({"cluster": f.cluster} if f.cluster is not None else {})} for f in taken],
+               "segments": config.segments,
                "seed": ctx.seed, "forward_passes": found.forward_passes}
     summary = {**found.summary(config.fdr), "taken": [f.id for f in taken]}
     return StageResult(summary, arrays, details)
@@ -605,7 +720,8 @@ def extend(data: SampleSet, result: StageResult) -> SampleSet:
         if name in meta:
             raise MmdiagError(f"data.meta: a concept is named {name!r}, the name of a feature mmdiag found; rename it")
         f = Feature(name, m, record["kind"], result.arrays[f"carriers.{name}"].astype(bool), word=record.get("word"), box=record.get("box"),
-                    transform=record.get("transform"), scale=record.get("scale"), group=record.get("group"), side=record.get("side"))
+                    transform=record.get("transform"), scale=record.get("scale"), group=record.get("group"), side=record.get("side"),
+                    cluster=record.get("cluster"), colour=record.get("colour"))
         meta[name] = torch.where(torch.from_numpy(f.carriers), record["push"], -1).long()
         x = data.inputs[m]
         if f.kind == "transform":
@@ -618,6 +734,8 @@ def extend(data: SampleSet, result: StageResult) -> SampleSet:
                 f.mask = torch.from_numpy(result.arrays[f"words.{name}"].astype(bool))
             if f.kind == "group":
                 f.layout = torch.from_numpy(result.arrays[f"group.{name}"].astype(bool))
+            if f.kind == "segment":  # the superpixels recomputed on read, each given its group by the centres
+                f.segmentation = LazySegmentation(x, result.arrays[f"centres.{name}"], result.details["segments"])
             truth.setdefault(m, {})[name] = place(f, tuple(x.shape))
             links.setdefault(m, {})[name] = name
         found[name] = f.record()

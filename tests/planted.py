@@ -86,6 +86,12 @@ def render(world: World, c: dict[str, np.ndarray], rng: np.random.Generator) -> 
         for k, (r, q) in enumerate(CORNERS):
             mark[c["mark_pos"] == k, r : r + PATCH, q : q + PATCH] = True
     image = np.where(mark[:, None], 0.05, image).astype(np.float32)
+    spot = np.zeros((n, SIDE, SIDE), bool)
+    if "spot" in c:  # a dark 2x2 spot anywhere, off the patch grid: an object, at no fixed place
+        r, q = rng.integers(0, SIDE - 1, n), rng.integers(0, SIDE - 1, n)
+        for i in np.flatnonzero(c["spot"] == 1):
+            spot[i, r[i] : r[i] + 2, q[i] : q[i] + 2] = True
+        image = np.where(spot[:, None], 0.05, image).astype(np.float32)
     if "cast" in c:  # a warm colour cast over the whole image: more red, less blue
         image = (image + np.array([0.08, 0.0, -0.08], np.float32)[:, None, None] * c["cast"][:, None, None, None]).astype(np.float32)
     length = world.caption
@@ -106,7 +112,7 @@ def render(world: World, c: dict[str, np.ndarray], rng: np.random.Generator) -> 
     tone = torch.zeros(n, 8, dtype=torch.bool)
     tone[:, :2] = True  # the tone lives in the first feature group
     truth = {
-        "image": {"object": torch.from_numpy(obj), "mark": torch.from_numpy(mark)},
+        "image": {"object": torch.from_numpy(obj), "mark": torch.from_numpy(mark), **({"spot": torch.from_numpy(spot)} if "spot" in c else {})},
         "text": {"zz": torch.from_numpy(word_at["zz"]), "negation": torch.from_numpy(word_at["negation"]), "cue": torch.from_numpy(word_at["cue"])},
         "audio": {"tone": tone},
     }
@@ -160,6 +166,8 @@ def samples(world: World, n: int, seed: int, p_spurious: dict[str, float] | None
         links["image"]["mark"] = "mark"
     if "mark_pos" in c:
         links["image"]["mark"] = "mark_pos"
+    if "spot" in c:
+        links["image"]["spot"] = "spot"
     truth = {m: {r: t for r, t in regions.items() if r in links.get(m, {}) and bool(t.any())} for m, regions in truth.items()}
     links = {m: {r: k for r, k in regions.items() if r in truth.get(m, {})} for m, regions in links.items() if m in world.modalities}
     class_concepts = [k for k in ("colour", "mark_pos") if k in meta] if world.n_classes > 2 else None

@@ -46,8 +46,11 @@ def _hand_made(score) -> pl.TorchAdapter:
     return pl.TorchAdapter(net, ("image", "text"), units, embeddings={"text": "embedding"}, class_names=["c0", "c1"])
 
 
-def _discover(model, data: SampleSet) -> dc.Discovery:
-    return dc.discover(model, data, predict(model, data, torch.device("cpu")))
+SEGMENTS = {"kinds": ["word", "region", "segment", "group", "transform"]}  # every kind, segments too
+
+
+def _discover(model, data: SampleSet, config: dict | None = None) -> dc.Discovery:
+    return dc.discover(model, data, predict(model, data, torch.device("cpu")), dc.DiscoveryConfig(**(config or {})))
 
 
 def _world_data(spurious: dict, n: int = 400) -> SampleSet:
@@ -108,6 +111,22 @@ def test_the_feature_group_the_model_reads_is_found_on_both_halves_and_no_other(
     assert low.stats["flip_rate"] > 0.9
 
 
+def test_a_dark_spot_anywhere_is_found_as_one_segment_group():
+    data = _world_data({"spot": 0.5})
+    darkest = lambda x: x["image"].mean(1).amin((1, 2))  # noqa: E731 - a dark pixel anywhere: class 1
+    found = _discover(_hand_made(lambda x: 20.0 * (0.2 - darkest(x))), data, SEGMENTS)
+    segments = [f for f in found.reliable if f.kind == "segment"]
+    # SLIC cuts a 2x2 spot on an 8x8 image whole or with some background, so its superpixels
+    # fall in a few dark groups: each pushes to class 1 and its null (other superpixels, as many
+    # pixels) flips nothing; together they carry the spotted images, wherever the spot is; the
+    # darkest, the spot cut whole, is carried by spotted images only
+    spot = data.meta["spot"].numpy() == 1
+    assert segments and all(f.stats["push"] == 1 and f.stats["null_flip_rate"] == 0.0 for f in segments)
+    assert np.logical_or.reduce([f.carriers for f in segments]).sum() / spot.sum() > 0.9
+    darkest = min(segments, key=lambda f: sum(f.colour))
+    assert not (darkest.carriers & ~spot).any() and darkest.stats["flip_rate"] > 0.4  # 0.59
+
+
 def test_an_image_wide_colour_the_model_reads_is_found_by_a_transform():
     data = _world_data({"cast": 0.5})
     warm = lambda x: x["image"][:, 0].mean((1, 2)) - x["image"][:, 2].mean((1, 2))  # noqa: E731
@@ -130,18 +149,18 @@ def test_a_transform_and_its_null_change_an_image_as_much():
 # ---------------------------------------------------------------- trained models, annotations stripped
 
 
-def _found_shortcut(model, data: SampleSet, kind: str) -> tuple[dict, dict, dict]:
+def _found_shortcut(model, data: SampleSet, kind: str, config: dict | None = None) -> tuple[dict, dict, dict]:
     """Diagnose the bare data; the top suggestion is a shortcut on a feature of this kind that
     mmdiag found; of the errors where that feature points to the predicted class against the
     label, the share whose card blames it is returned with the suggestion."""
-    summary, _, analysis = diagnose(model, pl.bare(data))
+    summary, _, analysis = diagnose(model, pl.bare(data), settings={"discovery": config or {}})
     top = analysis["suggestions"][0]
     assert top["rule"] == "shortcut" and top["feature"]["found"] and top["feature"]["kind"] == kind, [s["id"] for s in analysis["suggestions"]]
     feature = top["feature"]
     (taken,) = [r for r in summary["discovery"]["reliable"] if r["id"] == feature["id"]]
     with torch.no_grad():
         pred = model(data.inputs).argmax(1).numpy()
-    carriers = _carriers(model, data, feature)
+    carriers = _carriers(model, data, feature, config)
     y = data.labels.numpy()
     follows = carriers & (y != taken["push"]) & (pred == taken["push"])
     blamed = {c["row"] for c in analysis["errors"]["cards"] if ((c["rule"] or {}).get("feature") or {}).get("id") == feature["id"]}
@@ -150,8 +169,8 @@ def _found_shortcut(model, data: SampleSet, kind: str) -> tuple[dict, dict, dict
     return top, taken, {"share": share, "carriers": carriers, "slices": analysis["errors"]["slices"]}
 
 
-def _carriers(model, data: SampleSet, feature: dict) -> np.ndarray:
-    found = _discover(model, pl.bare(data))
+def _carriers(model, data: SampleSet, feature: dict, config: dict | None = None) -> np.ndarray:
+    found = _discover(model, pl.bare(data), config)
     (f,) = [f for f in found.features if f.id == feature["id"]]
     return f.carriers
 
@@ -224,6 +243,22 @@ def test_a_feature_group_shortcut_is_found_in_bare_data():
     holds("share of the errors that follow the tone whose card names it", cards["share"], above=0.8)
     named = [s["where"] for s in cards["slices"]] + [p["where"] for s in cards["slices"] for p in s.get("profile", [])]
     assert any("group:g0:" in where for where in named), named  # a slice has a name with no annotation
+
+
+@pytest.mark.trained
+def test_a_spot_anywhere_is_found_as_a_segment_in_bare_data():
+    """A dark spot at a random place, off the patch grid, that agrees with the label in
+    training: no fixed place holds it, the superpixels of its colour do."""
+    world = pl.World(label=lambda c: c["colour"], spurious={"spot": 0.9}, contrast=0.25, hidden=0.25)
+    model = pl.train(world)
+    data = pl.samples(world, 600, seed=SEED_EVAL, p_spurious={"spot": 0.5})
+    _prove(model, data, "spot")
+    top, taken, cards = _found_shortcut(model, data, "segment", SEGMENTS)
+    (f,) = [f for f in _discover(model, pl.bare(data), SEGMENTS).features if f.id == top["feature"]["id"]]
+    pixels = f.segmentation.mask(torch.arange(len(data)), f.cluster) & torch.from_numpy(f.carriers)[:, None, None]
+    spot = data.truth["image"]["spot"]
+    holds("IoU of the segment group's pixels with the spot's", float((pixels & spot).sum() / (pixels | spot).sum()), above=0.25)
+    holds("share of the errors that follow the spot whose card names it", cards["share"], above=0.8)
 
 
 @pytest.mark.trained
