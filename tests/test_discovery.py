@@ -315,7 +315,7 @@ def test_a_demo_model_on_bare_data_finds_its_corner_mark(demo_models, name):
     from pipeline.demo import shapes, vlm
 
     adapter = demo_models(name)
-    data = (vlm if name == "demo-vlm" else shapes).split("ood", n=600)
+    data = (vlm if name == "demo-vlm" else shapes).split("ood", n=400)
     ys, xs = data.truth["image"]["watermark"].any(0).nonzero(as_tuple=True)
     box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
     summary, _, analysis = diagnose(adapter, pl.bare(data), settings={"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 20, "sanity_samples": 0},
