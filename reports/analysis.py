@@ -32,6 +32,20 @@ def slice_columns(results: dict[str, StageResult], ev: Evaluated, t: Thresholds,
     return cols
 
 
+def refitted(results: dict[str, StageResult], ev: Evaluated, seed: int) -> np.ndarray | None:
+    """Out-of-fold probabilities of a readout refitted to this split's labels (label_issues.
+    cross_fitted), the second opinion on label mistakes, on stage 3's layers before the decision
+    (every layer counting alike): the decision layer has collapsed onto the model's answer, where a confident
+    error's neighbours are the samples it gets right; the earlier layers still show the input
+    (a hidden object). The decision layer where no other is read; None without stage 3."""
+    rep = results.get("representation")
+    if rep is None:
+        return None
+    names = sorted(k for k in rep.arrays if k.startswith("layer.")) or (["decision"] if "decision" in rep.arrays else [])
+    blocks = [x for x in (ev.in_data_order(rep, n) for n in names) if x is not None]
+    return label_issues.cross_fitted(blocks, ev.labels, ev.probs.shape[1], seed) if blocks else None
+
+
 def disagreement(ev: Evaluated) -> list[dict]:
     """Accuracy where each binary concept disagrees with a binary label: the slice a shortcut
     fails on, kept for every run so that `compare` can show it before and after a fix."""
@@ -95,8 +109,10 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     sets = findings.label_sets(ev, thresholds)
     detected = findings.detect(summary, results, ev, found, thresholds, notes, sets)
     flagged = label_issues.ranked(ev.probs, ev.labels, label_issues.find(ev.probs, ev.labels))
+    refit = refitted(results, ev, seed)
     src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected,
-                           {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets, thresholds.confidence))
+                           {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets, thresholds.confidence),
+                           refit, None if refit is None else label_issues.neighbours_say(refit, ev.labels, thresholds.confidence))
     cards = evidence.cards(src, thresholds)
     for c in cards:  # a cause that is a feature mmdiag found names it
         if c["rule"] and (c["rule"]["figures"] or {}).get("concept") in data.found:

@@ -72,6 +72,11 @@ class Sources:
     label_issues: dict[int, int] = field(default_factory=dict)
     # per data row, the label the concepts that determine it give (-1: unknown), reliance.consensus
     consensus: np.ndarray | None = None
+    # out-of-fold probabilities of a readout refitted to this split's labels (label_issues.cross_fitted),
+    # and per row the other class its neighbours carry beyond chance (label_issues.neighbours_say,
+    # -1: none); None without stage 3's decision features
+    refit: np.ndarray | None = None
+    refit_other: np.ndarray | None = None
     pooled: dict = field(default_factory=dict)  # (modality, region, units) -> coverage of every sample
 
     def of_rule(self, rule: str) -> list[Finding]:
@@ -242,6 +247,10 @@ def label_evidence(src: Sources, row: int) -> dict:
         "null_kept": _r(np.mean(kept)) if kept else None,
         "concepts_say": None if told < 0 else ev.class_name(told),
         "concepts_tell": src.consensus is not None,  # some concept set determines the label
+        # a readout refitted to this split's labels: does it, too, confidently give another class?
+        "refit": None if src.refit is None else {"likely": ev.class_name(int(src.refit[row].argmax())),
+                                                 "neighbours_say": None if src.refit_other[row] < 0 else ev.class_name(int(src.refit_other[row])),
+                                                 "given_probability": _r(src.refit[row, label])},
         # a shortcut finding's concept points this sample to its prediction against its label
         "follows_shortcut": [f.subject for f in src.of_rule("shortcut") if f.points_to is not None and f.points_to[row] == pred != label],
     }
@@ -437,7 +446,11 @@ def label_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     # where concepts determine the label, they must give this sample the model's answer: a
     # sample whose cell they cannot tell (a grey photo in a colour-labelled world) is no evidence
     agrees = found["concepts_say"] == found["likely"] if found["concepts_say"] is not None or found.get("concepts_tell") else True
-    return found["flagged"] and stable and agrees and not found.get("follows_shortcut"), {**found, "evidence": "confident learning" if found["null_kept"] is None else "intervention"}
+    # a readout fit to this split's labels must contradict the label too, with the model's class:
+    # a model error on an input that shows no label, or one this split does not reward, it does not
+    refit = found.get("refit")
+    refitted = refit is None or refit["neighbours_say"] == found["likely"]
+    return found["flagged"] and stable and agrees and refitted and not found.get("follows_shortcut"), {**found, "evidence": "confident learning" if found["null_kept"] is None else "intervention"}
 
 
 def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
@@ -534,6 +547,7 @@ def sentence(name: str, g: dict) -> str:
     if name == "label":
         stable = "" if g["null_kept"] is None else f"; {100 * g['null_kept']:.0f}% of the random removals keep it"
         stable += "" if g["concepts_say"] is None else f"; the concepts that determine the label say {g['concepts_say']} too"
+        stable += "" if not g.get("refit") else f"; its nearest neighbours' labels say {g['refit']['neighbours_say']} too"
         return (
             f"Likely a label mistake ({g['rank']} of {g['of']} by confident learning): the model gives the label {100 * g['given_probability']:.0f}% "
             f"and its answer, {g['likely']}, {100 * g['predicted_probability']:.0f}%{stable}; no intervention shows a model error. Review the label."

@@ -12,15 +12,25 @@ the given label, lowest first). Written here in numpy: cleanlab is AGPL-3.0 and 
 cleanlab is the benchmark's reference (`mmdiag bench`), never a dependency.
 
 Confident learning cannot tell a label mistake from a confident model error: a shortcut's errors
-look the same to it. The interventions can: a shortcut error becomes right when its feature is
-removed, a label mistake does not. The per-error rule (reports/evidence.py) therefore tries the
-shortcut first and calls an error a label mistake only where no intervention shows it to be the
-model's.
+look the same to it. Two things can. The interventions: a shortcut error becomes right when its
+feature is removed, a label mistake does not. And a readout refitted to this split's own labels
+(`cross_fitted`: cleanlab's own recipe, out-of-fold probabilities of a model fit to the data,
+here nearest neighbours among the model's layers before its decision): where the model errs by following
+something this split does not reward, or on an input that shows no label (a grey photo in a
+colour-labelled world), the refitted readout does not confidently contradict the given label; a
+label mistake it does. The per-error rule (reports/evidence.py) calls an error a label mistake
+only where both the model and the readout are confident learning's issues and no intervention
+shows the error to be the model's.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+
+FOLDS = 5
 
 
 def thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -80,3 +90,55 @@ def ranked(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarra
     """The rows of `mask`, lowest self-confidence (probability of the given label) first."""
     rows = np.flatnonzero(mask)
     return rows[np.argsort(probs[rows, labels[rows]], kind="stable")]
+
+
+def neighbours(n: int) -> int:
+    """k of the refitted readout: the square root of a fold's training size."""
+    return max(1, round(np.sqrt(n * (FOLDS - 1) / FOLDS)))
+
+
+def standardised(blocks: list[np.ndarray]) -> np.ndarray:
+    """Blocks of features (one per layer) side by side, each column standardised and each block
+    weighted by one over the square root of its width, so that every block counts alike in a
+    distance whatever its width (a constant column stays 0)."""
+    out = []
+    for x in blocks:
+        x = np.asarray(x, np.float64)
+        sd = x.std(0)
+        out.append((x - x.mean(0)) / np.where(sd > 0, sd, 1.0) / np.sqrt(x.shape[1]))
+    return np.concatenate(out, 1)
+
+
+def cross_fitted(blocks: list[np.ndarray], labels: np.ndarray, n_classes: int, seed: int = 0) -> np.ndarray | None:
+    """Out-of-fold class probabilities (N, n_classes): the label shares among a sample's k nearest
+    neighbours (`standardised` blocks, k the square root of a fold's training size) in the other
+    folds (stratified, `FOLDS`; a class no sample carries gets 0). Nearest neighbours, not a
+    linear readout: where the features show no label (a hidden object) the neighbours' labels
+    are mixed and the readout unsure, where a line through them would still be confident on one
+    side. None where fewer than two classes have `FOLDS` samples each, or the features are
+    constant or not finite."""
+    labels = np.asarray(labels, np.int64)
+    features = standardised(blocks)
+    present, counts = np.unique(labels, return_counts=True)
+    if len(present) < 2 or counts.min() < FOLDS or not np.isfinite(features).all() or not features.any():
+        return None
+    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
+    out = np.zeros((len(labels), n_classes))
+    out[:, present] = cross_val_predict(KNeighborsClassifier(neighbours(len(labels))), features, labels, cv=folds, method="predict_proba")
+    return out
+
+
+def neighbours_say(refit: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """Per sample, the class other than its label that its neighbours (cross_fitted) carry more
+    often than the class's share of the labels could give by chance (one-sided binomial test of
+    the neighbours' count, Bonferroni over the classes), -1 where none: the second opinion that
+    the input shows another label. Where the input shows none (a hidden object), the neighbours'
+    labels follow the class shares and say nothing."""
+    labels = np.asarray(labels, np.int64)
+    k = neighbours(len(labels))
+    counts = np.rint(np.asarray(refit) * k)
+    share = np.bincount(labels, minlength=refit.shape[1]) / len(labels)
+    p = stats.binom.sf(counts - 1, k, share[None, :])  # P(count or more | the class's share)
+    p[np.arange(len(labels)), labels] = 1.0
+    best = p.argmin(1)
+    return np.where(p[np.arange(len(labels)), best] * refit.shape[1] < 1 - confidence, best, -1)

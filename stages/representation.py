@@ -380,6 +380,9 @@ def run(ctx: Context, config: RepresentationConfig, upstream: dict) -> StageResu
         "feature.bottom_ids": ids[acts.decision.argsort(dim=0, stable=True)[:k]].T.numpy(),
         "feature.modality_change": acts.change.numpy(),
         "feature.modality_dependence": dependence.numpy(),
+        # the layers before the decision, reduced: what the inputs show before the model decides
+        # (the refitted readout of label mistakes, reports/label_issues.py, reads them)
+        **{f"layer.{n}": x.numpy() for n, x in layers.items() if n != config.decision_layer},
     }
     if config.local_method is not None:
         j = config.feature if config.feature is not None else max(range(d), key=lambda i: abs((features[i]["auroc"] or 0.5) - 0.5))

@@ -165,6 +165,8 @@ def _found_shortcut(model, data: SampleSet, kind: str, config: dict | None = Non
     follows = carriers & (y != taken["push"]) & (pred == taken["push"])
     blamed = {c["row"] for c in analysis["errors"]["cards"] if ((c["rule"] or {}).get("feature") or {}).get("id") == feature["id"]}
     assert follows.sum() >= 20
+    # the labels are clean: the model's confident errors are its own, not label mistakes
+    holds("share of the errors (clean labels) carded as label mistakes", analysis["errors"]["categories"]["label"] / analysis["errors"]["n"], below=0.15)
     share = float(np.mean([r in blamed for r in np.flatnonzero(follows)]))
     return top, taken, {"share": share, "carriers": carriers, "slices": analysis["errors"]["slices"]}
 
@@ -301,30 +303,35 @@ def test_an_annotated_feature_keeps_its_name_and_discovery_agrees():
 
 @pytest.mark.slow
 @pytest.mark.trained
-@pytest.mark.parametrize("name", ["demo-transformer", "demo-vlm"])
-def test_a_demo_model_on_bare_data_finds_its_corner_mark(demo_models, name):
+@pytest.mark.parametrize("name, n", [("demo-transformer", 2000), ("demo-vlm", 400)])
+def test_a_demo_model_on_bare_data_finds_its_corner_mark(demo_models, name, n):
     """The trained joint-attention transformer and the tiny LLaVA, on the demo's ood split with
     its annotations stripped: discovery takes on the place of the corner mark each follows on
-    grey photos by construction (proven in tests/test_transformers.py and tests/test_vlm.py).
-    demo-vlm follows it everywhere, and it is its first shortcut suggestion (after
-    `ignored_modality:text`, true of it: it hardly uses the question). demo-transformer follows
-    it on grey photos only (a quarter): where the mark is present and disagrees, its errors do
-    not rise above the base rate at the corrected level, so no suggestion names it bare (the
-    annotated concept has both directions, present and absent, and twice the evidence):
-    recorded, not asserted."""
+    grey photos by construction (proven in tests/test_transformers.py and tests/test_vlm.py),
+    and a shortcut suggestion names it. demo-vlm follows it everywhere: it is its first shortcut
+    (`ignored_modality:text`, true of it, may come before it: it hardly uses the question). demo-transformer
+    follows it on grey photos only (a quarter of them), so its evidence needs the whole split:
+    on 400 samples its errors where the mark disagrees do not clear the corrected level; it may
+    rank after a bias of its own (one training run reads 'triangle' towards 'false': 0.36 of its
+    triangle captions predicted true, 0.51 labelled so). The labels are clean: of the model's
+    confident errors, few are taken for label mistakes (measured 0.02-0.03 of them on two
+    training runs, 0.1-0.3 before the refitted readout's second opinion)."""
     from pipeline.demo import shapes, vlm
 
     adapter = demo_models(name)
-    data = (vlm if name == "demo-vlm" else shapes).split("ood", n=400)
+    data = (vlm if name == "demo-vlm" else shapes).split("ood", n=n)
     ys, xs = data.truth["image"]["watermark"].any(0).nonzero(as_tuple=True)
     box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
     summary, _, analysis = diagnose(adapter, pl.bare(data), settings={"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 20, "sanity_samples": 0},
                                                                      "crossmodal": {"n_reference": 40, "shapley_draws": 2}})
     taken = [r for r in summary["discovery"]["reliable"] if r["id"] in summary["discovery"]["taken"] and r["kind"] == "region"]
-    best = max(taken, key=lambda r: _box_iou(r["box"], box))
     # the mark (4x4 px) inside a unit cell: demo-vlm's cells are 8x8, an IoU of 16/64 at best
-    assert _box_iou(best["box"], box) >= 0.25, [r["id"] for r in taken]
+    marks = {r["id"] for r in taken if _box_iou(r["box"], box) >= 0.25}
+    assert marks, [r["id"] for r in taken]
     ids = [s["id"] for s in analysis["suggestions"]]
-    measured(f"{name}: rank of the mark's suggestion (0: none)", ids.index(f"shortcut:{best['id']}") + 1 if f"shortcut:{best['id']}" in ids else 0)
+    cuts = [i for i in ids if i.startswith("shortcut:")]
+    assert any(c.removeprefix("shortcut:") in marks for c in cuts), ids
     if name == "demo-vlm":
-        assert next(s for s in analysis["suggestions"] if s["rule"] == "shortcut")["id"] == f"shortcut:{best['id']}", ids
+        assert cuts[0].removeprefix("shortcut:") in marks, ids
+    measured(f"{name}: rank of the mark's suggestion", 1 + next(k for k, i in enumerate(ids) if i.removeprefix("shortcut:") in marks))
+    holds(f"{name}: share of the errors (clean labels) carded as label mistakes", analysis["errors"]["categories"]["label"] / analysis["errors"]["n"], below=0.15)

@@ -83,3 +83,50 @@ def test_few_samples_cannot_tell_the_labels_causes():
     assert found[0] in ([], [("colour",)])
     assert reliance.determining_sets({"colour": colour[:8]}, colour[:8]) == []
     assert reliance.causal("colour", [], None) is None
+
+
+def _hidden_world(n: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features, model probabilities, given labels, flipped) of two classes whose inputs show
+    the class on three quarters of the samples; on the rest the model guesses confidently (a
+    shortcut's errors) and nothing in the features tells the class. `rate` of the visible
+    samples' labels are flipped."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, 2, n)
+    visible = rng.random(n) < 0.75
+    features = np.stack([np.where(visible, 2.0 * true - 1, 0.0) + rng.normal(0, 0.1, n), visible + rng.normal(0, 0.1, n)], 1)
+    guess = np.where(visible, true, rng.integers(0, 2, n))
+    probs = np.where(np.eye(2)[guess] == 1, 0.95, 0.05)
+    flipped = visible & (rng.random(n) < rate)
+    return features, probs, np.where(flipped, 1 - true, true), flipped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_readout_refitted_to_the_labels_tells_label_mistakes_from_errors_on_inputs_that_show_no_label(seed):
+    """Confident learning on the model alone takes its confident errors on the hidden samples
+    (the labels there are right) for label mistakes; the readout refitted to the split's own
+    labels is unsure there and sure on the flipped visible samples."""
+    features, probs, given, flipped = _hidden_world(4000, 0.1, seed)
+    model = li.find(probs, given)
+    hidden_errors = model & ~flipped
+    assert hidden_errors.sum() > flipped.sum()  # the model's confident errors outnumber the mistakes
+    refit = li.cross_fitted([features], given, 2, seed)
+    both = model & (li.neighbours_say(refit, given) == probs.argmax(1))
+    assert (both & flipped).sum() / both.sum() > 0.95 and (both & flipped).sum() / flipped.sum() > 0.9
+
+
+def test_a_readout_is_refitted_only_where_every_class_fills_the_folds():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 3))
+    assert li.cross_fitted([features], np.r_[np.zeros(47, int), np.ones(3, int)], 2) is None
+    assert li.cross_fitted([np.ones((50, 3))], np.r_[np.zeros(25, int), np.ones(25, int)], 2) is None
+    out = li.cross_fitted([features], np.r_[np.zeros(25, int), np.full(25, 2)], 3)  # class 1 absent: probability 0
+    assert out.shape == (50, 3) and (out[:, 1] == 0).all() and np.allclose(out.sum(1), 1)
+
+
+def test_every_block_counts_alike_in_the_readouts_distance():
+    rng = np.random.default_rng(0)
+    wide, narrow = rng.normal(5, 3, (200, 64)), rng.normal(-2, 0.1, (200, 4))
+    x = li.standardised([wide, narrow, np.ones((200, 2))])
+    assert x.shape == (200, 70) and np.allclose(x.mean(0), 0)
+    # each block's squared distances average alike: its columns' variances sum to one
+    assert np.isclose(x[:, :64].var(0).sum(), 1) and np.isclose(x[:, 64:68].var(0).sum(), 1) and not x[:, 68:].any()
