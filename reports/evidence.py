@@ -166,8 +166,9 @@ def counterfactual_effect(src: Sources, concept: str, row: int) -> dict | None:
     if a is None or not a["valid"] or (a["label"] >= 0 and a["label"] != src.ev.labels[row]):
         return None
     out = {"concept": concept, "fixes": bool(a["pred_after"] == src.ev.labels[row]), "towards_truth": _r(a["d_true"] - a["d_pred"])}
-    if "null.pred_after" in a:  # a change with a null: one that the random change as large also makes right is no evidence
+    if "null.pred_after" in a:  # a change with a null: the random change as large must do less
         out["null_fixes"] = bool(a["null.pred_after"] == src.ev.labels[row])
+        out["null_towards_truth"] = _r(a["null.d_true"] - a["null.d_pred"])
     return out
 
 
@@ -414,7 +415,11 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     follows = None
     for c in found["concepts"]:
         cf = c["counterfactual"]
-        if cf is not None and cf["fixes"] and not cf.get("null_fixes"):
+        # it makes the prediction right and its null (a random change as large) does not, or it
+        # moves the true class's logit against the predicted one further than the null, as a
+        # region's removal must beat its nulls
+        beyond = cf is not None and cf.get("null_towards_truth") is not None and cf["towards_truth"] > cf["null_towards_truth"]
+        if cf is not None and ((cf["fixes"] and not cf.get("null_fixes")) or beyond):
             return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "counterfactual", **cf}
         for e in c["regions"]:
             beyond = e["null_towards_truth_max"] is not None and e["towards_truth"] > e["null_towards_truth_max"]

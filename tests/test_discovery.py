@@ -273,8 +273,10 @@ def test_a_colour_cast_is_found_through_the_transforms():
     cast = data.meta["cast"].numpy() == 1
     holds("Jaccard of the transform's carriers with the cast images", float((cards["carriers"] & cast).sum() / (cards["carriers"] | cast).sum()), above=0.6)
     # per error, the bar is that the transform makes it right and a random colour change as
-    # large does not: that null also makes many of them right (the colour rule moves with any
-    # colour), so the share is recorded, not asserted
+    # large does not, or moves the true class's logit further than that change: the null, one
+    # draw, also makes many of them right (the colour rule moves with any colour); 0.71-0.87
+    # over three training seeds (0.36-0.5 when only making it right counted), recorded, not
+    # asserted
     measured("share of the errors that follow the cast whose card names it", cards["share"])
 
 
