@@ -152,8 +152,9 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
             continue
         regions = rl.linked_regions(ev, concept)
         evidence = {
-            "counterfactual": rl.counterfactual(summary, concept),
-            "intervention": rl.intervention(summary, regions),
+            # Bonferroni over the concepts tested and, for the interventions, their regions
+            "counterfactual": rl.counterfactual(summary, concept, z),
+            "intervention": rl.intervention(summary, regions, stats.z_value(t.confidence, len(candidates) * max(len(regions), 1))),
             "attribution": rl.attribution(results, ev, regions, z),
             "composition": rl.composition(summary, results, concept, len(candidates)),
         }

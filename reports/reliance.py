@@ -36,10 +36,22 @@ def linked_regions(ev: sp.Evaluated, concept: str) -> list[tuple[str, str]]:
     return [(m, r) for m, regions in ev.data.truth.items() for r in regions if ev.data.concept_of(m, r) == concept]
 
 
-def intervention(summary: dict, regions: list[tuple[str, str]]) -> dict | None:
-    """The strongest linked region's intervention figures, and whether they beat the null (the
-    lower end of the stage's interval of the flip or margin effect above 0)."""
-    found = (summary.get("intervention") or {}).get("regions") or {}
+def _low(effect: dict, stage_z: float, z: float) -> float:
+    """The lower end of a stage's normal interval of a mean, re-drawn at `z` (the rule's level,
+    corrected for the number of things it tests) from the stage's own half-width."""
+    if effect["value"] is None or effect["high"] is None:
+        return float("-inf")
+    return effect["value"] - (effect["high"] - effect["value"]) / stage_z * z
+
+
+def intervention(summary: dict, regions: list[tuple[str, str]], z: float | None = None) -> dict | None:
+    """The strongest linked region's intervention figures, and whether they beat the null: the
+    lower end of the flip or margin effect's interval above 0, at `z` (the caller's level,
+    Bonferroni over every concept and region it tests; None: the stage's own level)."""
+    stage = summary.get("intervention") or {}
+    found = stage.get("regions") or {}
+    stage_z = stats.z_value(stage.get("confidence", 0.95))
+    z = stage_z if z is None else z
     best = None
     for m, r in regions:
         g = found.get(f"{m}.{r}")
@@ -55,27 +67,34 @@ def intervention(summary: dict, regions: list[tuple[str, str]]) -> dict | None:
             "margin_effect": g["margin_effect"],
             "fixes_error_rate": g["fixes_error_rate"]["value"],
             "null_fixes_error_rate": g["null_fixes_error_rate"]["value"],
+            "tested_at_z": _r(z),
         }
-        record["beyond_null"] = bool((g["flip_effect"]["low"] or 0) > 0 or (g["margin_effect"]["low"] or 0) > 0)
+        record["beyond_null"] = bool(_low(g["flip_effect"], stage_z, z) > 0 or _low(g["margin_effect"], stage_z, z) > 0)
         if best is None or record["flip_effect"]["value"] > best["flip_effect"]["value"]:
             best = record
     return best
 
 
-def counterfactual(summary: dict, concept: str) -> dict | None:
-    """Flipping the concept while the label stays: how often the prediction flips (lower end > 0
-    means the model follows the concept where it should not); where the label is unknown and the
-    data gives a null change, how many more predictions the flip changes than the null does."""
-    g = ((summary.get("intervention") or {}).get("counterfactuals") or {}).get(concept)
+def counterfactual(summary: dict, concept: str, z: float | None = None) -> dict | None:
+    """Flipping the concept while the label stays: how often the prediction flips (the lower end
+    of its Wilson interval at `z` above 0 means the model follows the concept where it should
+    not); where the label is unknown and the data gives a null change, how many more
+    predictions the flip changes than the null does (the lower end at `z` above 0)."""
+    stage = summary.get("intervention") or {}
+    g = (stage.get("counterfactuals") or {}).get(concept)
     if not g:
         return None
+    stage_z = stats.z_value(stage.get("confidence", 0.95))
+    z = stage_z if z is None else z
     kept = g["flip_rate_label_kept"]
     if kept["n"]:
-        return {"flip_rate_label_kept": kept, "fixes_error_rate": g["fixes_error_rate"]["value"], "beyond_null": bool(kept["low"] > 0)}
+        low, _ = stats.wilson(round(kept["value"] * kept["n"]), kept["n"], z)
+        return {"flip_rate_label_kept": kept, "fixes_error_rate": g["fixes_error_rate"]["value"], "tested_at_z": _r(z), "beyond_null": bool(low > 0)}
     effect = g.get("flip_effect")
     if effect and effect["n"]:  # the label unknown, a null beside it (a transform discovery found): flips beyond a random change as large
         return {"flip_rate": g["flip_rate"]["value"], "null_flip_rate": g["null_flip_rate"]["value"], "flip_effect": effect, "n": effect["n"],
-                "fixes_error_rate": g["fixes_error_rate"]["value"], "null_fixes_error_rate": g["null_fixes_error_rate"]["value"], "beyond_null": bool(effect["low"] > 0)}
+                "fixes_error_rate": g["fixes_error_rate"]["value"], "null_fixes_error_rate": g["null_fixes_error_rate"]["value"], "tested_at_z": _r(z),
+                "beyond_null": bool(_low(effect, stage_z, z) > 0)}
     return None
 
 

@@ -173,7 +173,7 @@ def summarise(arrays: dict[str, np.ndarray], details: dict) -> dict:
     n = len(arrays["ids"])
     z = stats.z_value(details["confidence"])
     errors = arrays["pred"] != arrays["label"]
-    out: dict = {"n": n, "null_sets": details["null_sets"], "regions": {}, "modalities": {}, "counterfactuals": {}}
+    out: dict = {"n": n, "null_sets": details["null_sets"], "confidence": details["confidence"], "regions": {}, "modalities": {}, "counterfactuals": {}}
     for reg in details["regions"]:
         a = {k[len(f"region.{reg['key']}.") :]: v for k, v in arrays.items() if k.startswith(f"region.{reg['key']}.")}
         has, valid = a["has"].astype(bool), a["null_valid"].astype(bool)

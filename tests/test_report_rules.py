@@ -279,3 +279,22 @@ def test_label_issues_csv_has_a_header_even_when_empty():
     assert label_issues_csv([]) == "row,id,given,likely,given_probability,likely_probability,evidence\n"
     line = label_issues_csv([{"row": 3, "id": 7, "given": "a", "likely": "b", "given_probability": 0.1, "likely_probability": 0.9, "evidence": "x, y"}])
     assert line.splitlines()[1] == '3,7,a,b,0.1,0.9,"x, y"'
+
+
+def test_a_regions_effect_beyond_its_null_is_judged_at_the_rules_corrected_level():
+    """An effect whose interval clears 0 at the stage's 95% but not once Bonferroni-corrected for
+    the rule's 20 tests (a normal interval re-drawn from the stage's half-width)."""
+    from pipeline import stats
+    from reports import reliance
+
+    effect = {"value": 0.02, "low": 0.001, "high": 0.039, "n": 400}
+    none = {"value": 0.0, "low": -0.01, "high": 0.01, "n": 400}
+    region = {"n": 400, "units": 4, "flip_rate": {"value": 0.05}, "null_flip_rate": {"value": 0.03}, "flip_effect": effect, "margin_effect": none,
+              "fixes_error_rate": {"value": 0.1}, "null_fixes_error_rate": {"value": 0.05}}
+    summary = {"intervention": {"confidence": 0.95, "regions": {"image.mark": region}}}
+    assert reliance.intervention(summary, [("image", "mark")])["beyond_null"]
+    assert not reliance.intervention(summary, [("image", "mark")], stats.z_value(0.95, 20))["beyond_null"]
+    # one flip in 2,000 with the label kept clears 0 at any level: the Wilson interval is re-drawn at the rule's
+    kept = {"intervention": {"confidence": 0.95, "counterfactuals": {"c": {"flip_rate_label_kept": {"value": 0.0005, "low": 0.0001, "high": 0.003, "n": 2000},
+                                                                          "fixes_error_rate": {"value": 0.0}}}}}
+    assert reliance.counterfactual(kept, "c", stats.z_value(0.95, 20))["tested_at_z"] > 3
