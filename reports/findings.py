@@ -276,6 +276,21 @@ def label_derived(meta: dict[str, np.ndarray], labels: np.ndarray) -> set[str]:
     return {c for c, v in binary.items() for d, w in binary.items() if c != d and np.mean(v == (w == labels)) >= 0.99}
 
 
+def label_functions(meta: dict[str, np.ndarray], labels: np.ndarray, purity: float = 0.99) -> set[str]:
+    """Concepts that are a function of the label (each class's samples take one value of it, at
+    `purity`): a copy of the label, or a concept computed from the answer. Whether the decision
+    layer encodes one is whether the model is right, no representation finding."""
+    out = set()
+    for name, v in meta.items():
+        known = v >= 0
+        if known.sum() < 2 or len(np.unique(v[known])) < 2:
+            continue
+        agree = sum(np.bincount(v[known & (labels == k)]).max() for k in np.unique(labels[known]))
+        if agree >= purity * known.sum():
+            out.add(name)
+    return out
+
+
 def additive_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, sizes: tuple[int, int, int] | None = None, steps: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """The best additive classifier of two categorical concepts: multinomial logistic regression
     on their one-hot codes (logit = f(a) + g(b)), fitted on the cell counts by gradient descent (a
@@ -456,7 +471,9 @@ def concepts_not_encoded(summary: dict, ev: Evaluated, found: list[sl.Slice], sh
     probe does not beat its control task (`encoding`: the interval's low end is not above 0):
     errors concentrate on it and the model does not encode it."""
     worst: dict[str, sl.Slice] = {}
-    derived = label_derived({n: v.numpy() for n, v in ev.data.meta.items()}, ev.labels)  # no model can encode those from its inputs
+    meta = {n: v.numpy() for n, v in ev.data.meta.items()}
+    # no model can encode these from its inputs, or not encoding them is its error itself
+    derived = label_derived(meta, ev.labels) | label_functions(meta, ev.labels)
     for s in found:
         for concept, _ in s.conditions:
             if s.kind == "concept" and concept != "label" and concept not in shortcut_concepts | derived:

@@ -298,3 +298,23 @@ def test_a_regions_effect_beyond_its_null_is_judged_at_the_rules_corrected_level
     kept = {"intervention": {"confidence": 0.95, "counterfactuals": {"c": {"flip_rate_label_kept": {"value": 0.0005, "low": 0.0001, "high": 0.003, "n": 2000},
                                                                           "fixes_error_rate": {"value": 0.0}}}}}
     assert reliance.counterfactual(kept, "c", stats.z_value(0.95, 20))["tested_at_z"] > 3
+
+
+def test_a_concept_computed_from_the_label_is_never_not_encoded():
+    """The same planted slice as above, on a concept that is the label's function (a copy of the
+    answer, or whether the answer is class 1): not encoding it is the model's error itself."""
+    import dataclasses
+
+    import torch
+
+    data = fx.make_data(n=400)
+    summary, results, _ = fx.run("clean", data=data, colour_selectivity=0.02)
+    logits = results["model"].arrays["logits"]
+    wrong = (data.labels.numpy() == 1) & (np.arange(len(data)) % 2 == 0)
+    logits[wrong] = -logits[wrong]
+    for name, values in {"answer": data.labels.clone(), "answer_is_1": (data.labels == 1).long()}.items():
+        planted = dataclasses.replace(data, meta={**data.meta, name: values})
+        summary["representation"]["probes"][name] = copy.deepcopy(summary["representation"]["probes"]["colour"])
+        assert name in findings.label_functions({k: v.numpy() for k, v in planted.meta.items()}, planted.labels.numpy())
+        assert not any(s["subject"] == name for s in analyse(summary, results, planted)["suggestions"])
+    assert not findings.label_functions({"colour": data.meta["colour"].numpy()}, torch.randint(0, 2, (400,)).numpy())
