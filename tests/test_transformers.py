@@ -171,4 +171,9 @@ def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, monkeypa
                         ("ood, mark disagrees", slices["shortcut_agrees=0"]), ("anti", summary["model"]["splits"]["anti"]["accuracy"]),
                         ("EMAP full", summary["crossmodal"]["full_accuracy"]), ("EMAP additive", summary["crossmodal"]["additive_accuracy"])):
         measured(f"table: {name}", value)
-    assert summary["suggestions"][0]["id"] == "shortcut:watermark"
+    # the first annotated suggestion; a feature discovery found may rank beside it: training
+    # seeds 1 and 2 (of 0-2 tried) also err towards 'true' on high-contrast images without the mark (reducing
+    # the contrast repairs 0.56 of its errors, a random colour change as large 0.21), a second
+    # error mode of about its size (priority 0.144 against the mark's 0.143)
+    ids = [s["id"] for s in summary["suggestions"]]
+    assert next(s["id"] for s in summary["suggestions"] if "feature" not in s) == "shortcut:watermark" and ids.index("shortcut:watermark") <= 1, ids
