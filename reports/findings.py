@@ -14,12 +14,10 @@ from itertools import combinations
 import numpy as np
 
 from pipeline import stats
-from reports import readout
 from reports import reliance as rl
 from reports import slices as sl
 from reports.samples import Evaluated
 from reports.thresholds import DEFAULT, Thresholds
-from stages.attribution import without
 from stages.base import StageResult
 
 
@@ -211,98 +209,61 @@ def explained_away(found: list[Finding], pred: np.ndarray, labels: np.ndarray, z
     return [f for f in found if not any(g is not f and not survives(f, g) and survives(g, f) for g in found)]
 
 
-def readout_gains(results: dict[str, StageResult], ev: Evaluated, seed: int = 0) -> dict[str, np.ndarray] | None:
-    """Per modality, per sample: what the modality adds to a readout refitted to this split's
-    labels on every modality's raw input (stage 3's `input.<m>`, reports/readout.py): correct
-    with it (1) minus correct without it (1), each out of fold. Its mean is how much of the label
-    the modality tells beyond the others, as far as the data shows. None without stage 3's raw
-    inputs of two modalities or more."""
-    rep = results.get("representation")
-    names = sorted(k for k in (rep.arrays if rep is not None else {}) if k.startswith("input."))
-    blocks = [ev.in_data_order(rep, n) for n in names]
-    if len(names) < 2 or any(b is None for b in blocks):
-        return None
-    k = ev.probs.shape[1]
-    full = readout.cross_fitted(blocks, ev.labels, k, seed)
-    if full is None:
-        return None
-    right = full.argmax(1) == ev.labels
-    out = {}
-    for j, name in enumerate(names):
-        without = readout.cross_fitted(blocks[:j] + blocks[j + 1 :], ev.labels, k, seed)
-        if without is not None:
-            out[name.removeprefix("input.")] = right.astype(float) - (without.argmax(1) == ev.labels)
-    return out
-
-
-def model_gains(results: dict[str, StageResult], ev: Evaluated) -> dict[str, np.ndarray] | None:
-    """Per modality, per sample: what the modality adds to the model: correct with it minus
-    correct with it removed (the intervention stage's modality removals), in data order."""
-    inter = results.get("intervention")
-    if inter is None or "modality.pred_after" not in inter.arrays:
-        return None
-    after = ev.in_data_order(inter, "modality.pred_after")
-    if after is None:
-        return None
-    mods = inter.details["modalities"]
-    right = ev.pred == ev.labels
-    return {m: right.astype(float) - (after[:, without(j, len(mods))] == ev.labels) for j, m in enumerate(mods)}
-
-
-def ignored_modalities(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None,
-                       sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
-    """A modality that adds less to the model than to the data, while the model errs on at least
-    `min_error_rate` of the samples: per sample, what it adds to a readout refitted to the labels
-    on the raw inputs (`readout_gains`) minus what it adds to the model (`model_gains`: removing
-    it), whose mean interval lies above 0, Bonferroni over the modalities. Conditional by
-    construction: where the other modalities tell the label the modality adds nothing to either,
-    and where they do not a model that ignores it is left to chance. No fixed share: a model
-    whose image branch learnt almost nothing still moves a few predictions with it. A modality
+def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
+    """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
+    its share of the modality-level logit change (exact, from the 2^M ablations of every sample),
+    or the share of predictions that removing it changes, is below `ignored_share` (the upper end
+    of its interval). Shares do not depend on how many units a modality has. Runs without the intervention stage fall back to stage 1's MM-SHAP and
+    ablation shares on the explained samples, and the finding says so (`evidence`). A modality
     whose linked concepts the data shows not to matter for the label is not flagged, nor one
     where a set that determines the label (cue_sets, found features included) lives wholly in
     other modalities."""
     notes = [] if notes is None else notes
     if ev.error_rate < t.min_error_rate:
         return []
+    uni = summary.get("unimodal") or {}
+    mm_shap = {m: s["mean"] for m, s in (uni.get("modality_share") or {}).items() if s.get("mean") is not None}
     inter = (summary.get("intervention") or {}).get("modalities") or {}
-    used = model_gains(results, ev)
-    if len(inter) < 2 or used is None:
-        notes.append("ignored_modality rule: needs the intervention stage's modality removals (what each modality adds to the model)")
+    if len(inter) >= 2:
+        share = {m: g["share"] for m, g in inter.items()}
+        # the upper ends: of its share of the logit change, or of the predictions removing it changes
+        low = {m: min(s["high"], inter[m]["removal_flip_rate"]["high"]) for m, s in share.items() if s["high"] is not None}
+        source = "intervention"
+    else:
+        ablation = {m: v["abs_shapley"] for m, v in (uni.get("modality_ablation") or {}).items() if m not in ("interaction", "pairs") and v.get("abs_shapley") is not None}
+        total = sum(ablation.values())
+        share = {m: {"value": _round(v / total)} for m, v in ablation.items()} if total > 0 else {}
+        low = {m: min(x for x in (mm_shap.get(m), s["value"]) if x is not None) for m, s in share.items()}
+        source = "attribution"
+    if len(share) < 2:
         return []
-    told = readout_gains(results, ev)
-    if told is None:
-        notes.append("ignored_modality rule: needs stage 3's raw inputs of every modality (what each adds to the labels' readout)")
-        return []
-    z = stats.z_value(t.confidence, len(inter))
     sets = label_sets(ev, t) if sets is None else sets
     cues = cue_sets(ev, t) if cues is None else cues
-    mm_shap = {m: s["mean"] for m, s in ((summary.get("unimodal") or {}).get("modality_share") or {}).items() if s.get("mean") is not None}
     found = []
-    for m in sorted(set(inter) & set(told) & set(used)):
-        gap, low, high = stats.mean_interval(told[m] - used[m], z)
-        if not low > 0:
+    for m in sorted(low):
+        if low[m] >= t.ignored_share:
             continue
         elsewhere = next((c for c in cues if c and all(modalities_of(ev, x) and m not in modalities_of(ev, x) for x in c)), None)
         if elsewhere is not None:
-            notes.append(f"ignored_modality rule: {m} adds less to the model than to the labels' readout, but the label is determined without it ({', '.join(elsewhere)}); not flagged")
+            notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without it ({', '.join(elsewhere)}); not flagged")
             continue
         linked = sorted({ev.data.concept_of(m, r) for r in ev.data.truth.get(m, {})} - {None})
         needed = [c for c in linked if rl.causal(c, sets, None)]
         if linked and sets and not needed:
-            notes.append(f"ignored_modality rule: {m} adds less to the model than to the labels' readout, but the label is determined without its concepts ({', '.join(linked)}); not flagged")
+            notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without its concepts ({', '.join(linked)}); not flagged")
             continue
+        flips = ((inter.get(m) or {}).get("removal_flip_rate") or {}).get("value")
+        value = min(share[m]["value"], 1.0 if flips is None else flips)
         figures = {
-            "share": inter[m]["share"],
+            "share": share[m],
             "modality_share": mm_shap.get(m),
-            "removal_flip_rate": inter[m]["removal_flip_rate"],
-            "adds_to_model": _round(used[m].mean()),
-            "adds_to_readout": _round(told[m].mean()),
-            "gap": {"value": _round(gap), "low": _round(low), "high": _round(high)},
+            "removal_flip_rate": (inter.get(m) or {}).get("removal_flip_rate"),
             "needed_concepts": needed,
-            "evidence": "intervention",
+            "evidence": source,
             "error_rate": _round(ev.error_rate),
         }
-        found.append(Finding("ignored_modality", m, min(gap, ev.error_rate), figures, {"kind": "modality_dropout", "modality": m}))
+        strength = ev.error_rate * (1 - min(value, t.ignored_share) / t.ignored_share)
+        found.append(Finding("ignored_modality", m, strength, figures, {"kind": "modality_dropout", "modality": m}))
     return found
 
 
@@ -563,7 +524,7 @@ def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found:
     cuts = shortcuts(summary, results, ev, t, notes, sets, cues)
     return [
         *cuts,
-        *ignored_modalities(summary, results, ev, t, notes, sets, cues),
+        *ignored_modalities(summary, ev, t, notes, sets, cues),
         *missing_interaction(summary, results, ev, t),
         *concepts_not_encoded(summary, ev, found, {f.subject for f in cuts}, t),
     ]

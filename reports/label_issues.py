@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import stats
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
 
-from reports.readout import cross_fitted, neighbours
-
-__all__ = ["cross_fitted", "find", "neighbours_say", "ranked"]
+FOLDS = 5
 
 
 def thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -90,6 +90,42 @@ def ranked(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarra
     """The rows of `mask`, lowest self-confidence (probability of the given label) first."""
     rows = np.flatnonzero(mask)
     return rows[np.argsort(probs[rows, labels[rows]], kind="stable")]
+
+
+def neighbours(n: int) -> int:
+    """k of the refitted readout: the square root of a fold's training size."""
+    return max(1, round(np.sqrt(n * (FOLDS - 1) / FOLDS)))
+
+
+def standardised(blocks: list[np.ndarray]) -> np.ndarray:
+    """Blocks of features (one per layer) side by side, each column standardised and each block
+    weighted by one over the square root of its width, so that every block counts alike in a
+    distance whatever its width (a constant column stays 0)."""
+    out = []
+    for x in blocks:
+        x = np.asarray(x, np.float64)
+        sd = x.std(0)
+        out.append((x - x.mean(0)) / np.where(sd > 0, sd, 1.0) / np.sqrt(x.shape[1]))
+    return np.concatenate(out, 1)
+
+
+def cross_fitted(blocks: list[np.ndarray], labels: np.ndarray, n_classes: int, seed: int = 0) -> np.ndarray | None:
+    """Out-of-fold class probabilities (N, n_classes): the label shares among a sample's k nearest
+    neighbours (`standardised` blocks, k the square root of a fold's training size) in the other
+    folds (stratified, `FOLDS`; a class no sample carries gets 0). Nearest neighbours, not a
+    linear readout: where the features show no label (a hidden object) the neighbours' labels
+    are mixed and the readout unsure, where a line through them would still be confident on one
+    side. None where fewer than two classes have `FOLDS` samples each, or the features are
+    constant or not finite."""
+    labels = np.asarray(labels, np.int64)
+    features = standardised(blocks)
+    present, counts = np.unique(labels, return_counts=True)
+    if len(present) < 2 or counts.min() < FOLDS or not np.isfinite(features).all() or not features.any():
+        return None
+    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
+    out = np.zeros((len(labels), n_classes))
+    out[:, present] = cross_val_predict(KNeighborsClassifier(neighbours(len(labels))), features, labels, cv=folds, method="predict_proba")
+    return out
 
 
 def neighbours_say(refit: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> np.ndarray:

@@ -86,20 +86,19 @@ def shortcut(f: Finding) -> dict:
 
 def ignored_modality(f: Finding) -> dict:
     m, g = f.subject, f.figures
-    share, flips = g["share"], g["removal_flip_rate"]
+    share, flips = g["share"], g.get("removal_flip_rate")
     measured = (
-        f"{m} adds {_pct(g['adds_to_model'])} to the model's accuracy (removing it changes {_pct(flips['value'])} of the predictions) and "
-        f"{_pct(g['adds_to_readout'])} to a readout of the raw inputs refitted to the labels (the difference at least {_pct(g['gap']['low'])}); "
-        f"{m} accounts for {_pct(share['value'])} of what the modalities change in the logit"
+        f"{m} accounts for {_pct(share['value'])} of what the modalities change in the logit (exact modality ablation of every sample, up to {_pct(share['high'])})"
+        + (f", and removing it changes {_pct(flips['value'])} of the predictions" if flips else "")
+        if g["evidence"] == "intervention"
+        else f"{m} gets {_pct(g['modality_share'])} of the attribution (MM-SHAP share) and {_pct(share['value'])} of the modality-level Shapley values on the explained samples"
     )
     return {
         "title": f"The model ignores {m}: train with modality dropout or balanced losses",
-        "finding": f"{measured}, and {_pct(g['error_rate'])} of the predictions are wrong" + (f"; the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else "."),
+        "finding": f"{measured}, while {_pct(g['error_rate'])} of the predictions are wrong" + (f" and the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else "."),
         "evidence": [
-            {"label": f"accuracy {m} adds to the model", "value": g["adds_to_model"], "section": "intervention"},
-            {"label": f"accuracy {m} adds to the labels' readout", "value": g["adds_to_readout"], "section": "intervention"},
-            {"label": f"predictions changed by removing {m}", "value": flips["value"], "section": "intervention"},
-            {"label": f"share of the modality-level logit change of {m}", "value": share["value"], "section": "intervention"},
+            {"label": f"share of the modality-level logit change of {m}", "value": share["value"], "section": "intervention" if g["evidence"] == "intervention" else "unimodal"},
+            {"label": f"predictions changed by removing {m}", "value": flips["value"] if flips else None, "section": "intervention"},
             {"label": f"MM-SHAP share of {m}", "value": g["modality_share"], "section": "unimodal"},
         ],
         "change": (

@@ -92,21 +92,6 @@ def reduce(x: Tensor, max_width: int) -> Tensor:
     return x.float()
 
 
-RAW_WIDTH = 64  # a raw input's view: pooled to about this many values (images 4x4 per channel)
-
-
-def raw_view(x: Tensor, width: int = RAW_WIDTH) -> Tensor | None:
-    """A modality's raw input as a short vector per sample, independent of the model: images
-    average-pooled to a coarse grid per channel, token ids as a hashed bag of words, other
-    values flattened and pooled; None for inputs that are not one tensor."""
-    if not isinstance(x, Tensor):
-        return None
-    if not x.is_floating_point():
-        ids = x.reshape(len(x), -1).long() % width
-        return torch.zeros(len(x), width, device=x.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float)).cpu()
-    return reduce(x.float(), width).cpu()
-
-
 @dataclass
 class Activations:
     layers: dict[str, Tensor]  # (N, width) reduced activations, on the CPU
@@ -114,7 +99,6 @@ class Activations:
     decision: Tensor  # (N, D) the decision layer, unreduced
     logits: Tensor  # (N, C)
     change: Tensor  # (D, M) mean |feature(x) - feature(x with modality m at its baseline)|
-    raw: dict[str, Tensor]  # (N, <= RAW_WIDTH) each modality's raw input, pooled (raw_view)
 
 
 def collect(adapter: ModelAdapter, data: SampleSet, names: list[str], decision: str, max_width: int, batch_size: int, device: torch.device) -> Activations:
@@ -123,7 +107,7 @@ def collect(adapter: ModelAdapter, data: SampleSet, names: list[str], decision: 
     (`Units.apply` with no unit kept, as stage 1's `Game.removed`), for modality dependence."""
     mods = adapter.modalities
     parts: dict[str, Tensor] = {}  # preallocated at the first batch: no list of pieces joined at the end
-    kept, outputs, change, shapes, raws = [], [], 0.0, {}, {}
+    kept, outputs, change, shapes = [], [], 0.0, {}
     with adapter.reading(list(dict.fromkeys([*names, decision]))) as seen, torch.no_grad():
         for rows, inputs in data.batches(batch_size, device):
             encoded = adapter.encode(inputs)
@@ -139,10 +123,6 @@ def collect(adapter: ModelAdapter, data: SampleSet, names: list[str], decision: 
             change = change + (features[1:] - features[:1]).abs().sum(1)
             kept.append(features[0].cpu())
             outputs.append(logits[:b].float().cpu())
-            for m in mods:
-                view = raw_view(inputs[m])
-                if view is not None:
-                    raws.setdefault(m, torch.empty(len(data), view.shape[1]))[rows] = view
             for n in names:
                 shapes[n] = list(seen[n].shape[1:])
                 reduced = reduce(seen[n][:b], max_width).cpu()
@@ -155,7 +135,6 @@ def collect(adapter: ModelAdapter, data: SampleSet, names: list[str], decision: 
         decision=torch.cat(kept),
         logits=torch.cat(outputs),
         change=(change / len(data)).T.cpu(),
-        raw=raws,
     )
 
 
@@ -404,9 +383,6 @@ def run(ctx: Context, config: RepresentationConfig, upstream: dict) -> StageResu
         # the layers before the decision, reduced: what the inputs show before the model decides
         # (the refitted readout of label mistakes, reports/label_issues.py, reads them)
         **{f"layer.{n}": x.numpy() for n, x in layers.items() if n != config.decision_layer},
-        # each modality's raw input, pooled: what the data shows, whatever the model made of it
-        # (how much the label depends on each modality, reports/findings.ignored_modalities)
-        **{f"input.{m}": x.numpy() for m, x in acts.raw.items()},
     }
     if config.local_method is not None:
         j = config.feature if config.feature is not None else max(range(d), key=lambda i: abs((features[i]["auroc"] or 0.5) - 0.5))

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from reports import label_issues as li
-from reports import readout
 from reports import reliance
 
 
@@ -127,7 +126,7 @@ def test_a_readout_is_refitted_only_where_every_class_fills_the_folds():
 def test_every_block_counts_alike_in_the_readouts_distance():
     rng = np.random.default_rng(0)
     wide, narrow = rng.normal(5, 3, (200, 64)), rng.normal(-2, 0.1, (200, 4))
-    x = readout.standardised([wide, narrow, np.ones((200, 2))])
+    x = li.standardised([wide, narrow, np.ones((200, 2))])
     assert x.shape == (200, 70) and np.allclose(x.mean(0), 0)
     # each block's squared distances average alike: its columns' variances sum to one
     assert np.isclose(x[:, :64].var(0).sum(), 1) and np.isclose(x[:, 64:68].var(0).sum(), 1) and not x[:, 68:].any()
