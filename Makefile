@@ -54,8 +54,8 @@ portability: setup
 bench: setup
 	$(PIP) -e '.[bench]'
 	$(BIN)/mmdiag bench
-	$(BIN)/python -m flows.bench_scale --json bench_scale.json
-	$(BIN)/python -m flows.bench_vlm --json bench_vlm.json
+	$(BIN)/python -m mmdiag.flows.bench.scale --json bench_scale.json
+	$(BIN)/python -m mmdiag.flows.bench.vlm --json bench_vlm.json
 
 # Resolve pyproject.toml afresh (every extra) in a scratch virtualenv and freeze what it got.
 lock:

@@ -33,9 +33,9 @@ from pathlib import Path
 from collections.abc import MutableMapping
 from typing import Callable
 
-from flows import results
-from pipeline.errors import MmdiagError
-from pipeline.store import atomic_write, file_sha256, weights_damage
+from mmdiag.flows import results
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import atomic_write, file_sha256, weights_damage
 
 log = logging.getLogger("mmdiag")
 
@@ -87,7 +87,7 @@ def store(cache: Path, k: str, task: str, ref: results.Ref) -> None:
     atomic_write(_record_path(cache, k), lambda tmp: tmp.write_text(text + "\n"))
 
 
-before_computing: list[Callable[[str], None]] = []  # told the task's name before a computation (flows.side_by_side)
+before_computing: list[Callable[[str], None]] = []  # told the task's name before a computation (mmdiag.flows.hosting.side_by_side)
 
 
 def cached(cache: Path, task: str, inputs: dict, code: str, refresh: bool, compute: Callable[[], results.Ref]) -> tuple[results.Ref, bool]:

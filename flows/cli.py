@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.errors import MmdiagError
 
 log = logging.getLogger("mmdiag")
 
@@ -113,8 +113,8 @@ def _date(text: str):
 
 
 def _cache_command(args: argparse.Namespace) -> int:
-    from flows import cache
-    from pipeline.store import cache_root
+    from mmdiag.flows import cache
+    from mmdiag.pipeline.store import cache_root
 
     root = cache_root(args.cache)
     if root.exists() and not root.is_dir():
@@ -163,10 +163,10 @@ def _early_server(cache: Path | None) -> None:
     process while this one imports torch and loads the data (the flow finds it running)."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from flows.server import TemporaryServer
-    from flows.settings import configure
-    from flows.watchdog import watch_this_process
-    from pipeline.paths import cache_root
+    from mmdiag.flows.hosting.server import TemporaryServer
+    from mmdiag.flows.hosting.settings import configure
+    from mmdiag.flows.hosting.watchdog import watch_this_process
+    from mmdiag.pipeline.paths import cache_root
 
     configure(cache_root(cache))
     watch_this_process()  # first: it ends the server if this process is killed
@@ -175,15 +175,15 @@ def _early_server(cache: Path | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from pipeline.paths import writable
+        from mmdiag.pipeline.paths import writable
 
         writable(args.out, "--out")  # before Prefect's server starts
         _early_server(None)
-        from flows import side_by_side
-        from flows.flow import demo_configs, run
-        from flows.server import TemporaryServer
+        from mmdiag.flows.hosting import side_by_side
+        from mmdiag.flows.flow import demo_configs, run
+        from mmdiag.flows.hosting.server import TemporaryServer
 
-        from pipeline.demo.catalog import MODELS
+        from mmdiag.pipeline.demo.catalog import MODELS
 
         unknown = [m for m in args.models if m not in MODELS]
         if unknown:
@@ -206,23 +206,23 @@ def _run(args: argparse.Namespace) -> int:
             for lines in beside:
                 print(*lines, sep="\n")
         if args.fix:
-            from flows.fix import fix_demo
+            from mmdiag.flows.fix import fix_demo
 
             log.info("demo-film: applying the top suggestion and diagnosing the retrained model")
             print(fix_demo(args.out, args.device))
         return 0
     if args.command == "diagnose":
-        from pipeline.config import load_config
+        from mmdiag.pipeline.config import load_config
 
         config = load_config(args.config)
         _early_server(config.cache)
-        from flows.flow import run
+        from mmdiag.flows.flow import run
 
         _print_run(run(config))
         return 0
     if args.command == "rerun":
-        from flows.flow import run, spec_for_new_model
-        from flows.rerun import rerun_config
+        from mmdiag.flows.flow import run, spec_for_new_model
+        from mmdiag.flows.rerun import rerun_config
 
         config = rerun_config(args.run_dir, args.stage, args.set)
         if args.model is not None:
@@ -234,9 +234,9 @@ def _run(args: argparse.Namespace) -> int:
             _print_run(run(config, refresh=(args.stage,)))
         return 0
     if args.command == "compare":
-        from flows.rerun import compare, load_summary, print_comparison
-        from pipeline.paths import writable
-        from pipeline.store import write_json
+        from mmdiag.flows.rerun import compare, load_summary, print_comparison
+        from mmdiag.pipeline.paths import writable
+        from mmdiag.pipeline.store import write_json
 
         for flag, path in (("--json", args.json), ("--html", args.html)):
             if path is None:
@@ -249,17 +249,17 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             write_json(args.json, diff)
         if args.html:
-            import reports
-            from pipeline.store import write_text
+            from mmdiag import reports
+            from mmdiag.pipeline.store import write_text
 
             html = reports.render_compare(load_summary(args.run_a), load_summary(args.run_b), diff)
             write_text(args.html, html)
             print(args.html)
         return 0
     if args.command == "example":
-        from flows.flow import run
-        from pipeline.examples.easyvqa import config
-        from pipeline.paths import writable
+        from mmdiag.flows.flow import run
+        from mmdiag.pipeline.examples.easyvqa import config
+        from mmdiag.pipeline.paths import writable
 
         writable(args.out, "--out")
         _print_run(run(config(args.out, device=args.device)))
@@ -267,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         return _cache_command(args)
     if args.command == "stages":
-        from stages import stages
+        from mmdiag.stages import stages
 
         listed = stages()
         print("model      evaluation: reads the model and data; writes model.* (accuracy, splits, slices)")
@@ -277,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
             print("(no analysis stages registered yet)")
         return 0
     if args.command == "bench":
-        from flows.bench import main as bench
+        from mmdiag.flows.bench.suite import main as bench
 
         return bench(args.json, args.device)
     _parser().print_help()
@@ -285,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows import logs
+    from mmdiag.flows import logs
 
     args = _parser().parse_args(argv)
     logs.setup(args.verbose)

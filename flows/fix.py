@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import MmdiagError
-from pipeline.store import read_json, write_text
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import read_json, write_text
 
 
 def fix_demo(out: Path, device: str = "auto", name: str = "demo-film") -> Path:
     """Retrain `name` as its top suggestion says, diagnose it as OUT/NAME-fixed, and write
     OUT/NAME-fix.html (the comparison of the two runs). Returns the page's path."""
-    import reports
-    from flows.flow import demo_configs, run
-    from flows.rerun import compare
-    from pipeline.demo.catalog import apply_fix
+    from mmdiag import reports
+    from mmdiag.flows.flow import demo_configs, run
+    from mmdiag.flows.rerun import compare
+    from mmdiag.pipeline.demo.catalog import apply_fix
 
     before = Path(out) / name
     summary = read_json(before / "summary.json")

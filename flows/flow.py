@@ -20,14 +20,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flows.server import TemporaryServer
-from flows.watchdog import watch_this_process
-from flows.settings import configure, quiet_user_errors
-from pipeline.config import DiagConfig, ModelSpec, field_error
-from pipeline.errors import MmdiagError
-from pipeline.paths import writable
-from pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
-from stages import extended, registry
+from mmdiag.flows.hosting.server import TemporaryServer
+from mmdiag.flows.hosting.watchdog import watch_this_process
+from mmdiag.flows.hosting.settings import configure, quiet_user_errors
+from mmdiag.pipeline.config import DiagConfig, ModelSpec, field_error
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.paths import writable
+from mmdiag.pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
+from mmdiag.stages import extended, registry
 
 log = logging.getLogger("mmdiag")
 
@@ -82,8 +82,8 @@ def gpu_tags(device: str) -> list[str]:
 def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], stage_model: dict | None) -> str:
     from prefect.artifacts import create_markdown_artifact
 
-    from flows import results, tasks
-    from pipeline.device import resolve_device
+    from mmdiag.flows import results, tasks
+    from mmdiag.pipeline.device import resolve_device
 
     config = DiagConfig.model_validate(config_json)
     cache = cache_root(config.cache)
@@ -120,7 +120,7 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
     loaded = {name: results.load(ref, cache / "results") for name, ref in refs.items()}
     summary = _summary(config, device, loaded, status)
     path = _write_run(config, summary, loaded, status, prepared, data, tasks.data_for(data[config.data.split]))
-    from flows.cache import register_run
+    from mmdiag.flows.cache import register_run
 
     register_run(cache, path)
     create_markdown_artifact(key=_artifact_key(config.run), markdown=_markdown(summary, path), description="mmdiag run")
@@ -132,7 +132,7 @@ def _compute(stage, stage_task, model: dict, inputs: dict, shards: int, cache: P
     samples (spread over the task runner's workers) and their merge."""
     from prefect import unmapped
 
-    from flows.tasks import merge_shards
+    from mmdiag.flows.tasks import merge_shards
 
     if shards == 1 or stage.merge is None:
         state = stage_task(stage.name, model=model, return_state=True, **inputs)
@@ -174,7 +174,7 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     """The run folder: every stage's result, the error analysis and suggestions (into
     summary.json), errors.json (one evidence card per error), label_issues.csv (the likely label
     mistakes, most likely first) and report.html."""
-    import reports
+    from mmdiag import reports
 
     provenance = {
         "created": summary["run"]["created"],
@@ -188,10 +188,10 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     start = time.perf_counter()
     stage_results = {name: result for name, (result, _) in loaded.items()}
     analysed = extended(analysed, stage_results)  # the features discovery found, as concepts
-    from flows.cache import FigureStore, remembered_analysis
-    from reports.figures import remembered
+    from mmdiag.flows.cache import FigureStore, remembered_analysis
+    from mmdiag.reports.figures import remembered
 
-    from flows.tasks import code_version
+    from mmdiag.flows.tasks import code_version
 
     inputs = [code_version(packages=("reports", "stages")), {k: v for k, v in summary.items() if k not in ("run", "stages")},
               {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
@@ -261,7 +261,7 @@ def _clean_exit_on_signals():
 
     def exit_now(code: int) -> None:
         try:  # the temporary API server is our child: it would outlive a forced exit
-            from flows.server import stop_all
+            from mmdiag.flows.hosting.server import stop_all
 
             stop_all()
             if "prefect.server.api.server" in sys.modules:  # one Prefect started itself
@@ -297,8 +297,8 @@ def preflight(config: DiagConfig) -> tuple[dict[str, dict], Any]:
     the data of every split, the model (built, or trained on first use) and its contract with
     the data. Returns the data references and the task runner; the model is handed to the
     flow's first task."""
-    from flows.tasks import data_ref
-    from pipeline.resolve import check_model
+    from mmdiag.flows.tasks import data_ref
+    from mmdiag.pipeline.resolve import check_model
 
     registry.load_plugins(config.plugins)
     stage_settings(config)
@@ -321,9 +321,9 @@ def preflight_model(config: DiagConfig, spec: ModelSpec, data: dict[str, dict]) 
     own checks, and hand it to the flow's first task."""
     import torch
 
-    from flows.tasks import adapter_for, data_for, hand_over, model_ref
-    from pipeline.device import resolve_device
-    from pipeline.resolve import check_contract
+    from mmdiag.flows.tasks import adapter_for, data_for, hand_over, model_ref
+    from mmdiag.pipeline.device import resolve_device
+    from mmdiag.pipeline.resolve import check_contract
 
     cache = cache_root(config.cache)
     ref, cached = model_ref(spec, cache, resolve_device(config.device).type)
@@ -338,7 +338,7 @@ def check_stages(config: DiagConfig, adapter, data) -> None:
     reference set larger than the data, a single class), before the first stage runs."""
     import torch
 
-    from stages import Context
+    from mmdiag.stages import Context
 
     settings = stage_settings(config)
     ctx = Context(adapter, data, torch.device("cpu"), seed=config.seed)
@@ -405,7 +405,7 @@ def _wait_for(server: TemporaryServer, run: str) -> str:
 
 def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:
     """The embedded default: each demo model diagnosed on the shapes data, `ood` analysed."""
-    from pipeline.demo.catalog import data_for
+    from mmdiag.pipeline.demo.catalog import data_for
 
     return [
         DiagConfig(run=name, model={"name": name}, data={"name": data_for(name), "split": "ood"}, device=device, out=out)
@@ -414,7 +414,7 @@ def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("de
 
 
 def spec_for_new_model(config: DiagConfig, weights: Path) -> ModelSpec:
-    from pipeline.resolve import check_model
+    from mmdiag.pipeline.resolve import check_model
 
     if not weights.is_file():
         raise MmdiagError(f"--model: no file at {weights}; give the new checkpoint (.safetensors)")

@@ -5,11 +5,11 @@ import sys
 
 
 class _RunTag(logging.Filter):
-    """While other runs report beside this process's (flows.side_by_side), its own lines carry
+    """While other runs report beside this process's (mmdiag.flows.hosting.side_by_side), its own lines carry
     its run's name too; lines relayed from those runs carry theirs already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from flows import progress
+        from mmdiag.flows import progress
 
         tag = progress.run_tag
         if tag and not getattr(record, "relayed", False) and not record.getMessage().startswith(f"{tag}: "):

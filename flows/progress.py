@@ -52,7 +52,7 @@ def terminal() -> bool:
 
 
 BARS = Bars()
-run_tag = ""  # the run's name before each stage's label, while other runs report beside this one (flows.side_by_side)
+run_tag = ""  # the run's name before each stage's label, while other runs report beside this one (mmdiag.flows.hosting.side_by_side)
 
 
 class Reporter:

@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import DiagConfig, field_error
-from pipeline.errors import MmdiagError
-from pipeline.store import SUMMARY_SCHEMA, read_json
+from mmdiag.pipeline.config import DiagConfig, field_error
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import SUMMARY_SCHEMA, read_json
 
 
 # not "rerun the stage": `mmdiag rerun` itself needs a readable run.json
@@ -41,7 +41,7 @@ def load_summary(run_dir: Path) -> dict:
 def parse_sets(stage: str, pairs: list[str]) -> dict[str, Any]:
     """`--set key=value` pairs, values read as YAML scalars (3, 0.5, true, [a, b]); each key
     must be a setting of that stage."""
-    from stages import registry
+    from mmdiag.stages import registry
 
     fields = registry.get(stage).config.model_fields
     out = {}
@@ -65,7 +65,7 @@ def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
         config = DiagConfig.model_validate(run["config"])
     except (ValidationError, KeyError):
         raise MmdiagError(f"{run_dir}/run.json: its config is not readable by this version; run `mmdiag diagnose` again") from None
-    from stages import registry
+    from mmdiag.stages import registry
 
     registry.load_plugins(config.plugins)
     run_dir = Path(run_dir).absolute()  # `rerun .` names the folder by its own name

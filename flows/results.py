@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save as save_bytes
 
-from pipeline.errors import MmdiagError
-from pipeline.store import atomic_write, file_sha256, read_arrays
-from stages.base import StageResult
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import atomic_write, file_sha256, read_arrays
+from mmdiag.stages.base import StageResult
 
 Ref = dict  # {"sha256": str, "meta": dict}
 

@@ -22,16 +22,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from flows import cache as store
-from flows import results
-from flows.progress import Reporter
-from pipeline.config import DataSpec, ModelSpec
-from pipeline.device import resolve_device
-from pipeline.errors import MmdiagError
-from pipeline.evaluate import accuracy, model_summary
-from pipeline.resolve import load_data, load_model, predict
-from pipeline.store import fingerprint_module
-from stages import Context, StageResult, extended, registry
+from mmdiag.flows import cache as store
+from mmdiag.flows import results
+from mmdiag.flows.progress import Reporter
+from mmdiag.pipeline.config import DataSpec, ModelSpec
+from mmdiag.pipeline.device import resolve_device
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.evaluate import accuracy, model_summary
+from mmdiag.pipeline.resolve import load_data, load_model, predict
+from mmdiag.pipeline.store import fingerprint_module
+from mmdiag.stages import Context, StageResult, extended, registry
 
 log = logging.getLogger("mmdiag")
 

@@ -14,8 +14,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import MmdiagError
-from pipeline.units import UnitSpec, Units
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.units import UnitSpec, Units
 
 
 class ModelAdapter(ABC):

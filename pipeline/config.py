@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.errors import MmdiagError
 
 
 MAX_SAMPLES = 10_000_000  # per split; beyond it, data must be streamed

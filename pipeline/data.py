@@ -22,8 +22,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from pipeline.errors import MmdiagError
-from pipeline.store import ContentHash
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import ContentHash
 
 
 @dataclass

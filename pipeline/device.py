@@ -4,7 +4,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.errors import MmdiagError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 

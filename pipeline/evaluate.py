@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data import SampleSet
+from mmdiag.pipeline.data import SampleSet
 
 
 def rate(hits: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.errors import MmdiagError
 
 
 def cache_root(configured: Path | None = None) -> Path:

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.adapter import ModelAdapter
-from pipeline.config import DataSpec, ModelSpec, call_factory, import_callable
-from pipeline.store import cache_root
-from pipeline.data import SampleSet
-from pipeline.demo import catalog
-from pipeline.device import fit_batch
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.config import DataSpec, ModelSpec, call_factory, import_callable
+from mmdiag.pipeline.store import cache_root
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.demo import catalog
+from mmdiag.pipeline.device import fit_batch
+from mmdiag.pipeline.errors import MmdiagError
 
 
 def check_model(spec: ModelSpec) -> None:

@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from pipeline.data import Counterfactual, SampleSet, _describe
-from pipeline.errors import MmdiagError
-from pipeline.store import ContentHash
+from mmdiag.pipeline.data import Counterfactual, SampleSet, _describe
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import ContentHash
 
 Path_ = tuple[str, ...]  # where a large tensor sits in a sample: ("inputs", "image"), ("truth", "image", "mark")...
 
@@ -65,7 +65,7 @@ def _fork_server():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "pipeline.sources"])
+    context.set_forkserver_preload(["torch", "mmdiag.pipeline.sources"])
     return context
 
 
@@ -495,7 +495,7 @@ def image_table(
     turned into ids by `tokenize`: captions -> (B, L) ids of one length), the label (a class
     index or name) and integer concept columns. Images are read as RGB and turned into tensors by
     `transform` (default: resized to `image_size`, values in [0, 1]); for a Hugging Face model,
-    `pipeline.hf.hf_readers(adapter)` gives its processor's transform and tokenizer.
+    `mmdiag.pipeline.hf.hf_readers(adapter)` gives its processor's transform and tokenizer.
     With `workers`, loader processes read the rows (the tokenize function must then pickle: a
     module-level function, not a lambda)."""
     table = Path(table)
@@ -563,7 +563,7 @@ def save_shards(data: SampleSet, folder: str | Path, rows_per_shard: int = 1000,
 
     from safetensors.torch import save_file
 
-    from pipeline.store import atomic_write
+    from mmdiag.pipeline.store import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

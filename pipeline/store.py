@@ -25,8 +25,8 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 from torch import nn
 
-from pipeline.errors import MmdiagError
-from pipeline.paths import cache_root  # noqa: F401  (re-exported: the stages' and flows' import)
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.paths import cache_root  # noqa: F401  (re-exported: the stages' and flows' import)
 
 SUMMARY_SCHEMA = "mmdiag.summary/1"
 

@@ -15,7 +15,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.errors import MmdiagError
 
 
 @dataclass

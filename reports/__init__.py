@@ -9,7 +9,7 @@
 Pure functions of stage results: no file I/O, no model calls.
 """
 
-from reports.analysis import analyse, label_issues_csv
-from reports.html import render, render_compare
+from mmdiag.reports.analysis import analyse, label_issues_csv
+from mmdiag.reports.html import render, render_compare
 
 __all__ = ["analyse", "label_issues_csv", "render", "render_compare"]

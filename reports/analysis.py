@@ -9,12 +9,12 @@ import io
 
 import numpy as np
 
-from pipeline.data import SampleSet
-from reports import evidence, findings, label_issues, reliance, suggest
-from reports import slices as sl
-from reports.samples import Evaluated, binary_concepts, evaluated
-from reports.thresholds import DEFAULT, Thresholds
-from stages.base import StageResult
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.reports import evidence, findings, label_issues, reliance, suggest
+from mmdiag.reports import slices as sl
+from mmdiag.reports.samples import Evaluated, binary_concepts, evaluated
+from mmdiag.reports.thresholds import DEFAULT, Thresholds
+from mmdiag.stages.base import StageResult
 
 
 def slice_columns(results: dict[str, StageResult], ev: Evaluated, t: Thresholds, seed: int) -> dict[str, sl.Column]:

@@ -3,7 +3,7 @@ first run was about, and the attribution on its region, then every figure that m
 
 from __future__ import annotations
 
-from reports import figures
+from mmdiag.reports import figures
 
 
 def _change(a, b):

@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reports import reliance as rl
-from reports import samples as sp
-from reports.findings import Finding, encoding
-from reports.slices import Slice
-from reports.thresholds import DEFAULT, Thresholds
-from stages import attribution as attr
-from stages.base import StageResult
+from mmdiag.reports import reliance as rl
+from mmdiag.reports import samples as sp
+from mmdiag.reports.findings import Finding, encoding
+from mmdiag.reports.slices import Slice
+from mmdiag.reports.thresholds import DEFAULT, Thresholds
+from mmdiag.stages import attribution as attr
+from mmdiag.stages.base import StageResult
 
 # the causes a card can be given; `representation` and `composition` rest on associations alone,
 # so they only ever name an undetermined card's `association_only` rule

@@ -13,12 +13,12 @@ from itertools import combinations
 
 import numpy as np
 
-from pipeline import stats
-from reports import reliance as rl
-from reports import slices as sl
-from reports.samples import Evaluated
-from reports.thresholds import DEFAULT, Thresholds
-from stages.base import StageResult
+from mmdiag.pipeline import stats
+from mmdiag.reports import reliance as rl
+from mmdiag.reports import slices as sl
+from mmdiag.reports.samples import Evaluated
+from mmdiag.reports.thresholds import DEFAULT, Thresholds
+from mmdiag.stages.base import StageResult
 
 
 @dataclass

@@ -17,11 +17,11 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
-from pipeline.data import SampleSet
-from reports import compare as cmp
-from reports import gallery, sections
-from reports.samples import evaluated
-from stages.base import StageResult
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.reports import compare as cmp
+from mmdiag.reports import gallery, sections
+from mmdiag.reports.samples import evaluated
+from mmdiag.stages.base import StageResult
 
 TEMPLATES = Path(__file__).parent / "templates"
 STAGE_TITLES = {"discovery": "Discovery", "unimodal": "Unimodal importance", "crossmodal": "Cross-modal interaction", "representation": "Representation probing", "composition": "Prediction composition", "intervention": "Interventions"}

@@ -20,9 +20,9 @@ from itertools import combinations
 
 import numpy as np
 
-from pipeline import stats
-from reports import samples as sp
-from stages.base import StageResult
+from mmdiag.pipeline import stats
+from mmdiag.reports import samples as sp
+from mmdiag.stages.base import StageResult
 
 NULL_DRAWS = 200  # random unit or feature sets per sample for the attribution and weight nulls
 

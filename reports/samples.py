@@ -12,9 +12,9 @@ from functools import cached_property
 
 import numpy as np
 
-from pipeline.data import SampleSet
-from pipeline.errors import MmdiagError
-from stages.base import StageResult
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages.base import StageResult
 
 # attribution method read for cards and heatmaps, best first (stage 1 may run any subset)
 METHODS = ("shapley", "integrated_gradients", "occlusion", "grad_x_input", "iba", "m2ib")

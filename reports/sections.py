@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from reports import figures, graphs
-from reports import samples as sp
-from stages.base import StageResult
+from mmdiag.reports import figures, graphs
+from mmdiag.reports import samples as sp
+from mmdiag.stages.base import StageResult
 
 
 def discovery(summary: dict, ev: sp.Evaluated) -> dict:

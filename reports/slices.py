@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from itertools import combinations
 import numpy as np
 
-from pipeline.stats import wilson, z_value
-from reports.thresholds import DEFAULT, Thresholds
+from mmdiag.pipeline.stats import wilson, z_value
+from mmdiag.reports.thresholds import DEFAULT, Thresholds
 
 
 @dataclass

@@ -14,8 +14,8 @@ priority is scaled by `additive_shortcut_discount`.
 
 from __future__ import annotations
 
-from reports.findings import Finding
-from reports.thresholds import DEFAULT, Thresholds
+from mmdiag.reports.findings import Finding
+from mmdiag.reports.thresholds import DEFAULT, Thresholds
 
 
 def _pct(x) -> str:

@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from pipeline.adapter import ModelAdapter
-from pipeline.units import Units
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.units import Units
 
 
 def default_batch(device: torch.device) -> int:

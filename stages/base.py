@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.adapter import ModelAdapter
-from pipeline.data import SampleSet
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.data import SampleSet
 
 
 class StageConfig(BaseModel):
@@ -94,7 +94,7 @@ class Stage:
 
 def extended(data: SampleSet, read: dict[str, StageResult]) -> SampleSet:
     """The data as a stage that read these results sees it."""
-    from stages import registry
+    from mmdiag.stages import registry
 
     for name, result in read.items():
         stage = registry.get(name) if name in {s.name for s in registry.stages()} else None

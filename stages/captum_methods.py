@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import MmdiagError
-from stages.attribution import Game
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages.attribution import Game
 
 
 class _Forward(nn.Module):

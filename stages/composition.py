@@ -25,8 +25,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipeline.errors import MmdiagError
-from stages.base import Context, Stage, StageConfig, StageResult
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 
 
 class CompositionConfig(StageConfig):
@@ -348,5 +348,5 @@ STAGE = Stage(
         "composition.errors",
         "composition.exact",
     ),
-    modules=("stages.composition",),
+    modules=("mmdiag.stages.composition",),
 )

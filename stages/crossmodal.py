@@ -19,11 +19,11 @@ import networkx as nx
 import torch
 from pydantic import Field
 
-from pipeline.errors import MmdiagError
-from stages import attribution as attr
-from stages import interaction as inter
-from stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
-from stages.unimodal import _eval_batch
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import interaction as inter
+from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
+from mmdiag.stages.unimodal import _eval_batch
 
 
 class CrossmodalConfig(StageConfig):
@@ -317,7 +317,7 @@ STAGE = Stage(
         "crossmodal.modality_interaction",
         "crossmodal.top_pairs",
     ),
-    modules=("stages.crossmodal", "stages.interaction", "stages.attribution"),
+    modules=("mmdiag.stages.crossmodal", "mmdiag.stages.interaction", "mmdiag.stages.attribution"),
     files=files,
     check=check_inputs,
 )

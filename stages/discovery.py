@@ -52,12 +52,12 @@ from pydantic import Field
 from scipy.stats import binomtest, false_discovery_control
 from torch import Tensor
 
-from pipeline.adapter import ModelAdapter
-from pipeline.data import Counterfactual, Derived, SampleSet
-from pipeline.errors import MmdiagError
-from pipeline.units import Units
-from stages.base import Context, Stage, StageConfig, StageResult
-from stages.intervention import null_scores
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.data import Counterfactual, Derived, SampleSet
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.units import Units
+from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
+from mmdiag.stages.intervention import null_scores
 
 
 class DiscoveryConfig(StageConfig):
@@ -747,6 +747,6 @@ STAGE = Stage(
     run,
     DiscoveryConfig,
     writes=("discovery.reliable", "discovery.taken"),
-    modules=("stages.discovery",),
+    modules=("mmdiag.stages.discovery",),
     extends=extend,
 )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from stages.attribution import Game
+from mmdiag.stages.attribution import Game
 
 
 # --- EMAP (Hessel & Lee 2020) and DIME (Lyu et al. 2022) -------------------------------------

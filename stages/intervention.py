@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline import stats
-from pipeline.device import fit_batch
-from pipeline.errors import MmdiagError
-from stages import attribution as attr
-from stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
+from mmdiag.pipeline import stats
+from mmdiag.pipeline.device import fit_batch
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import attribution as attr
+from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 
 
 class InterventionConfig(StageConfig):
@@ -266,6 +266,6 @@ STAGE = Stage(
     run,
     InterventionConfig,
     writes=("intervention.regions.<modality.region>", "intervention.modalities.<modality>", "intervention.pairs", "intervention.counterfactuals.<concept>"),
-    modules=("stages.intervention", "stages.attribution", "pipeline.stats"),
+    modules=("mmdiag.stages.intervention", "mmdiag.stages.attribution", "mmdiag.pipeline.stats"),
     merge=merge,
 )

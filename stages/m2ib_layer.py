@@ -21,8 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.errors import MmdiagError
-from stages.attribution import Adam, Game, IBAConfig, default_batch
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages.attribution import Adam, Game, IBAConfig, default_batch
 
 M2IB = IBAConfig(beta=0.1, steps=10, lr=1.0, copies=10, smooth=0.0)  # the paper's code
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stages.base import Stage
+from mmdiag.stages.base import Stage
 
 _STAGES: dict[str, Stage] = {}
 
@@ -26,7 +26,7 @@ def load_plugins(modules: list[str]) -> None:
     """Import the modules a config names under `plugins` (they register their stages)."""
     import importlib
 
-    from pipeline.errors import MmdiagError
+    from mmdiag.pipeline.errors import MmdiagError
 
     for module in modules:
         try:
@@ -40,7 +40,7 @@ def stages() -> list[Stage]:
 
 
 def get(name: str) -> Stage:
-    from pipeline.errors import MmdiagError
+    from mmdiag.pipeline.errors import MmdiagError
 
     if name not in _STAGES:
         known = ", ".join(_STAGES) or "none registered yet"

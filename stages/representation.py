@@ -54,13 +54,13 @@ from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
-from pipeline.adapter import ModelAdapter
-from pipeline.data import SampleSet
-from pipeline.device import fit_batch
-from pipeline.errors import MmdiagError
-from stages import attribution as attr
-from stages import unimodal
-from stages.base import Context, Stage, StageConfig, StageResult
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.device import fit_batch
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import unimodal
+from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 
 FIELD = "stages.representation"
 
@@ -408,5 +408,5 @@ STAGE = Stage(
     RepresentationConfig,
     reads=(),
     writes=("representation.probes.<concept>.<layer>", "representation.features", "representation.unassigned_share"),
-    modules=("stages.representation", "stages.unimodal", "stages.attribution"),
+    modules=("mmdiag.stages.representation", "mmdiag.stages.unimodal", "mmdiag.stages.attribution"),
 )

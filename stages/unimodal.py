@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.errors import MmdiagError
-from stages import attribution as attr
-from stages import captum_methods as cm
-from stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import captum_methods as cm
+from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 
 Method = Literal[
     "grad_x_input", "integrated_gradients", "occlusion", "shapley", "shapley_kernel", "iba", "m2ib",
@@ -172,7 +172,7 @@ def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, gener
         return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
     m2ib = attr.IBAConfig(beta=config.m2ib_beta, steps=config.iba_steps, copies=config.iba_copies, smooth=0.0)
     if config.m2ib_layers is not None:
-        from stages.m2ib_layer import m2ib_layer
+        from mmdiag.stages.m2ib_layer import m2ib_layer
 
         layers = getattr(game.adapter, "m2ib_layers", None) if config.m2ib_layers == "auto" else config.m2ib_layers
         if layers is None:
@@ -395,5 +395,5 @@ STAGE = Stage(
     run,
     UnimodalConfig,
     writes=("unimodal.modality_share", "unimodal.modality_ablation", "unimodal.methods.<method>"),
-    modules=("stages.unimodal", "stages.attribution", "stages.captum_methods", "stages.m2ib_layer"),
+    modules=("mmdiag.stages.unimodal", "mmdiag.stages.attribution", "mmdiag.stages.captum_methods", "mmdiag.stages.m2ib_layer"),
 )

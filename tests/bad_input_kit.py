@@ -3,8 +3,8 @@ mistake a user can make in their own code."""
 
 import torch
 
-from pipeline import FeatureGroups, SampleSet, TorchAdapter
-from pipeline.units import Tokens
+from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
+from mmdiag.pipeline.units import Tokens
 
 N = 24
 

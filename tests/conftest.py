@@ -30,7 +30,7 @@ def _train_seed():
     if not SEED:
         yield
         return
-    from pipeline.demo import catalog
+    from mmdiag.pipeline.demo import catalog
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(catalog, "MODELS", {name: c.model_copy(update={"seed": c.seed + SEED}) for name, c in catalog.MODELS.items()})
@@ -44,7 +44,7 @@ def demo_models(cache):
     train it while the other waits for it (each trains a different model meanwhile)."""
     import fcntl
 
-    from pipeline.demo.catalog import load_model
+    from mmdiag.pipeline.demo.catalog import load_model
 
     def load(name: str):
         (cache / "models").mkdir(exist_ok=True)
@@ -65,17 +65,17 @@ QUICK_STAGES = {"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct"
 @pytest.fixture
 def quick_demo(monkeypatch):
     """`mmdiag demo` in this process runs with QUICK_STAGES."""
-    import flows.flow
+    from mmdiag.flows import flow
 
-    made = flows.flow.demo_configs
-    monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": QUICK_STAGES}) for c in made(*a, **k)])
+    made = flow.demo_configs
+    monkeypatch.setattr(flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": QUICK_STAGES}) for c in made(*a, **k)])
 
 
 @pytest.fixture
 def toy(monkeypatch, tmp_path, cache):
     """Only the toy stages (tests/toy_stages.py) are registered; `computed()` tells (and
     forgets) which of them computed since it was last asked."""
-    from stages import registry
+    from mmdiag.stages import registry
 
     monkeypatch.setattr(registry, "_STAGES", {})
     import toy_stages
@@ -102,7 +102,7 @@ def user_flow(tmp_path, monkeypatch, cache):
     """Diagnose a user's module (its `model` and `data` factories, 24 samples of split `val`)
     through the CLI's flow on the CPU, with `unimodal` as stage 1's settings (YAML) and a small
     stage 2; returns the run folder and the config, for a second run."""
-    from flows.cli import main
+    from mmdiag.flows.cli import main
 
     def diagnose(module: str, source: str, unimodal: str) -> tuple[Path, Path]:
         (tmp_path / f"{module}.py").write_text(source)

@@ -7,7 +7,7 @@ def build_model():
     """An untrained FiLM demo network with fixed weights (seed 1 predicts both classes)."""
     import torch
 
-    from pipeline.demo.models import FiLMNet, demo_adapter
+    from mmdiag.pipeline.demo.models import FiLMNet, demo_adapter
 
     torch.manual_seed(1)
     return demo_adapter(FiLMNet().eval())

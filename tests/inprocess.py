@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from flows import results as results_io
-from pipeline.evaluate import model_summary
-from pipeline.resolve import predict
-from reports import analyse
-from stages import Context, StageResult, extended, registry
+from mmdiag.flows import results as results_io
+from mmdiag.pipeline.evaluate import model_summary
+from mmdiag.pipeline.resolve import predict
+from mmdiag.reports import analyse
+from mmdiag.stages import Context, StageResult, extended, registry
 
 QUICK = {
     "discovery": {},

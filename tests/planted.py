@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import Counterfactual, FeatureGroups, PatchGrid, SampleSet, Tokens, TorchAdapter
+from mmdiag.pipeline import Counterfactual, FeatureGroups, PatchGrid, SampleSet, Tokens, TorchAdapter
 from ranges import SEED
 
 SIDE, PATCH = 8, 2  # 8x8 images, 4x4 grid of 2x2 patches

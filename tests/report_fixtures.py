@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data import SampleSet
-from stages.base import StageResult
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.stages.base import StageResult
 
 SIZE, PATCH, LENGTH = 16, 4, 6
 GRID = SIZE // PATCH

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from pipeline.adapter import TorchAdapter
-from pipeline.demo import shapes
-from pipeline.demo.models import ARCHS, IMAGE_MEAN, demo_adapter
-from pipeline.demo.vocab import CLS_ID, PAD_ID
-from pipeline.errors import MmdiagError
-from pipeline.units import FeatureGroups
+from mmdiag.pipeline.adapter import TorchAdapter
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.demo.models import ARCHS, IMAGE_MEAN, demo_adapter
+from mmdiag.pipeline.demo.vocab import CLS_ID, PAD_ID
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.units import FeatureGroups
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline import FeatureGroups, TorchAdapter
-from stages import attribution as attr
-from stages.unimodal import localisation, modality_games
+from mmdiag.pipeline import FeatureGroups, TorchAdapter
+from mmdiag.stages import attribution as attr
+from mmdiag.stages.unimodal import localisation, modality_games
 
 
 class Mixer(torch.nn.Module):
@@ -215,17 +215,17 @@ def test_m2ib_maps_per_modality_and_their_sanity():
     redrawn = attr.m2ib(other, "left", stats, config, torch.Generator().manual_seed(0))
     assert not torch.allclose(redrawn, maps["left"], rtol=0.05)
     # no shared space, no M2IB
-    from pipeline.errors import MmdiagError
+    from mmdiag.pipeline.errors import MmdiagError
 
     with pytest.raises(MmdiagError, match="shared embedding space"):
         attr.m2ib(game_for(Mixer()), "left", stats, config)
 
 
 def test_unimodal_stage_runs_m2ib_only_where_there_is_a_shared_space():
-    from pipeline import SampleSet
-    from pipeline.errors import MmdiagError
-    from stages.base import Context
-    from stages.unimodal import UnimodalConfig, run
+    from mmdiag.pipeline import SampleSet
+    from mmdiag.pipeline.errors import MmdiagError
+    from mmdiag.stages.base import Context
+    from mmdiag.stages.unimodal import UnimodalConfig, run
 
     game, encoded = _towers_game(b=8)
     data = SampleSet(inputs={m: t.detach() for m, t in encoded.items()}, labels=torch.zeros(8, dtype=torch.long), class_names=["match", "no"])

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from flows.cli import main
+from mmdiag.flows.cli import main
 
 GOOD_MODEL = "model: {factory: 'bad_input_kit:build'}\n"
 GOOD_DATA = "data: {factory: 'bad_input_kit:load', split: val}\n"
@@ -396,7 +396,7 @@ def test_the_battery_has_at_least_150_cases():
 
 
 def test_an_unexpected_error_is_one_line_with_a_log_file(battery, capsys, monkeypatch):
-    import flows.cli as cli
+    import mmdiag.flows.cli as cli
 
     def broken(args):
         raise ZeroDivisionError("a bug")
@@ -413,15 +413,15 @@ def test_an_unexpected_error_is_one_line_with_a_log_file(battery, capsys, monkey
 
 
 def test_a_factory_gets_the_flows_cache_and_device_when_it_asks(battery):
-    from pipeline.config import ModelSpec
-    from pipeline.resolve import load_model
+    from mmdiag.pipeline.config import ModelSpec
+    from mmdiag.pipeline.resolve import load_model
 
     adapter, _ = load_model(ModelSpec(factory="bad_input_kit:build_with"), cache=battery / "cache", device="cpu")
     assert adapter.modalities == ("audio", "tabular")
 
 
 def test_relative_paths_in_a_config_are_relative_to_its_folder(battery, monkeypatch, tmp_path_factory):
-    from pipeline.config import load_config
+    from mmdiag.pipeline.config import load_config
 
     (battery / "conf").mkdir()
     (battery / "conf" / "w.safetensors").write_bytes(b"")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from flows import cache, results
-from flows.cli import main
-from pipeline.errors import MmdiagError
-from stages import StageResult
+from mmdiag.flows import cache, results
+from mmdiag.flows.cli import main
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import StageResult
 
 
 def _compute(folder, calls, value=1.0):
@@ -83,7 +83,7 @@ def test_damage_is_recomputed_with_one_warning(tmp_path, caplog, damage):
 
 
 def test_damaged_trained_weights_are_trained_again_with_one_warning(tmp_path, caplog):
-    from pipeline.demo.train import TrainConfig, load_or_train
+    from mmdiag.pipeline.demo.train import TrainConfig, load_or_train
 
     config = TrainConfig(arch="late", n_train=64, epochs=1, batch_size=32)
     model, from_cache = load_or_train(config, cache=tmp_path)
@@ -218,7 +218,7 @@ def test_fresh_caches_give_equal_keys_and_a_moved_cache_is_fully_cached(toy, tmp
     shutil.move(tmp_path / "cache", tmp_path / "moved")
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "cache"), str(tmp_path / "moved")))
     before = {k: _summary(run)[k] for k in ("errors", "suggestions")}
-    monkeypatch.setattr("reports.analyse", lambda *a, **k: pytest.fail("the error analysis was made again"))
+    monkeypatch.setattr("mmdiag.reports.analyse", lambda *a, **k: pytest.fail("the error analysis was made again"))
     assert main(["diagnose", "--config", str(cfg)]) == 0
     assert computed() == []
     assert _figures(run) == (figures, keys) and all(s["cached"] for s in _summary(run)["stages"].values())
@@ -291,7 +291,7 @@ def test_damage_in_the_cache_is_recomputed_with_a_warning_and_equal_figures(toy,
 
 
 def test_weights_written_before_hashes_are_adopted_when_they_parse(tmp_path):
-    from pipeline.store import load_weights, save_weights
+    from mmdiag.pipeline.store import load_weights, save_weights
 
     path = tmp_path / "models" / "w.safetensors"
     save_weights(path, {"w": torch.ones(3)})

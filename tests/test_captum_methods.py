@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adapter import TorchAdapter
-from pipeline.errors import MmdiagError
-from pipeline.units import FeatureGroups, PatchGrid, Tokens
-from stages import attribution as attr
-from stages import captum_methods as cm
-from stages.unimodal import UnimodalConfig, attribute
+from mmdiag.pipeline.adapter import TorchAdapter
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.units import FeatureGroups, PatchGrid, Tokens
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import captum_methods as cm
+from mmdiag.stages.unimodal import UnimodalConfig, attribute
 
 from ranges import holds
 
@@ -154,8 +154,8 @@ def _exact(game):
 
 @pytest.mark.trained
 def test_the_kernel_estimator_beats_permutations_at_equal_evaluations_on_the_demo(demo_models):
-    from pipeline.demo.models import demo_adapter
-    from pipeline.demo.shapes import split
+    from mmdiag.pipeline.demo.models import demo_adapter
+    from mmdiag.pipeline.demo.shapes import split
 
     adapter = demo_adapter(demo_models("demo-film").module, patch=16)  # 4 image units + the words: exact values are cheap
     data = split("ood", n=16, seed=3)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from flows.cli import main
-from pipeline.config import load_config, parse_config
-from pipeline.errors import MmdiagError
+from mmdiag.flows.cli import main
+from mmdiag.pipeline.config import load_config, parse_config
+from mmdiag.pipeline.errors import MmdiagError
 
 BAD_CONFIGS = {
     "unknown key": ("model: {name: demo-film}\nmodle_typo: 1\n", "modle_typo: unknown key"),
@@ -46,7 +46,7 @@ def test_missing_config_file(tmp_path, capsys):
 def test_real_entry_point_prints_no_traceback(tmp_path):
     cfg = tmp_path / "diag.yaml"
     cfg.write_text("model: {name: demo-film}\nbatch_size: -3\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "batch_size" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -78,7 +78,7 @@ def test_config_defaults_and_relative_weights(tmp_path):
 
 USER_MODULE = '''
 import torch
-from pipeline import FeatureGroups, SampleSet, TorchAdapter
+from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
 
 
 class Net(torch.nn.Module):
@@ -130,7 +130,7 @@ def test_the_command_runs_the_exit_handlers_and_keeps_the_exit_code():
     """`entry` skips the interpreter's teardown, not the atexit handlers (Prefect's, the temporary
     server's stop) nor the output."""
     code = ("import atexit, sys; atexit.register(lambda: print('handler ran', flush=True)); "
-            "sys.argv = ['mmdiag', *sys.argv[1:]]; from flows.cli import entry; entry()")
+            "sys.argv = ['mmdiag', *sys.argv[1:]]; from mmdiag.flows.cli import entry; entry()")
     done = subprocess.run([sys.executable, "-c", code, "stages"], capture_output=True, text=True)
     assert done.returncode == 0 and "unimodal" in done.stdout and done.stdout.rstrip().endswith("handler ran")
     done = subprocess.run([sys.executable, "-c", code, "compare", "/nonexistent-a", "/nonexistent-b"], capture_output=True, text=True)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import FeatureGroups, SampleSet, TorchAdapter
-from pipeline.demo import shapes
-from pipeline.errors import MmdiagError
-from pipeline.resolve import predict
-from stages.base import Context, StageResult
-from stages.composition import CompositionConfig, run
+from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages.base import Context, StageResult
+from mmdiag.stages.composition import CompositionConfig, run
 
 from ranges import holds
 

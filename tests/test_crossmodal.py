@@ -5,16 +5,16 @@ import networkx as nx
 import pytest
 import torch
 
-from pipeline import FeatureGroups, SampleSet, TorchAdapter
-from pipeline.demo import shapes
-from pipeline.errors import MmdiagError
-from pipeline.resolve import predict
-from stages import attribution as attr
-from stages import crossmodal
-from stages import interaction as inter
-from stages.base import Context
-from stages.unimodal import UnimodalConfig
-from stages.unimodal import run as run_unimodal
+from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import crossmodal
+from mmdiag.stages import interaction as inter
+from mmdiag.stages.base import Context
+from mmdiag.stages.unimodal import UnimodalConfig
+from mmdiag.stages.unimodal import run as run_unimodal
 
 from ranges import holds, measured
 
@@ -250,8 +250,8 @@ class _Leaky(torch.nn.Module):
 
 
 def test_a_late_fusion_declaration_is_checked_on_the_model(demo_models):
-    from pipeline.demo.models import demo_adapter
-    from pipeline.resolve import check_contract
+    from mmdiag.pipeline.demo.models import demo_adapter
+    from mmdiag.pipeline.resolve import check_contract
 
     _, late, data = _planted_late(("image", "text"))
     check_contract(late, data, "test")  # a true declaration passes

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.demo import models, shapes
+from mmdiag.pipeline.demo import models, shapes
 
 
 def textbook(net: models._Fusion, inputs: dict, layout=torch.contiguous_format) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_a_multi_class_shortcut_needs_and_uses_declared_class_concepts():
     summary, results, analysis = diagnose(model, data)
     _assert_shortcut(analysis, data, model, "mark_pos", "image")
     # undeclared, the rule cannot tell which concept points to which class, and says so
-    from reports import analyse
+    from mmdiag.reports import analyse
 
     data.class_concepts = None
     bare = analyse(summary, results, data)
@@ -193,7 +193,7 @@ def test_a_shortcut_without_any_link_is_reported_not_skipped():
 
 def test_the_report_shows_the_interventions_and_each_cards_sentence():
     import report_fixtures as fx
-    from reports import render
+    from mmdiag.reports import render
 
     world = pl.World(label=lambda c: c["colour"], spurious={"zz": 0.9}, contrast=0.25, hidden=0.25)
     model = pl.train(world)

@@ -16,10 +16,10 @@ from torch import nn
 
 import planted as pl
 from inprocess import diagnose
-from pipeline import SampleSet
-from pipeline.resolve import predict
+from mmdiag.pipeline import SampleSet
+from mmdiag.pipeline.resolve import predict
 from ranges import holds, measured
-from stages import discovery as dc
+from mmdiag.stages import discovery as dc
 
 SEED_EVAL = 7
 
@@ -318,7 +318,7 @@ def test_a_demo_model_on_bare_data_finds_its_corner_mark(demo_models, name, n):
     triangle captions predicted true, 0.51 labelled so). The labels are clean: of the model's
     confident errors, few are taken for label mistakes (measured 0.02-0.03 of them on two
     training runs, 0.1-0.3 before the refitted readout's second opinion)."""
-    from pipeline.demo import shapes, vlm
+    from mmdiag.pipeline.demo import shapes, vlm
 
     adapter = demo_models(name)
     data = (vlm if name == "demo-vlm" else shapes).split("ood", n=n)

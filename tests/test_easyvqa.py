@@ -6,9 +6,9 @@ import torch
 
 pytest.importorskip("easy_vqa", reason="the easy-VQA example needs its data package: pip install easy-vqa")
 
-from pipeline.config import import_callable  # noqa: E402
-from pipeline.errors import MmdiagError  # noqa: E402
-from pipeline.examples import easyvqa as ev  # noqa: E402
+from mmdiag.pipeline.config import import_callable  # noqa: E402
+from mmdiag.pipeline.errors import MmdiagError  # noqa: E402
+from mmdiag.pipeline.examples import easyvqa as ev  # noqa: E402
 
 
 @pytest.fixture(scope="module")

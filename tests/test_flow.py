@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from stages import registry
+from mmdiag.flows.cli import main
+from mmdiag.stages import registry
 
 TESTS = Path(__file__).parent
 
@@ -21,8 +21,8 @@ def _summary(run):
 
 
 def test_only_tasks_on_a_gpu_carry_the_gpu_tag():
-    from flows import tasks
-    from flows.flow import gpu_tags
+    from mmdiag.flows import tasks
+    from mmdiag.flows.flow import gpu_tags
 
     assert tasks.run_stage.with_options(tags=gpu_tags("cuda")).tags == {"gpu"}
     assert tasks.run_stage.with_options(tags=gpu_tags("cpu")).tags == set()
@@ -107,7 +107,7 @@ def test_rerun_with_a_new_model_marks_the_stages_it_did_not_recompute(toy, tmp_p
 def test_killed_run_resumes_from_finished_stages(toy, tmp_path, sig):
     cfg, run, computed = toy
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second", "TOY_ONLY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while "second" not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
         assert proc.poll() is None and time.time() < deadline
@@ -133,11 +133,11 @@ def test_killed_run_resumes_from_finished_stages(toy, tmp_path, sig):
 
 @pytest.mark.slow
 def test_interrupt_ends_the_process_even_when_a_stage_does_not_stop(toy, tmp_path):
-    from flows.flow import FORCED_EXIT_AFTER_S
+    from mmdiag.flows.flow import FORCED_EXIT_AFTER_S
 
     cfg, run, computed = toy
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": "second", "TOY_DEAF": "1", "TOY_ONLY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while "second" not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
         assert proc.poll() is None and time.time() < deadline
@@ -256,7 +256,7 @@ def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_serv
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "TOY_PIDS": str(pids), "TOY_ONLY": "1",
            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("PREFECT_HOME", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(dask_cfg)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(dask_cfg)], env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ran = [line.split() for line in pids.read_text().splitlines()]
@@ -276,8 +276,8 @@ def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_serv
 
 
 def test_editing_a_stages_module_changes_its_cache_key(tmp_path, monkeypatch):
-    from flows.tasks import code_version
-    from stages import Stage, StageResult
+    from mmdiag.flows.tasks import code_version
+    from mmdiag.stages import Stage, StageResult
 
     module = tmp_path / "edited_stage.py"
     module.write_text("VALUE = 1\n")
@@ -295,7 +295,7 @@ def test_editing_a_stages_module_changes_its_cache_key(tmp_path, monkeypatch):
 def test_any_printable_run_name_gives_a_valid_artifact_key(name):
     import re
 
-    from flows.flow import _artifact_key
+    from mmdiag.flows.flow import _artifact_key
 
     key = _artifact_key(name)
     assert re.fullmatch(r"[a-z0-9-]+", key) and len(key) < 100
@@ -325,11 +325,11 @@ def test_a_unicode_run_name_and_a_symlinked_run_folder_work_end_to_end(toy, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("block", ["first", "second", "third"])
 def test_sigkill_leaves_no_orphan_and_the_next_run_equals_an_uninterrupted_one(toy, tmp_path, block):
-    from flows.watchdog import _alive, children
+    from mmdiag.flows.hosting.watchdog import _alive, children
 
     cfg, run, computed = toy
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TOY_BLOCK": block, "TOY_ONLY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(cfg)], env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while block not in (Path(env["TOY_LOG"]).read_text() if Path(env["TOY_LOG"]).exists() else ""):
         assert proc.poll() is None and time.time() < deadline

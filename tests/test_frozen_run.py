@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 import frozen_run
-from flows.cli import main
+from mmdiag.flows.cli import main
 
 KEPT = Path(__file__).parent / "data" / "frozen-summary.json"
 VARIES = {"seconds", "created", "key"}  # a cache key hashes the stage's code, which refactoring changes

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import MmdiagError
-from pipeline.hf import CLIPAdapter, CLIPZeroShotAdapter, ViltAdapter, hf_samples, load_clip, load_vilt
-from stages import attribution as attr
-from stages.m2ib_layer import m2ib_layer, m2ib_maps
-from stages.unimodal import _randomised
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.hf import CLIPAdapter, CLIPZeroShotAdapter, ViltAdapter, hf_samples, load_clip, load_vilt
+from mmdiag.stages import attribution as attr
+from mmdiag.stages.m2ib_layer import m2ib_layer, m2ib_maps
+from mmdiag.stages.unimodal import _randomised
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CLIP_VOCAB = ["<|startoftext|>", "<|endoftext|>", *LETTERS, *(c + "</w>" for c in LETTERS)]
@@ -104,7 +104,7 @@ def test_shapley_values_sum_to_the_score_difference(clip, pairs):
 def test_mixed_second_derivatives_run_through_clip_with_either_attention(clip, clip_dir, pairs):
     """Stage 2 differentiates forward-mode, which the default (sdpa) attention's fused kernels do
     not support: it runs them with the math backend, and gets what eager attention gives."""
-    from stages.interaction import mixed_block
+    from mmdiag.stages.interaction import mixed_block
 
     assert clip.clip.config._attn_implementation == "sdpa"  # the adapter leaves the model's choice alone
     g = game(clip, pairs.subset(torch.arange(2)))
@@ -257,7 +257,7 @@ def test_vilt_forward_of_encode_equals_the_models_own_output(vilt_dir):
 USER_MODULE = '''
 import numpy as np
 import torch
-from pipeline.hf import hf_samples, load_vilt
+from mmdiag.pipeline.hf import hf_samples, load_vilt
 
 FOLDER = {folder!r}
 QUESTIONS = ["what is the color of the shape?", "is there a red circle?", "is there not a blue shape?", "is the circle red?"]
@@ -290,9 +290,9 @@ def test_vilt_through_every_stage_of_the_flow(vilt_dir, user_flow):
 def test_stage1_m2ib_after_a_hidden_layer(clip, pairs):
     """Stage 1's `m2ib` with `m2ib_layers: auto`: the paper's bottleneck after a hidden layer of
     each tower, maps over the same units as every other method."""
-    from pipeline.resolve import predict
-    from stages.base import Context
-    from stages.unimodal import UnimodalConfig, run
+    from mmdiag.pipeline.resolve import predict
+    from mmdiag.stages.base import Context
+    from mmdiag.stages.unimodal import UnimodalConfig, run
 
     ctx = Context(clip, pairs, torch.device("cpu"), 0, predict(clip, pairs, torch.device("cpu")))
     config = UnimodalConfig(methods=["m2ib"], n_correct=4, max_errors=4, sanity_samples=0, iba_steps=2, iba_copies=2, m2ib_layers="auto")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import planted as pl
-from pipeline.resolve import predict
-from stages import attribution as attr
-from stages import intervention as iv
-from stages.base import Context
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import intervention as iv
+from mmdiag.stages.base import Context
 
 
 @pytest.fixture(scope="module")

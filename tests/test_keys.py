@@ -5,10 +5,10 @@ stay cached; the flow still reports the timings in summary.json."""
 import torch
 
 import planted as pl
-from flows import results
+from mmdiag.flows import results
 from inprocess import QUICK
-from pipeline.resolve import predict
-from stages import Context, registry
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages import Context, registry
 
 
 def test_two_runs_of_every_timed_stage_save_under_one_key(tmp_path):

@@ -4,8 +4,8 @@ and the label's causes found under noise (reliance.determining_sets, reliance.co
 import numpy as np
 import pytest
 
-from reports import label_issues as li
-from reports import reliance
+from mmdiag.reports import label_issues as li
+from mmdiag.reports import reliance
 
 
 def test_the_confident_joint_by_hand():

@@ -5,12 +5,12 @@ import sqlite3
 import httpx
 import pytest
 
-from flows import prefect_db
-from flows.server import TemporaryServer
+from mmdiag.flows.hosting import prefect_db
+from mmdiag.flows.hosting.server import TemporaryServer
 
 
 def test_the_installed_prefect_has_a_stored_schema():
-    assert prefect_db.schema_path().exists(), "run `python -m flows.prefect_db` after changing Prefect's version"
+    assert prefect_db.schema_path().exists(), "run `python -m mmdiag.flows.hosting.prefect_db` after changing Prefect's version"
 
 
 def test_seed_writes_a_database_only_where_a_fresh_home_would_migrate(tmp_path, monkeypatch):

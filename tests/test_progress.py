@@ -6,10 +6,10 @@ import logging
 import torch
 
 import planted as pl
-from flows.progress import Reporter
+from mmdiag.flows.progress import Reporter
 from inprocess import QUICK
-from pipeline.resolve import predict
-from stages import Context, registry
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages import Context, registry
 
 
 def test_every_per_sample_stage_reports_rising_progress_to_the_end():
@@ -30,8 +30,8 @@ def test_every_per_sample_stage_reports_rising_progress_to_the_end():
 def test_a_long_method_beats_between_its_steps_with_the_model_inputs_so_far():
     """Inside one step (Shapley over a batch, EMAP's table) the Game tells the heartbeat each
     batch of model inputs, so a stage is never silent for longer than the reporter's interval."""
-    from stages import attribution as attr
-    from stages.base import Heartbeat
+    from mmdiag.stages import attribution as attr
+    from mmdiag.stages.base import Heartbeat
 
     world = pl.World(label=lambda c: c["colour"])
     model = pl.train(world, steps=20)
@@ -47,7 +47,7 @@ def test_a_long_method_beats_between_its_steps_with_the_model_inputs_so_far():
     assert counts == sorted(counts) and counts[-1] == game.passes  # every batch told, none twice
     seen.clear()
     beat.step("EMAP", 0.0)
-    from stages import interaction as inter
+    from mmdiag.stages import interaction as inter
 
     inter.recombination_table(model.forward, {m: t[:6] for m, t in encoded.items()}, 8, beat)
     assert seen and int(seen[-1][0].split(": ")[1].split()[0]) == 6 ** len(encoded)
@@ -74,7 +74,7 @@ def test_on_a_terminal_each_stage_gets_a_bar_that_goes_when_it_ends():
 
     from rich.console import Console
 
-    from flows.progress import Bars
+    from mmdiag.flows.progress import Bars
 
     screen = io.StringIO()
     bars = Bars(Console(file=screen, force_terminal=True, width=100))

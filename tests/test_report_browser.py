@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import report_fixtures as fx
-from reports import analyse, render
+from mmdiag.reports import analyse, render
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import report_fixtures as fx
-from reports import analyse, figures, render, render_compare
+from mmdiag.reports import analyse, figures, render, render_compare
 
 SUBSETS = [s for k in range(len(fx.STAGES) + 1) for s in combinations(fx.STAGES, k)]
 
@@ -84,7 +84,7 @@ def _write_run(folder: Path, summary: dict) -> Path:
 
 
 def test_compare_page_shows_the_fix(tmp_path):
-    from flows.rerun import compare
+    from mmdiag.flows.rerun import compare
 
     runs = {}
     for name, scenario in (("before", "shortcut"), ("after", "clean")):
@@ -131,7 +131,7 @@ def test_thumbnails_are_small_for_any_image(shape, grid):
 
 
 def test_a_lone_surrogate_in_a_caption_is_replaced_not_a_failed_write(tmp_path):
-    from pipeline.store import write_text
+    from mmdiag.pipeline.store import write_text
 
     data = fx.make_data()
     first_error = (fx.predictions(data, "shortcut") != data.labels.numpy()).nonzero()[0][0]
@@ -143,7 +143,7 @@ def test_a_lone_surrogate_in_a_caption_is_replaced_not_a_failed_write(tmp_path):
 
 
 def test_charts_drawn_before_are_taken_from_the_store_and_give_the_same_page(tmp_path, monkeypatch):
-    from flows.cache import FigureStore
+    from mmdiag.flows.cache import FigureStore
 
     summary, results, data = fx.run("shortcut")
     analysis = analyse(summary, results, data)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import report_fixtures as fx
-from reports import analyse, evidence, findings
-from reports.samples import evaluated
-from reports.thresholds import DEFAULT
+from mmdiag.reports import analyse, evidence, findings
+from mmdiag.reports.samples import evaluated
+from mmdiag.reports.thresholds import DEFAULT
 
 
 def _ids(analysis):
@@ -215,7 +215,7 @@ def test_labels_no_concept_tells_need_no_interaction_however_many_values():
 
 
 def test_determining_sets_and_causes():
-    from reports import reliance
+    from mmdiag.reports import reliance
 
     rng = np.random.default_rng(1)
     colour, word, other = rng.integers(0, 2, 600), rng.integers(0, 2, 600), rng.integers(0, 3, 600)
@@ -234,7 +234,7 @@ def test_a_rare_concept_encoded_perfectly_is_encoded():
     encoded'; against its interval it is encoded, and a concept the layer does not carry is not."""
     import torch
 
-    from stages.representation import RepresentationConfig, fit_probes
+    from mmdiag.stages.representation import RepresentationConfig, fit_probes
 
     g = torch.Generator().manual_seed(0)
     rare = (torch.rand(2000, generator=g) < 0.1).long()
@@ -274,7 +274,7 @@ def test_a_sample_a_shortcut_points_to_its_prediction_is_no_label_mistake():
 
 
 def test_label_issues_csv_has_a_header_even_when_empty():
-    from reports import label_issues_csv
+    from mmdiag.reports import label_issues_csv
 
     assert label_issues_csv([]) == "row,id,given,likely,given_probability,likely_probability,evidence\n"
     line = label_issues_csv([{"row": 3, "id": 7, "given": "a", "likely": "b", "given_probability": 0.1, "likely_probability": 0.9, "evidence": "x, y"}])
@@ -284,8 +284,8 @@ def test_label_issues_csv_has_a_header_even_when_empty():
 def test_a_regions_effect_beyond_its_null_is_judged_at_the_rules_corrected_level():
     """An effect whose interval clears 0 at the stage's 95% but not once Bonferroni-corrected for
     the rule's 20 tests (a normal interval re-drawn from the stage's half-width)."""
-    from pipeline import stats
-    from reports import reliance
+    from mmdiag.pipeline import stats
+    from mmdiag.reports import reliance
 
     effect = {"value": 0.02, "low": 0.001, "high": 0.039, "n": 400}
     none = {"value": 0.0, "low": -0.01, "high": 0.01, "n": 400}

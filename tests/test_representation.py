@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import FeatureGroups, SampleSet, TorchAdapter
-from pipeline.demo import shapes
-from pipeline.errors import MmdiagError
-from pipeline.resolve import predict
-from stages import representation as rep
-from stages.base import Context
-from stages.representation import RepresentationConfig, run
+from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages import representation as rep
+from mmdiag.stages.base import Context
+from mmdiag.stages.representation import RepresentationConfig, run
 
 from ranges import holds
 
@@ -60,7 +60,7 @@ def test_demo_film_layers_encode_what_each_modality_carries(demo_models):
 
 @pytest.fixture(scope="module")
 def untrained():
-    from pipeline.demo.models import FiLMNet, demo_adapter
+    from mmdiag.pipeline.demo.models import FiLMNet, demo_adapter
 
     torch.manual_seed(0)
     return demo_adapter(FiLMNet().eval()), shapes.split("ood", n=120)

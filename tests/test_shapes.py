@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.demo import shapes
-from pipeline.demo.vocab import INDEX, words
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.demo.vocab import INDEX, words
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flows import cache, progress, side_by_side
+from mmdiag.flows import cache, progress
+from mmdiag.flows.hosting import side_by_side
 
 CHILD = textwrap.dedent("""
     import os, sys, time
@@ -49,9 +50,9 @@ def children(monkeypatch, tmp_path):
     monkeypatch.setattr(side_by_side.Overflow, "command", lambda self, config: [sys.executable, str(script), str(config)])
     monkeypatch.setattr(side_by_side, "cores", lambda: 2)
     prepared = []  # the later runs' models, loaded (or trained) by this process before they start
-    monkeypatch.setattr("pipeline.resolve.load_model", lambda spec, cache, device: prepared.append(spec))
+    monkeypatch.setattr("mmdiag.pipeline.resolve.load_model", lambda spec, cache, device: prepared.append(spec))
     # this process's threads are only recorded: raising them again afterwards would break MKL's LU
-    # for the tests that follow (see flows/side_by_side.py)
+    # for the tests that follow (see flows/hosting/side_by_side.py)
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     make = lambda *runs: [Config(run=r, out=tmp_path / "out", cache=None, model=f"model of {r}", device="cpu") for r in runs]  # noqa: E731
@@ -118,7 +119,7 @@ def test_a_run_beside_ended_by_a_signal_says_so(children, caplog):
 def test_this_runs_own_lines_carry_its_name_while_others_report_beside_it(monkeypatch):
     import io
 
-    from flows import logs
+    from mmdiag.flows import logs
 
     screen = io.StringIO()
     monkeypatch.setattr(sys, "stderr", screen)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from reports import slices as sl
-from reports.thresholds import Thresholds
+from mmdiag.reports import slices as sl
+from mmdiag.reports.thresholds import Thresholds
 
 
 def _concepts(n: int, seed: int) -> dict[str, np.ndarray]:

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import planted as pl
-from flows.cli import main
+from mmdiag.flows.cli import main
 from inprocess import QUICK
-from pipeline.demo import shapes
-from pipeline.errors import MmdiagError
-from pipeline.resolve import predict
-from pipeline.sources import StreamedSampleSet, hf_dataset, image_table, streamed
-from stages import Context, registry
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.resolve import predict
+from mmdiag.pipeline.sources import StreamedSampleSet, hf_dataset, image_table, streamed
+from mmdiag.stages import Context, registry
 
 
 class SampleFolder(torch.utils.data.Dataset):
@@ -121,7 +121,7 @@ FACTORY = '''
 from pathlib import Path
 import sys
 sys.path.insert(0, {tests!r})
-from pipeline.demo import shapes
+from mmdiag.pipeline.demo import shapes
 from test_sources import from_disk, write_folder
 
 def memory(split, n, seed):
@@ -187,7 +187,7 @@ def test_an_image_folder_with_a_csv_or_parquet_table_and_a_hf_dataset_read_the_s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.demo.vocab import tokenize
+    from mmdiag.pipeline.demo.vocab import tokenize
 
     table, data = _table(tmp_path)
     common = dict(tokenize=tokenize, concepts=["negation", "watermark"], class_names=data.class_names, image_size=32, name="shapes-table")
@@ -218,8 +218,8 @@ def _one_line(capsys) -> str:
 
 
 BROKEN = '''
-from pipeline.demo.vocab import tokenize
-from pipeline.sources import image_table
+from mmdiag.pipeline.demo.vocab import tokenize
+from mmdiag.pipeline.sources import image_table
 import torch
 
 def table(split, n, seed):
@@ -234,7 +234,7 @@ class Failing(torch.utils.data.Dataset):
         return {{"inputs": {{"x": torch.ones(3), "y": torch.ones(2)}}, "label": i % 2}}
 
 def failing(split, n, seed):
-    from pipeline.sources import streamed
+    from mmdiag.pipeline.sources import streamed
     return streamed(Failing(), class_names=["a", "b"], batch_size=4)
 '''
 
@@ -280,7 +280,7 @@ def test_rows_that_disagree_are_refused_with_their_row():
 def test_a_table_read_with_a_hugging_face_processor_equals_hf_samples(tmp_path):
     from PIL import Image
 
-    from pipeline.hf import hf_readers, hf_samples, load_clip
+    from mmdiag.pipeline.hf import hf_readers, hf_samples, load_clip
     from test_hf import CAPTIONS, images, save_clip
 
     clip = load_clip(save_clip(tmp_path / "clip"), local_files_only=True)

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from pipeline.errors import MmdiagError
-from pipeline.store import RunStore, atomic_write, fingerprint_module, new_run, read_arrays, read_json, write_arrays, write_json
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import RunStore, atomic_write, fingerprint_module, new_run, read_arrays, read_json, write_arrays, write_json
 
 
 def test_interrupted_write_leaves_no_file(tmp_path):
@@ -88,7 +88,7 @@ def test_the_next_run_removes_what_a_killed_one_left_behind(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.store import _host, clean_stale, new_run
+    from mmdiag.pipeline.store import _host, clean_stale, new_run
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     out = tmp_path / "runs"

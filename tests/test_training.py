@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pipeline.demo import shapes
-from pipeline.demo.models import demo_adapter
-from pipeline.demo.train import TrainConfig, load_or_train, train
-from pipeline.store import fingerprint_module
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.demo.models import demo_adapter
+from mmdiag.pipeline.demo.train import TrainConfig, load_or_train, train
+from mmdiag.pipeline.store import fingerprint_module
 from ranges import holds, measured
 
 SMALL = TrainConfig(arch="film", n_train=512, epochs=1, batch_size=64)
@@ -87,7 +87,7 @@ def test_the_fixed_data_gives_the_rule_where_it_can_be_seen(demo_models):
 @pytest.mark.slow
 @pytest.mark.trained
 def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, quick_demo):
-    from flows.cli import main
+    from mmdiag.flows.cli import main
 
     demo_models("demo-film"), demo_models("demo-late"), demo_models("demo-film-clean")  # trained into the session's cache (--fix retrains the clean one)
     assert main(["demo", "--out", str(tmp_path), "--fix"]) == 0
@@ -162,7 +162,7 @@ def test_demo_side_by_side_gives_the_one_by_one_figures(demo_models, cache, tmp_
     import subprocess
     import sys
 
-    from flows import side_by_side
+    from mmdiag.flows.hosting import side_by_side
 
     if not side_by_side.worth_it(2):
         pytest.skip(f"{side_by_side.cores()} cores: the models go one by one")
@@ -174,9 +174,9 @@ def test_demo_side_by_side_gives_the_one_by_one_figures(demo_models, cache, tmp_
         fresh, runs = tmp_path / mode / "cache", tmp_path / mode / "runs"
         shutil.copytree(cache / "models", fresh / "models")  # nothing computed yet, the trained weights kept
         # quick stages on 300 samples: the two modes' figures must be equal, whatever they are
-        driver = (f"import sys, flows.flow as f; made = f.demo_configs; "
+        driver = (f"import sys, mmdiag.flows.flow as f; made = f.demo_configs; "
                   f"f.demo_configs = lambda *a, **k: [c.model_copy(update={{'stages': {QUICK_STAGES!r}, 'data': c.data.model_copy(update={{'n': 300}})}}) for c in made(*a, **k)]; "
-                  f"from flows.cli import main; sys.exit(main(['demo', '--out', {str(runs)!r}, *{flags!r}]))")
+                  f"from mmdiag.flows.cli import main; sys.exit(main(['demo', '--out', {str(runs)!r}, *{flags!r}]))")
         env = {**os.environ, "MMDIAG_CACHE": str(fresh), "PREFECT_HOME": str(fresh / "prefect")}
         done = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]

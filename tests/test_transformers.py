@@ -12,12 +12,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from inprocess import diagnose
 from ranges import holds, measured
-from pipeline import PatchGrid, Tokens, TorchAdapter
-from pipeline.demo import shapes
-from pipeline.demo.vocab import CLS_ID, PAD_ID, WORDS
-from stages import attribution as attr
-from stages import interaction as inter
-from stages.unimodal import _randomised
+from mmdiag.pipeline import PatchGrid, Tokens, TorchAdapter
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.demo.vocab import CLS_ID, PAD_ID, WORDS
+from mmdiag.stages import attribution as attr
+from mmdiag.stages import interaction as inter
+from mmdiag.stages.unimodal import _randomised
 
 WIDTH = 16
 
@@ -149,14 +149,14 @@ def test_every_stage_runs_on_a_plain_transformer(layer, batch_first, data):
 @pytest.mark.slow
 @pytest.mark.trained
 def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, monkeypatch):
-    import flows.flow
+    from mmdiag.flows import flow
     from conftest import QUICK_STAGES
-    from flows.cli import main
+    from mmdiag.flows.cli import main
 
     # quick stage 1; EMAP on 150 references (its full - additive gap is the property asserted)
     stages = {**QUICK_STAGES, "crossmodal": {"n_reference": 150, "shapley_draws": 4}}
-    made = flows.flow.demo_configs
-    monkeypatch.setattr(flows.flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": stages}) for c in made(*a, **k)])
+    made = flow.demo_configs
+    monkeypatch.setattr(flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": stages}) for c in made(*a, **k)])
 
     assert main(["demo", "--models", "demo-transformer", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "demo-transformer" / "summary.json").read_text())

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from pipeline import FeatureGroups, SampleSet, TorchAdapter
-from pipeline.demo import shapes
-from pipeline.errors import MmdiagError
-from pipeline.resolve import predict
-from stages.base import Context
-from stages.unimodal import UnimodalConfig, run
+from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.resolve import predict
+from mmdiag.stages.base import Context
+from mmdiag.stages.unimodal import UnimodalConfig, run
 
 from ranges import holds
 
@@ -81,7 +81,7 @@ def test_the_captum_methods_and_the_kernel_estimator_run_in_the_stage(demo_model
 
 @pytest.fixture(scope="module")
 def demo_models_untrained():
-    from pipeline.demo.models import FiLMNet, demo_adapter
+    from mmdiag.pipeline.demo.models import FiLMNet, demo_adapter
 
     torch.manual_seed(0)
     return demo_adapter(FiLMNet().eval()), shapes.split("ood", n=60)

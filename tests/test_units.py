@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.errors import MmdiagError
-from pipeline.units import FeatureGroups, PatchGrid, Tokens
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.units import FeatureGroups, PatchGrid, Tokens
 
 EMBED = torch.nn.Embedding(10, 4, padding_idx=0)
 

@@ -11,12 +11,12 @@ import torch
 import vlm_kit
 from inprocess import diagnose
 from ranges import holds, measured
-from pipeline import stats
-from pipeline.demo import vlm as demo
-from pipeline.errors import MmdiagError
-from pipeline.hf.vlm import VLMAdapter, load_vlm, vlm_samples
-from pipeline.hf.words import piece_style, word_slots
-from stages import attribution as attr
+from mmdiag.pipeline import stats
+from mmdiag.pipeline.demo import vlm as demo
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.hf.vlm import VLMAdapter, load_vlm, vlm_samples
+from mmdiag.pipeline.hf.words import piece_style, word_slots
+from mmdiag.stages import attribution as attr
 
 QUESTIONS = ["is the circle red", "apparently is the triangle not red", "look", "in this image is the square red"]
 MANY = ("no", "yes", "triangle", "apparently red")  # two of them several tokens long
@@ -283,7 +283,7 @@ def test_bad_vlm_arguments_are_one_line_each(tmp_path):
 
 USER_MODULE = '''
 import numpy as np
-from pipeline.hf.vlm import load_vlm, vlm_samples
+from mmdiag.pipeline.hf.vlm import load_vlm, vlm_samples
 
 FOLDER = {folder!r}
 OPTIONS = {options!r}
@@ -329,7 +329,7 @@ def folders(tmp_path_factory):
     ],
 )
 def test_bad_vlm_input_through_the_cli_is_one_line_exit_2(folders, folder, options, expected, tmp_path, monkeypatch, capsys, cache):
-    from flows.cli import main
+    from mmdiag.flows.cli import main
 
     name = f"myvlm_{tmp_path.name.replace('-', '_')}"  # a module of its own per case (imports are cached)
     (tmp_path / f"{name}.py").write_text(USER_MODULE.format(folder=str(folders / folder), options=options))
@@ -390,7 +390,7 @@ def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo
 OPEN_MODULE = '''
 import numpy as np
 import torch
-from pipeline.hf.vlm import load_vlm, vlm_samples
+from mmdiag.pipeline.hf.vlm import load_vlm, vlm_samples
 
 FOLDER = {folder!r}
 QUESTIONS = ["is the circle red", "apparently is the triangle not red", "look", "in this image is the square red"]
@@ -412,7 +412,7 @@ def data(split, n, seed):
 
 @pytest.mark.slow
 def test_an_open_answer_vlm_from_a_folder_through_every_stage_of_the_flow(folders, user_flow):
-    from flows.cli import main
+    from mmdiag.flows.cli import main
 
     unimodal = "{methods: [grad_x_input, shapley], n_correct: 4, max_errors: 4, shapley_pairs: 1, sanity_samples: 0}"
     run, cfg = user_flow("openvlm", OPEN_MODULE.format(folder=str(folders / "llava")), unimodal)

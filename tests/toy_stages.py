@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from stages import Stage, StageConfig, StageResult, registry
+from mmdiag.stages import Stage, StageConfig, StageResult, registry
 
 
 class FirstConfig(StageConfig):
@@ -63,7 +63,7 @@ def build_model(seed: int = 0):
     """An untrained demo network with fixed weights: a model in milliseconds."""
     import torch
 
-    from pipeline.demo.models import LateFusionNet, demo_adapter
+    from mmdiag.pipeline.demo.models import LateFusionNet, demo_adapter
 
     torch.manual_seed(seed)
     return demo_adapter(LateFusionNet().eval())

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.demo import vlm as demo
-from pipeline.hf.vlm import VLMAdapter
+from mmdiag.pipeline.demo import vlm as demo
+from mmdiag.pipeline.hf.vlm import VLMAdapter
 
 PALIGEMMA_PROMPT = "<image>{question} ? assistant :"
 

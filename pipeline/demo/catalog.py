@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pipeline.adapter import ModelAdapter
-from pipeline.data import SampleSet
-from pipeline.demo import shapes, vlm
-from pipeline.demo.models import demo_adapter
-from pipeline.demo.train import TrainConfig, load_or_train
-from pipeline.demo.vlm import VLMTrainConfig
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.demo import shapes, vlm
+from mmdiag.pipeline.demo.models import demo_adapter
+from mmdiag.pipeline.demo.train import TrainConfig, load_or_train
+from mmdiag.pipeline.demo.vlm import VLMTrainConfig
 
 # Each model's bug holds by construction, whatever the seed (README, "The demo"; the ranges over
 # seeds and numeric settings: `make portability`). FiLM sees the mark agree with the label only
@@ -62,7 +62,7 @@ def apply_fix(name: str, action: dict) -> str:
     """The built-in model that a suggestion's action gives when applied to model `name`: the
     same architecture and seed, retrained on data changed as the action says. The demo can
     apply one change: decorrelating the corner mark from the label (p = 0.5)."""
-    from pipeline.errors import MmdiagError
+    from mmdiag.pipeline.errors import MmdiagError
 
     if name not in MODELS:
         raise MmdiagError(f"--fix: {name!r} is not a built-in demo model")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.adapter import TorchAdapter
-from pipeline.demo.shapes import CLASS_NAMES
-from pipeline.demo.vocab import CLS_ID, PAD_ID, WORDS
-from pipeline.units import PatchGrid, Tokens
+from mmdiag.pipeline.adapter import TorchAdapter
+from mmdiag.pipeline.demo.shapes import CLASS_NAMES
+from mmdiag.pipeline.demo.vocab import CLS_ID, PAD_ID, WORDS
+from mmdiag.pipeline.units import PatchGrid, Tokens
 
 # channel means of the generated images: the value a removed image patch takes
 IMAGE_MEAN = (0.75, 0.70, 0.75)

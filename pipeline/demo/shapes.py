@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data import Counterfactual, SampleSet
-from pipeline.demo.vocab import tokenize
+from mmdiag.pipeline.data import Counterfactual, SampleSet
+from mmdiag.pipeline.demo.vocab import tokenize
 
 SIZE = 32
 MARK = 4  # side of the corner mark, pixels
@@ -145,7 +145,7 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes", p_mark_colo
 def split(name: str, n: int | None = None, seed: int = 0) -> SampleSet:
     """A named split: train (8,000 samples), iid, ood, anti (2,000 each) by default."""
     if name not in SPLITS:
-        from pipeline.errors import MmdiagError
+        from mmdiag.pipeline.errors import MmdiagError
 
         raise MmdiagError(f"data.split: unknown split {name!r}; choose one of {', '.join(SPLITS)}")
     n = n if n is not None else (8000 if name == "train" else 2000)

@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.demo import models, shapes, vocab
-from pipeline.store import cache_root, load_weights, save_weights
+from mmdiag.pipeline.demo import models, shapes, vocab
+from mmdiag.pipeline.store import cache_root, load_weights, save_weights
 
 log = logging.getLogger("mmdiag")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.data import Counterfactual, SampleSet
-from pipeline.demo import shapes
-from pipeline.demo.models import IMAGE_MEAN
-from pipeline.demo.train import adamw_one_cycle, fit, source_key
-from pipeline.store import cache_root, load_weights, save_weights
+from mmdiag.pipeline.data import Counterfactual, SampleSet
+from mmdiag.pipeline.demo import shapes
+from mmdiag.pipeline.demo.models import IMAGE_MEAN
+from mmdiag.pipeline.demo.train import adamw_one_cycle, fit, source_key
+from mmdiag.pipeline.store import cache_root, load_weights, save_weights
 
 log = logging.getLogger("mmdiag")
 
@@ -89,13 +89,13 @@ def build(seed: int = 0):
 
 
 def adapter(model, answers=ANSWERS, **options):
-    from pipeline.hf.vlm import VLMAdapter
+    from mmdiag.pipeline.hf.vlm import VLMAdapter
 
     return VLMAdapter(model, processor(), answers, prompt=TEMPLATE, **options)
 
 
 def _prompt():
-    from pipeline.hf.vlm import FAMILIES, Prompt
+    from mmdiag.pipeline.hf.vlm import FAMILIES, Prompt
 
     return Prompt(tokenizer(), FAMILIES["llava"], TEMPLATE, IMAGE_ID, (shapes.SIZE // 8) ** 2, PAD_ID, UNK_ID)
 

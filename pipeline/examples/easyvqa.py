@@ -29,14 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from pipeline.adapter import TorchAdapter
-from pipeline.config import DiagConfig
-from pipeline.data import SampleSet
-from pipeline.demo.models import EMBED_DIM, FiLMNet
-from pipeline.demo.train import source_key
-from pipeline.errors import MmdiagError
-from pipeline.store import cache_root, load_weights, save_weights
-from pipeline.units import PatchGrid, Tokens
+from mmdiag.pipeline.adapter import TorchAdapter
+from mmdiag.pipeline.config import DiagConfig
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.demo.models import EMBED_DIM, FiLMNet
+from mmdiag.pipeline.demo.train import source_key
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import cache_root, load_weights, save_weights
+from mmdiag.pipeline.units import PatchGrid, Tokens
 
 log = logging.getLogger("mmdiag")
 

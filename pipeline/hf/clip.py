@@ -25,10 +25,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.adapter import ModelAdapter
-from pipeline.errors import MmdiagError
-from pipeline.hf.common import BottleneckSite, check_ids, check_text_units, check_vocab, matches, pretrained, processor_or_none, text_units, tokenize, vocabulary
-from pipeline.units import PatchGrid
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.hf.common import BottleneckSite, check_ids, check_text_units, check_vocab, matches, pretrained, processor_or_none, text_units, tokenize, vocabulary
+from mmdiag.pipeline.units import PatchGrid
 
 
 class Identity(nn.Module):

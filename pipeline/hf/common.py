@@ -12,9 +12,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.data import SampleSet
-from pipeline.errors import MmdiagError
-from pipeline.units import Tokens, Units
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.units import Tokens, Units
 
 log = logging.getLogger("mmdiag")
 
@@ -105,7 +105,7 @@ def text_units(ids: Tensor, embedded: Tensor, embedding: nn.Embedding, *, pad_id
     and special tokens are kept either way, and a removed piece takes `removed_id`'s embedding."""
     if not words:
         return token_units(ids, embedded, embedding, pad_id=pad_id, special_ids=special_ids, removed_id=removed_id, vocab=vocab)
-    from pipeline.hf.words import word_units
+    from mmdiag.pipeline.hf.words import word_units
 
     fixed = (ids == pad_id) | torch.isin(ids, torch.tensor(list(special_ids), device=ids.device))
     return word_units(ids, embedded, fixed, vocab, embedding.weight[removed_id].detach())

@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.adapter import ModelAdapter
-from pipeline.errors import MmdiagError
-from pipeline.hf.common import check_ids, check_text_units, check_vocab, matches, pretrained, processor_or_none, text_units, vocabulary
-from pipeline.units import PatchGrid
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.hf.common import check_ids, check_text_units, check_vocab, matches, pretrained, processor_or_none, text_units, vocabulary
+from mmdiag.pipeline.units import PatchGrid
 
 # BERT's ids, which ViLT's tokenizer uses, for a model loaded without its processor
 BERT_IDS = {"pad": 0, "cls": 101, "sep": 102, "mask": 103}

@@ -39,12 +39,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.adapter import ModelAdapter
-from pipeline.data import SampleSet
-from pipeline.errors import MmdiagError
-from pipeline.hf.common import check_vocab, matches, pretrained, processor_or_none, vocabulary
-from pipeline.hf.words import word_units, words
-from pipeline.units import PatchGrid
+from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.hf.common import check_vocab, matches, pretrained, processor_or_none, vocabulary
+from mmdiag.pipeline.hf.words import word_units, words
+from mmdiag.pipeline.units import PatchGrid
 
 IMAGE, QUESTION = "<image>", "{question}"
 OPEN_CLASSES = ("target", "model's answer")  # open mode: class 0 is the sample's own answer

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from pipeline.units import Units
+from mmdiag.pipeline.units import Units
 
 Style = Literal["end", "continue", "start"]
 STARTS = ("▁", "Ġ")

@@ -3,7 +3,7 @@
 SIGKILL gives a process no chance to stop its children: Prefect's temporary API server (uvicorn)
 and a local Dask cluster would run on as orphans. The watchdog is a separate small process that
 notes the children of the process it watches (Linux: /proc) and, once that process is gone,
-terminates them. `python -m flows.watchdog PID` runs it; `start()` spawns one for this process.
+terminates them. `python -m mmdiag.flows.hosting.watchdog PID` runs it; `start()` spawns one for this process.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def start() -> subprocess.Popen | None:
         return None
     already = [str(c) for c in children(os.getpid())]  # not ours to end: they were there before mmdiag ran
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.watchdog", str(os.getpid()), *already],
+        [sys.executable, "-m", "mmdiag.flows.hosting.watchdog", str(os.getpid()), *already],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to the terminal's group does not end it before its work
     )

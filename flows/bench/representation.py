@@ -9,8 +9,8 @@ def bench_rows(adapter, data, device) -> list[dict]:
     """Rows for `mmdiag bench` on the given model and data: activation collection (each batch
     with one copy per modality removed), all probes and their controls, and the whole stage.
     Each is timed after one warm-up run."""
-    from stages import representation as rep
-    from stages.base import Context
+    from mmdiag.stages import representation as rep
+    from mmdiag.stages.base import Context
 
     config = rep.RepresentationConfig()
     adapter.to(device).eval()

@@ -4,7 +4,7 @@ multi-token answers on and off, and our Shapley values against Captum's LLMAttri
 (ShapleyValueSampling over ImageMaskInput patches and TextTemplateInput words) on the same
 model, samples and removal.
 
-    python -m flows.bench_vlm [--json bench_vlm.json] [--samples 8]
+    python -m mmdiag.flows.bench.vlm [--json bench_vlm.json] [--samples 8]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.store import write_json
+from mmdiag.pipeline.store import write_json
 
 MULTI = ["no", "yes", "apparently not", "the triangle"]  # two of them several tokens long
 
@@ -34,10 +34,10 @@ def _row(rows, name, value, unit, **extra):
 def stage_rows(adapter, data, per_input: float, per_grad: float) -> list[dict]:
     """Every stage in-process with its default settings, as `mmdiag demo --models demo-vlm`
     runs them: seconds, and where the stage counts them, model inputs per explained sample."""
-    from flows.results import with_timings
-    from pipeline.evaluate import model_summary
-    from pipeline.resolve import predict
-    from stages import Context, StageResult, extended, registry
+    from mmdiag.flows.results import with_timings
+    from mmdiag.pipeline.evaluate import model_summary
+    from mmdiag.pipeline.resolve import predict
+    from mmdiag.stages import Context, StageResult, extended, registry
 
     device = torch.device("cpu")
     logits, secs = _timed(lambda: predict(adapter, data, device))
@@ -71,7 +71,7 @@ def prefix_rows(model, data, repeats: int = 3) -> list[dict]:
     """Multi-token answers scored with the prompt's KV cache shared by the candidates, against
     each candidate appended to the whole prompt: seconds for the data set, and the largest
     difference between the two."""
-    from pipeline.demo import vlm
+    from mmdiag.pipeline.demo import vlm
 
     on, off = vlm.adapter(model, answers=MULTI), vlm.adapter(model, answers=MULTI, prefix_reuse=False)
     rows: list[dict] = []
@@ -88,7 +88,7 @@ def prefix_rows(model, data, repeats: int = 3) -> list[dict]:
 def _only(units: dict, modality: str) -> dict:
     """The units of one modality; the other's slots all kept (a one-modality game, as Captum's
     LLMAttribution plays it)."""
-    from pipeline.units import Units
+    from mmdiag.pipeline.units import Units
 
     return {m: u if m == modality else Units(torch.full_like(u.mask, -1), u.n, u.baseline, u.labels) for m, u in units.items()}
 
@@ -134,8 +134,8 @@ def captum_rows(adapter, data, n: int, pairs: int = 5, reference_pairs: int = 10
     import PIL.Image
     from captum.attr import ImageMaskInput, LLMAttribution, ShapleyValueSampling, TextTemplateInput
 
-    from pipeline.demo.vlm import IMAGE_MEAN
-    from stages import attribution as attr
+    from mmdiag.pipeline.demo.vlm import IMAGE_MEAN
+    from mmdiag.stages import attribution as attr
 
     rows: list[dict] = []
     model = adapter.module
@@ -186,10 +186,10 @@ def captum_rows(adapter, data, n: int, pairs: int = 5, reference_pairs: int = 10
 
 
 def run(n_captum: int = 8) -> list[dict]:
-    from flows.bench import _per_input_forward, _per_input_gradient
-    from pipeline.demo import vlm
-    from pipeline.demo.catalog import MODELS
-    from pipeline.hf.vlm import vlm_samples
+    from mmdiag.flows.bench.timing import per_input_forward, per_input_gradient
+    from mmdiag.pipeline.demo import vlm
+    from mmdiag.pipeline.demo.catalog import MODELS
+    from mmdiag.pipeline.hf.vlm import vlm_samples
 
     rows: list[dict] = []
     (model, cached), secs = _timed(lambda: vlm.load_or_train(MODELS["demo-vlm"]))
@@ -197,7 +197,7 @@ def run(n_captum: int = 8) -> list[dict]:
     adapter = vlm.adapter(model)
     data = vlm.split("ood")
     encoded = {m: t.detach() for m, t in adapter.encode(data.subset(torch.arange(64)).inputs).items()}
-    per_input, per_grad = _per_input_forward(adapter, encoded, 64), _per_input_gradient(adapter, encoded, 64)
+    per_input, per_grad = per_input_forward(adapter, encoded, 64), per_input_gradient(adapter, encoded, 64)
     _row(rows, "demo-vlm: forward, per model input in a batch of 64 (floor)", per_input * 1e6, "us")
     _row(rows, "demo-vlm: forward + backward, per model input in a batch of 64 (floor)", per_grad * 1e6, "us")
     rows += stage_rows(adapter, data, per_input, per_grad)
@@ -213,7 +213,7 @@ def run(n_captum: int = 8) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.bench_vlm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmdiag.flows.bench.vlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="bench_vlm.json", help="where to write the rows (default: bench_vlm.json)")
     parser.add_argument("--samples", type=int, default=8, help="samples for the Captum comparison (default: 8)")
     args = parser.parse_args(argv)

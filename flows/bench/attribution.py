@@ -1,12 +1,12 @@
 """Benchmarks of stage 1's methods side by side, and of the Shapley estimators against exact
-values: `python -m flows.bench_attribution [JSON]` prints these rows alone and writes them to JSON
+values: `python -m mmdiag.flows.bench.attribution [JSON]` prints these rows alone and writes them to JSON
 (default bench-attribution.json); they are part of `mmdiag bench`."""
 
 from __future__ import annotations
 
 import time
 
-from pipeline.store import write_json
+from mmdiag.pipeline.store import write_json
 
 METHODS = (
     "grad_x_input", "smoothgrad", "grad_cam", "integrated_gradients", "occlusion", "shapley", "shapley_kernel",
@@ -35,9 +35,9 @@ def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_s
     does not apply to the model."""
     import torch
 
-    from pipeline.errors import MmdiagError
-    from stages import attribution as attr
-    from stages.unimodal import UnimodalConfig, attribute
+    from mmdiag.pipeline.errors import MmdiagError
+    from mmdiag.stages import attribution as attr
+    from mmdiag.stages.unimodal import UnimodalConfig, attribute
 
     encoded, units, target = samples
     n = len(target)
@@ -72,8 +72,8 @@ def estimator_rows(adapter_module, data, device, n: int = 16, seeds: int = 3, bu
     import numpy as np
     import torch
 
-    from pipeline.demo.models import demo_adapter
-    from stages import attribution as attr
+    from mmdiag.pipeline.demo.models import demo_adapter
+    from mmdiag.stages import attribution as attr
 
     adapter = demo_adapter(adapter_module, patch=16)
     encoded, units, target = explained(adapter, data, device, n)
@@ -139,18 +139,18 @@ def main(json_path: str = "bench-attribution.json") -> int:
     import json
     import sys
 
-    from flows.bench import _per_input_forward, _per_input_gradient, print_rows
-    from pipeline.demo import shapes
-    from pipeline.demo.catalog import load_model
-    from pipeline.device import resolve_device
-    from stages.attribution import default_batch
+    from mmdiag.flows.bench.timing import per_input_forward, per_input_gradient, print_rows
+    from mmdiag.pipeline.demo import shapes
+    from mmdiag.pipeline.demo.catalog import load_model
+    from mmdiag.pipeline.device import resolve_device
+    from mmdiag.stages.attribution import default_batch
 
     device = resolve_device("auto")
     adapter = load_model("demo-film")[0]
     ood = shapes.split("ood")
     samples = explained(adapter, ood, device, 64)
     batch = default_batch(device)
-    floors = _per_input_forward(adapter, samples[0], batch), _per_input_gradient(adapter, samples[0], batch)
+    floors = per_input_forward(adapter, samples[0], batch), per_input_gradient(adapter, samples[0], batch)
     rows = method_rows(adapter, samples, device, *floors) + estimator_rows(adapter.module, ood, device)
     print_rows(rows)
     write_json(json_path, {"rows": rows})

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.errors import MmdiagError
+from mmdiag.pipeline.errors import MmdiagError
 
 QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry attempts from the temporary server

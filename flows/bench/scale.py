@@ -3,7 +3,7 @@ peak RSS of the process), a 224 px image folder streamed through a CLIP model, E
 with three modalities, and EMAP's late-fusion path. Each measurement runs in a fresh process,
 so its peak RSS is its own.
 
-    python -m flows.bench_scale [--sizes 2000,5000,10000,20000] [--json bench_scale.json]
+    python -m mmdiag.flows.bench.scale [--sizes 2000,5000,10000,20000] [--json bench_scale.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SHARD_ROWS = 2000  # the shapes generator's split size: a larger set is drawn a 
 
 def _child(code: str, env: dict | None = None) -> dict:
     """Run `code` in a fresh Python; it prints one JSON line last. Adds its wall time and peak RSS."""
-    prologue = "import json, time\nfrom flows.bench_scale import peak_rss_mb\n_t0 = time.perf_counter()\n"
+    prologue = "import json, time\nfrom mmdiag.flows.bench.scale import peak_rss_mb\n_t0 = time.perf_counter()\n"
     epilogue = "\nprint(json.dumps({**OUT, 'peak_rss_mb': peak_rss_mb(), 'seconds': round(time.perf_counter() - _t0, 2)}))\n"
     done = subprocess.run([sys.executable, "-c", prologue + code + epilogue], env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if done.returncode != 0:
@@ -50,8 +50,8 @@ def peak_rss_mb() -> float:
 
 def write_shapes(folder: Path, n: int, split: str = "ood", seed: int = 0) -> None:
     """n samples of a shapes split on disk, drawn SHARD_ROWS at a time (bounded memory)."""
-    from pipeline.demo import shapes
-    from pipeline.sources import save_shards
+    from mmdiag.pipeline.demo import shapes
+    from mmdiag.pipeline.sources import save_shards
 
     for k, start in enumerate(range(0, n, SHARD_ROWS)):
         part = shapes.generate(min(SHARD_ROWS, n - start), shapes.SPLITS[split], seed=1000 * seed + shapes.SPLIT_SEEDS[split] + 7919 * k, name=f"shapes/{split}")
@@ -60,15 +60,15 @@ def write_shapes(folder: Path, n: int, split: str = "ood", seed: int = 0) -> Non
 
 def shard_data(split: str, n: int | None, seed: int):
     """The data factory of the size benchmark: the shard folder named by MMDIAG_BENCH_SHARDS."""
-    from pipeline.sources import shards
+    from mmdiag.pipeline.sources import shards
 
     return shards(os.environ["MMDIAG_BENCH_SHARDS"], batch_size=256)
 
 
 DIAGNOSE = """
 from pathlib import Path
-from flows.flow import run
-from pipeline.config import DiagConfig
+from mmdiag.flows.flow import run
+from mmdiag.pipeline.config import DiagConfig
 config = DiagConfig.model_validate(json.loads({config!r}))
 run(config)
 summary = json.loads((Path(config.out) / config.run / "summary.json").read_text())
@@ -80,11 +80,11 @@ def size_rows(sizes: list[int], work: Path, weights_cache: Path) -> list[dict]:
     rows = []
     for n in sizes:
         folder = work / f"shapes-{n}"
-        generated = _child(f"from flows.bench_scale import write_shapes\nfrom pathlib import Path\nwrite_shapes(Path({str(folder)!r}), {n})\nOUT = {{}}")
+        generated = _child(f"from mmdiag.flows.bench.scale import write_shapes\nfrom pathlib import Path\nwrite_shapes(Path({str(folder)!r}), {n})\nOUT = {{}}")
         cache = work / f"cache-{n}"
         shutil.copytree(weights_cache / "models", cache / "models")  # trained once, not timed here
         config = {"run": f"size-{n}", "model": {"name": "demo-film"}, "out": str(work / "runs"), "cache": str(cache),
-                  "data": {"factory": "flows.bench_scale:shard_data", "split": "ood", "splits": ["ood"]}}
+                  "data": {"factory": "mmdiag.flows.bench.scale:shard_data", "split": "ood", "splits": ["ood"]}}
         env = {"MMDIAG_BENCH_SHARDS": str(folder), "PREFECT_HOME": str(work / "prefect")}
         got = _child(DIAGNOSE.format(config=json.dumps(config)), env)
         rows.append({"benchmark": f"diagnosis of demo-film on {n:,} ood samples streamed from disk", "value": got["seconds"], "unit": "s",
@@ -135,7 +135,7 @@ def write_pictures(folder: Path, n: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from pipeline.demo import shapes
+    from mmdiag.pipeline.demo import shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "table.csv", "w", newline="") as f:
@@ -151,14 +151,14 @@ def write_pictures(folder: Path, n: int) -> None:
 
 
 def clip_model():
-    from pipeline.hf import load_clip
+    from mmdiag.pipeline.hf import load_clip
 
     return load_clip(os.environ["MMDIAG_BENCH_CLIP"], local_files_only=True)
 
 
 def picture_data(split: str, n: int | None, seed: int):
-    from pipeline.hf import hf_readers
-    from pipeline.sources import image_table
+    from mmdiag.pipeline.hf import hf_readers
+    from mmdiag.pipeline.sources import image_table
 
     return image_table(Path(os.environ["MMDIAG_BENCH_PICTURES"]) / "table.csv", **hf_readers(clip_model()), concepts=["negation", "watermark"],
                        class_names=["mismatch", "match"], name="shapes-224", batch_size=128, workers=2)
@@ -170,10 +170,10 @@ CHEAP = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 32, "max_errors"
 
 def picture_rows(n: int, work: Path) -> list[dict]:
     pictures, model = work / "pictures", clip_folder(work / "clip224")
-    written = _child(f"from flows.bench_scale import write_pictures\nfrom pathlib import Path\nwrite_pictures(Path({str(pictures)!r}), {n})\nOUT = {{}}")
+    written = _child(f"from mmdiag.flows.bench.scale import write_pictures\nfrom pathlib import Path\nwrite_pictures(Path({str(pictures)!r}), {n})\nOUT = {{}}")
     size_mb = sum(p.stat().st_size for p in pictures.iterdir()) / 1e6
-    config = {"run": "pictures", "model": {"factory": "flows.bench_scale:clip_model"}, "out": str(work / "runs"), "cache": str(work / "cache-pictures"),
-              "data": {"factory": "flows.bench_scale:picture_data", "split": "val", "splits": ["val"]}, "stages": CHEAP}
+    config = {"run": "pictures", "model": {"factory": "mmdiag.flows.bench.scale:clip_model"}, "out": str(work / "runs"), "cache": str(work / "cache-pictures"),
+              "data": {"factory": "mmdiag.flows.bench.scale:picture_data", "split": "val", "splits": ["val"]}, "stages": CHEAP}
     env = {"MMDIAG_BENCH_CLIP": str(model), "MMDIAG_BENCH_PICTURES": str(pictures), "PREFECT_HOME": str(work / "prefect")}
     got = _child(DIAGNOSE.format(config=json.dumps(config)), env)
     shutil.rmtree(pictures)
@@ -227,8 +227,8 @@ def joined_chunks_table(forward, encoded: dict, batch_size: int):
 
 EMAP = """
 import torch
-from flows.bench_scale import ThreeModalities, three_inputs, joined_chunks_table
-from stages import interaction as inter
+from mmdiag.flows.bench.scale import ThreeModalities, three_inputs, joined_chunks_table
+from mmdiag.stages import interaction as inter
 torch.manual_seed(0)
 model, encoded = ThreeModalities().eval(), three_inputs({n})
 before = peak_rss_mb()
@@ -258,8 +258,8 @@ def emap_rows(n: int = 200) -> list[dict]:
 def late_fusion_rows(weights_cache: Path, n: int = 200) -> list[dict]:
     """EMAP on demo-late (2 modalities, n references) through the whole model and through its
     late-fusion hook: the same table, N passes of the encoders instead of N^2."""
-    from pipeline.demo.catalog import load_model, load_data
-    from stages import interaction as inter
+    from mmdiag.pipeline.demo.catalog import load_model, load_data
+    from mmdiag.stages import interaction as inter
 
     adapter, _ = load_model("demo-late", cache=weights_cache)
     data = load_data("shapes", "ood", n, 0)
@@ -278,9 +278,9 @@ def late_fusion_rows(weights_cache: Path, n: int = 200) -> list[dict]:
 
 
 def run(sizes: list[int], pictures: int) -> list[dict]:
-    from pipeline.demo.catalog import load_model
-    from pipeline.device import resolve_device
-    from pipeline.store import cache_root
+    from mmdiag.pipeline.demo.catalog import load_model
+    from mmdiag.pipeline.device import resolve_device
+    from mmdiag.pipeline.store import cache_root
 
     weights = cache_root(None)
     for name in ("demo-film", "demo-late"):
@@ -296,10 +296,10 @@ def run(sizes: list[int], pictures: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.bench import print_rows
-    from pipeline.store import write_json
+    from mmdiag.flows.bench.timing import print_rows
+    from mmdiag.pipeline.store import write_json
 
-    parser = argparse.ArgumentParser(prog="python -m flows.bench_scale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mmdiag.flows.bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2000,5000,10000,20000", help="samples of the diagnosed split, comma-separated")
     parser.add_argument("--pictures", type=int, default=10_000, help="224 px images streamed through CLIP (0 skips)")
     parser.add_argument("--json", type=Path, default=Path("bench_scale.json"))

@@ -8,7 +8,7 @@ own `create_db`), and a home without a database gets it in ~50 ms. The server's 
 check then finds the database at Alembic's head and does nothing. Another Prefect version, or a
 database the user has configured elsewhere, is left to Prefect.
 
-`python -m flows.prefect_db` writes the schema for the installed Prefect; a test checks that the
+`python -m mmdiag.flows.hosting.prefect_db` writes the schema for the installed Prefect; a test checks that the
 stored one equals a fresh migration.
 """
 

@@ -36,7 +36,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.server import PARENT_API_URL
+from mmdiag.flows.hosting.server import PARENT_API_URL
 
 log = logging.getLogger("mmdiag")
 
@@ -87,14 +87,14 @@ class Overflow:
         return bool(self.children)
 
     def __enter__(self) -> "Overflow":
-        from flows import cache
+        from mmdiag.flows import cache
 
         if self.configs and worth_it(1 + len(self.configs)):
             cache.before_computing.append(self._start)
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        from flows import cache
+        from mmdiag.flows import cache
 
         if self._start in cache.before_computing:
             cache.before_computing.remove(self._start)
@@ -106,9 +106,9 @@ class Overflow:
         """At the first computation of this process's run: the later runs, one child each."""
         import torch
 
-        from flows import cache, progress
-        from pipeline.device import resolve_device
-        from pipeline.resolve import load_model
+        from mmdiag.flows import cache, progress
+        from mmdiag.pipeline.device import resolve_device
+        from mmdiag.pipeline.resolve import load_model
 
         with self.lock:  # sharded runs compute in several threads at once
             if self._start not in cache.before_computing:
@@ -141,7 +141,7 @@ class Overflow:
         return child
 
     def command(self, config: Path) -> list[str]:
-        return [sys.executable, "-m", "flows.cli", *(["-v"] if self.verbose else []), "diagnose", "--config", str(config)]
+        return [sys.executable, "-m", "mmdiag.flows.cli", *(["-v"] if self.verbose else []), "diagnose", "--config", str(config)]
 
     def finish(self) -> list[list[str]]:
         """After this process's run: the children's standard output lines, in the configs'
@@ -164,7 +164,7 @@ class Overflow:
         return [c.output for c in self.children]
 
     def _cleanup(self) -> None:
-        from flows import progress
+        from mmdiag.flows import progress
 
         progress.run_tag = ""
         if self.tmp is not None:
@@ -191,7 +191,7 @@ def _relay(run: str, stream) -> None:
     `mmdiag: error: RUN: ...`); on a terminal its progress lines move a bar (the finished
     stage's line stays in the log). Reads to the end whatever happens, so the child never
     blocks on a full pipe."""
-    from flows import progress
+    from mmdiag.flows import progress
 
     bars, tasks = (progress.BARS if progress.terminal() else None), {}
     for line in stream:

@@ -25,7 +25,7 @@ def _share(hits: np.ndarray, of: np.ndarray) -> float | None:
 
 def bench_rows() -> list[dict]:
     """On the CPU: the computation is numpy, whatever the device."""
-    from reports import label_issues as li
+    from mmdiag.reports import label_issues as li
 
     rows = []
     for n, k in ((2000, 2), (20000, 10)):

@@ -11,23 +11,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows import bench_attribution, bench_composition, bench_label_issues, bench_m2ib, bench_representation
-from pipeline.device import resolve_device
-from pipeline.store import write_json
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+from mmdiag.flows.bench import attribution, composition, label_issues, m2ib, representation
+from mmdiag.flows.bench.timing import per_input_forward, per_input_gradient, print_rows, timed
+from mmdiag.pipeline.device import resolve_device
+from mmdiag.pipeline.store import write_json
 
 
 def run(device_name: str = "auto") -> list[dict]:
-    from pipeline.demo import shapes
-    from pipeline.demo.catalog import MODELS
-    from pipeline.demo.models import demo_adapter
-    from pipeline.demo.train import load_or_train
-    from pipeline.resolve import predict
+    from mmdiag.pipeline.demo import shapes
+    from mmdiag.pipeline.demo.catalog import MODELS
+    from mmdiag.pipeline.demo.models import demo_adapter
+    from mmdiag.pipeline.demo.train import load_or_train
+    from mmdiag.pipeline.resolve import predict
 
     device = resolve_device(device_name)
     rows = []
@@ -36,7 +31,7 @@ def run(device_name: str = "auto") -> list[dict]:
         rows.append({"benchmark": name, "value": round(value, 4), "unit": unit, "device": device.type, **extra})
 
     n_total = 8000 + 3 * 2000
-    _, secs = _timed(lambda: [shapes.split(s) for s in ("train", "iid", "ood", "anti")])
+    _, secs = timed(lambda: [shapes.split(s) for s in ("train", "iid", "ood", "anti")])
     row("data generation (8,000 + 3 x 2,000 samples)", secs, "s", samples_per_s=round(n_total / secs))
     with tempfile.TemporaryDirectory() as cache:
         import lightning  # noqa: F401  (import cost is not training cost)
@@ -44,25 +39,25 @@ def run(device_name: str = "auto") -> list[dict]:
         models = {}
         for name in ("demo-film", "demo-late"):
             config = MODELS[name]
-            (models[name], _), secs = _timed(lambda: load_or_train(config, cache=Path(cache), device=device.type))
+            (models[name], _), secs = timed(lambda: load_or_train(config, cache=Path(cache), device=device.type))
             row(f"train {name} ({config.epochs} epochs x {config.n_train} samples)", secs, "s")
-        (_, hit), secs = _timed(lambda: load_or_train(MODELS["demo-film"], cache=Path(cache)))
+        (_, hit), secs = timed(lambda: load_or_train(MODELS["demo-film"], cache=Path(cache)))
         row("load demo-film from the weights cache", secs, "s", cached=hit)
     ood = shapes.split("ood")
     adapter = demo_adapter(models["demo-film"])
     predict(adapter, ood, device)  # warm-up
-    _, secs = _timed(lambda: predict(adapter, ood, device))
+    _, secs = timed(lambda: predict(adapter, ood, device))
     row("evaluate demo-film on ood (2,000 samples)", secs, "s", samples_per_s=round(len(ood) / secs))
     rows += _demo_rows(device.type)
     rows += attribution_rows(adapter, ood, device)
-    rows += bench_attribution.estimator_rows(adapter.module, ood, device)
+    rows += attribution.estimator_rows(adapter.module, ood, device)
     rows += crossmodal_rows(adapter, ood, device)
     rows += intervention_rows(adapter, ood, device)
     rows += discovery_rows(adapter, ood, device)
-    rows += bench_representation.bench_rows(adapter, ood, device)
-    rows += bench_composition.composition_rows(adapter, ood, device)
-    rows += bench_m2ib.bench_rows(device)
-    rows += bench_label_issues.bench_rows()
+    rows += representation.bench_rows(adapter, ood, device)
+    rows += composition.composition_rows(adapter, ood, device)
+    rows += m2ib.bench_rows(device)
+    rows += label_issues.bench_rows()
     return rows
 
 
@@ -73,15 +68,15 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     IBA against one sample at a time."""
     import torch
 
-    from stages import attribution as attr
-    from stages.unimodal import UnimodalConfig, attribute
+    from mmdiag.stages import attribution as attr
+    from mmdiag.stages.unimodal import UnimodalConfig, attribute
 
     rows = []
 
     def row(name, value, unit, **extra):
         rows.append({"benchmark": name, "value": None if value is None else round(value, 4), "unit": unit, "device": device.type, **extra})
 
-    samples = bench_attribution.explained(adapter, data, device, n)
+    samples = attribution.explained(adapter, data, device, n)
     encoded, units, target = samples
 
     def game():
@@ -89,16 +84,16 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
 
     # the floors: seconds per model input in a full batch, forward only and forward + backward
     batch = game().batch_size  # the stage's forward batch on this device
-    per_input = _per_input_forward(adapter, encoded, batch)
+    per_input = per_input_forward(adapter, encoded, batch)
     row(f"forward, per model input in a batch of {batch} (floor)", per_input * 1e6, "us")
-    per_grad = _per_input_gradient(adapter, encoded, batch)
+    per_grad = per_input_gradient(adapter, encoded, batch)
     row(f"forward + backward, per model input in a batch of {batch} (floor)", per_grad * 1e6, "us")
 
-    rows += bench_attribution.method_rows(adapter, samples, device, per_input, per_grad)
+    rows += attribution.method_rows(adapter, samples, device, per_input, per_grad)
     config = UnimodalConfig(shapley_pairs=10)
     stats = attr.BottleneckStats.of(encoded)
     attribute("shapley", game(), config, stats, torch.Generator().manual_seed(0))  # warm-up
-    (ours, _), ours_secs = _timed(lambda: attribute("shapley", game(), config, stats, torch.Generator().manual_seed(0)))
+    (ours, _), ours_secs = timed(lambda: attribute("shapley", game(), config, stats, torch.Generator().manual_seed(0)))
     ours_secs /= n
 
     try:
@@ -130,18 +125,18 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     g = game()
     iba_config = attr.IBAConfig()
     attr.iba(game().sample(0), "image", stats, iba_config, torch.Generator().manual_seed(0))  # warm-up
-    _, batched = _timed(lambda: attr.iba(g, "image", stats, iba_config, torch.Generator().manual_seed(0)))
+    _, batched = timed(lambda: attr.iba(g, "image", stats, iba_config, torch.Generator().manual_seed(0)))
 
     def one_at_a_time():
         whole = game()
         for i in range(n):
             attr.iba(whole.sample(i), "image", stats, iba_config, torch.Generator().manual_seed(0))
 
-    _, looped = _timed(one_at_a_time)
+    _, looped = timed(one_at_a_time)
     # what batching can save at most when the model's arithmetic dominates: the cost per input of a
     # forward + backward at the loop's batch (the noise copies of one sample) over the batched run's
     step_batch = iba_config.samples_per_step(g.batch_size) * iba_config.copies
-    ceiling = _per_input_gradient(adapter, encoded, iba_config.copies) / _per_input_gradient(adapter, encoded, step_batch)
+    ceiling = per_input_gradient(adapter, encoded, iba_config.copies) / per_input_gradient(adapter, encoded, step_batch)
     row("IBA, image, 10 steps x 10 noise draws: seconds per sample, batched", batched / n, "s", speedup_over_one_at_a_time=round(looped / batched, 1),
         inputs_per_step=step_batch, compute_ratio_one_over_batched=round(ceiling, 2))
     return rows
@@ -154,8 +149,8 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     one sample at a time). The loops are timed on a part of the work and scaled up."""
     import torch
 
-    from stages import attribution as attr
-    from stages import interaction as inter
+    from mmdiag.stages import attribution as attr
+    from mmdiag.stages import interaction as inter
 
     rows = []
 
@@ -168,7 +163,7 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
         encoded = {m: t.detach() for m, t in adapter.encode({m: x.to(device) for m, x in ref.inputs.items()}).items()}
     batch = attr.default_batch(device)
     inter.recombination_table(adapter.forward, {m: t[:20] for m, t in encoded.items()}, batch)  # warm-up
-    (_, passes), batched = _timed(lambda: inter.recombination_table(adapter.forward, encoded, batch))
+    (_, passes), batched = timed(lambda: inter.recombination_table(adapter.forward, encoded, batch))
     sample = 400
 
     def one_at_a_time():
@@ -176,7 +171,7 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
             for k in range(sample):
                 adapter.forward({"image": encoded["image"][k % n_reference : k % n_reference + 1], "text": encoded["text"][k // n_reference : k // n_reference + 1]})
 
-    _, looped = _timed(one_at_a_time)
+    _, looped = timed(one_at_a_time)
     looped *= passes / sample
     row(f"EMAP, {n_reference} x {n_reference} recombined inputs, batched", batched, "s", inputs=passes,
         speedup_over_one_per_pass=round(looped / batched, 1), one_per_pass_s=round(looped, 2))
@@ -189,12 +184,12 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     game = lambda: attr.Game(adapter, enc, units, target, batch)  # noqa: E731
     inter.mixed_gradients(game(), "image", "text")  # warm-up
     g = game()
-    _, ours = _timed(lambda: inter.mixed_gradients(g, "image", "text"))
-    per_grad = _per_input_gradient(adapter, enc, batch)
+    _, ours = timed(lambda: inter.mixed_gradients(g, "image", "text"))
+    per_grad = per_input_gradient(adapter, enc, batch)
     floor = g.backward * per_grad
-    _, loop_units = _timed(lambda: inter.mixed_gradients_looped(game(), "image", "text"))
+    _, loop_units = timed(lambda: inter.mixed_gradients_looped(game(), "image", "text"))
     k = 4
-    _, loop_samples = _timed(lambda: [inter.mixed_gradients_looped(game().sample(i), "image", "text") for i in range(k)])
+    _, loop_samples = timed(lambda: [inter.mixed_gradients_looped(game().sample(i), "image", "text") for i in range(k)])
     loop_samples *= n / k
     row(f"mixed-gradient image x text block, torch.func: seconds per sample ({n} samples)", ours / n, "s",
         speedup_over_unit_loop=round(loop_units / ours, 1), speedup_over_per_sample_unit_loop=round(loop_samples / ours, 1),
@@ -206,17 +201,17 @@ def intervention_rows(adapter, data, device) -> list[dict]:
     """The intervention stage on every sample of the analysed split: model inputs per sample
     (regions x (1 + null sets) + 2^M + counterfactuals), seconds, and wall over the floor
     (inputs x the time of one input in a batch of the stage's size)."""
-    from pipeline.resolve import predict
-    from stages import attribution as attr
-    from stages import intervention as iv
-    from stages.base import Context
+    from mmdiag.pipeline.resolve import predict
+    from mmdiag.stages import attribution as attr
+    from mmdiag.stages import intervention as iv
+    from mmdiag.stages.base import Context
 
     logits = predict(adapter, data, device)
     config = iv.InterventionConfig()
     iv.run(Context(adapter, data.subset(range(64)), device, 0, logits[:64]), config, {})  # warm-up
-    result, secs = _timed(lambda: iv.run(Context(adapter, data, device, 0, logits), config, {}))
+    result, secs = timed(lambda: iv.run(Context(adapter, data, device, 0, logits), config, {}))
     encoded = adapter.encode({m: x[:64].to(device) for m, x in data.inputs.items()})
-    floor = result.details["forward_passes"] * _per_input_forward(adapter, encoded, attr.default_batch(device))
+    floor = result.details["forward_passes"] * per_input_forward(adapter, encoded, attr.default_batch(device))
     passes = result.summary["forward_passes_per_sample"]
     return [{"benchmark": f"interventions, demo-film, all {len(data):,} ood samples ({len(result.details['regions'])} regions x (1 + {config.null_sets} null sets), 2^2 modality coalitions, {len(result.details['counterfactuals'])} counterfactuals)",
              "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": passes, "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2)}]
@@ -225,51 +220,22 @@ def intervention_rows(adapter, data, device) -> list[dict]:
 def discovery_rows(adapter, data, device) -> list[dict]:
     """Discovery on every sample of the analysed split, its annotations stripped (what a user
     brings): candidates, model inputs per sample, seconds, wall over the floor."""
-    from pipeline import SampleSet
-    from pipeline.resolve import predict
-    from stages import discovery as dc
+    from mmdiag.pipeline import SampleSet
+    from mmdiag.pipeline.resolve import predict
+    from mmdiag.stages import discovery as dc
 
     bare = SampleSet(data.inputs, data.labels, class_names=data.class_names, display=data.display)
     logits = predict(adapter, bare, device)
     config = dc.DiscoveryConfig()
     dc.discover(adapter, bare.subset(range(64)), logits[:64], config, device=device)  # warm-up
-    found, secs = _timed(lambda: dc.discover(adapter, bare, logits, config, device=device))
+    found, secs = timed(lambda: dc.discover(adapter, bare, logits, config, device=device))
     encoded = adapter.encode({m: x[:64].to(device) for m, x in data.inputs.items()})
-    floor = found.forward_passes * _per_input_forward(adapter, encoded, config.eval_batch)
+    floor = found.forward_passes * per_input_forward(adapter, encoded, config.eval_batch)
     kinds = {k: sum(f.kind == k for f in found.features) for k in config.kinds}
     top = max(found.reliable, key=lambda f: f.stats["flip_effect"] * f.stats["n"], default=None)
     return [{"benchmark": f"discovery, demo-film, all {len(data):,} ood samples, no annotations ({', '.join(f'{n} {k}s' for k, n in kinds.items())}; {len(found.reliable)} reliable)",
              "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": round(found.forward_passes / len(data), 1),
              "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2), "strongest": top.id if top else None}]
-
-
-def _tiled(encoded, batch: int) -> dict:
-    """A batch of `batch` model inputs made of the given ones, repeated."""
-    return {m: t.repeat_interleave(batch // len(t) + 1, 0)[:batch].detach() for m, t in encoded.items()}
-
-
-def _per_input_forward(adapter, encoded, batch: int, repeats: int = 3) -> float:
-    """Seconds of a forward pass per model input in a batch of `batch` (best of `repeats`)."""
-    import torch
-
-    big = _tiled(encoded, batch)
-    with torch.no_grad():
-        adapter.forward(big)
-        return min(_timed(lambda: adapter.forward(big))[1] for _ in range(repeats)) / batch
-
-
-def _per_input_gradient(adapter, encoded, batch: int, repeats: int = 3) -> float:
-    """Seconds of forward + backward per model input in a batch of `batch` (best of `repeats`):
-    gradients w.r.t. the inputs only, as the attribution methods take them."""
-    import torch
-
-    big = {m: t.requires_grad_(True) for m, t in _tiled(encoded, batch).items()}
-
-    def forward_backward():
-        torch.autograd.grad(adapter.forward(big).sum(), list(big.values()))
-
-    forward_backward()
-    return min(_timed(forward_backward)[1] for _ in range(repeats)) / batch
 
 
 def _demo_rows(device: str) -> list[dict]:
@@ -287,7 +253,7 @@ def _demo_rows(device: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"MMDIAG_CACHE": str(cache)}
-        command = [sys.executable, "-m", "flows.cli", "demo", "--out", str(Path(tmp) / "runs"), "--device", device]
+        command = [sys.executable, "-m", "mmdiag.flows.cli", "demo", "--out", str(Path(tmp) / "runs"), "--device", device]
         runs = [("cold (trains both models, new Prefect home)", []), ("fully cached rerun (= flow overhead)", []),
                 ("cold, trained weights cached, new Prefect home, one by one (--one-by-one)", ["--one-by-one"]),
                 ("cold, trained weights cached, new Prefect home, the default (side by side where a model has one or two cores)", [])]
@@ -308,23 +274,6 @@ def _demo_rows(device: str) -> list[dict]:
             rows.append({"benchmark": f"error analysis + report.html for {r} (2,000 samples)", "value": report["seconds"], "unit": "s",
                          "device": device, "html_mb": round(report["bytes"] / 1e6, 2)})
     return rows
-
-
-def _cell(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
-
-def print_rows(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="mmdiag benchmarks")
-    for col in ("benchmark", "value", "unit", "device", "notes"):
-        table.add_column(col, justify="right" if col == "value" else "left")
-    for r in rows:
-        notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("benchmark", "value", "unit", "device"))
-        table.add_row(r["benchmark"], _cell(r["value"]), r["unit"], r["device"], notes)
-    Console().print(table)
 
 
 def main(json_path: Path = Path("bench.json"), device: str = "auto") -> int:

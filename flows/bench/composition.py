@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from stages.composition import CompositionConfig, choose, fit_path, heldout_split, standardise
+from mmdiag.stages.composition import CompositionConfig, choose, fit_path, heldout_split, standardise
 
 
 def _timed(fn):
@@ -138,9 +138,9 @@ def bench_rows(features: torch.Tensor, predictions: torch.Tensor, device: torch.
 
 
 def composition_rows(adapter, data, device: torch.device) -> list[dict]:
-    """bench_rows on a model's decision-level features over `data` (flows/bench.py: the demo
+    """bench_rows on a model's decision-level features over `data` (flows/bench/suite.py: the demo
     FiLM model on the ood split, like attribution_rows)."""
-    from pipeline.resolve import predict
+    from mmdiag.pipeline.resolve import predict
 
     predictions = predict(adapter, data, device).argmax(1)
     with torch.no_grad(), adapter.reading(["decision"]) as seen:

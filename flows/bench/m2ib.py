@@ -14,7 +14,7 @@ def clip_b32(seed: int = 0):
     """A ViT-B/32-sized CLIPAdapter with random weights."""
     from transformers import CLIPConfig, CLIPModel
 
-    from pipeline.hf import CLIPAdapter
+    from mmdiag.pipeline.hf import CLIPAdapter
 
     torch.manual_seed(seed)
     return CLIPAdapter(CLIPModel(CLIPConfig()))
@@ -34,7 +34,7 @@ def bench_rows(device: torch.device, n_pairs: int | None = None) -> list[dict]:
     """M2IB with the bottleneck after layer 9 of each tower (the paper's setting: 10 Adam
     steps x 10 noise draws per modality), all pairs of a batch optimised together; timed after
     a warm-up on one pair. Default batch: 4 pairs on a CPU (about a minute on 2 cores), 32 on CUDA."""
-    from stages.m2ib_layer import m2ib_maps
+    from mmdiag.stages.m2ib_layer import m2ib_maps
 
     n = n_pairs or (32 if device.type == "cuda" else 4)
     adapter = clip_b32().to(device).eval()

@@ -5,7 +5,7 @@ imports its whole server application into this process first (3 s here). Started
 as the same uvicorn command, at the beginning of a run, it boots in its own process while this
 one loads the data and the model; the flow is then pointed at it. It is this process's child:
 stopped at exit, and by the watchdog if this process is killed. A fresh Prefect home gets its
-database from the stored schema (`flows.prefect_db`): its first start then takes 5 s, not 15.
+database from the stored schema (`mmdiag.flows.hosting.prefect_db`): its first start then takes 5 s, not 15.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from flows import prefect_db
-from pipeline.errors import MmdiagError
+from mmdiag.flows.hosting import prefect_db
+from mmdiag.pipeline.errors import MmdiagError
 
 PORT_IN_USE = 3  # uvicorn's exit code when another process took the port first
 PARENT_API_URL = "MMDIAG_PARENT_API_URL"  # set for the runs an mmdiag process starts side by side
