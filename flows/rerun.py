@@ -41,25 +41,32 @@ def load_summary(run_dir: Path) -> dict:
 def parse_sets(stage: str, pairs: list[str]) -> dict[str, Any]:
     """`--set key=value` pairs, values read as YAML scalars (3, 0.5, true, [a, b]); each key
     must be a setting of that stage."""
-    from mmdiag.stages import registry
-
-    fields = registry.get(stage).config.model_fields
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise MmdiagError(f"--set: {pair!r} should look like key=value")
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise MmdiagError(f"--set: stage {stage!r} has no setting {key!r}; its settings are: {known}")
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise MmdiagError(f"--set: the value of {key!r} ({value!r}) is not YAML; quote text, write lists as [a, b]") from None
-    return out
+    return checked_settings(stage, out)
 
 
-def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
+def checked_settings(stage: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` to a stage's settings, each key a setting of that stage."""
+    from mmdiag.stages import registry
+
+    fields = registry.get(stage).config.model_fields
+    for key in changes:
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise MmdiagError(f"--set: stage {stage!r} has no setting {key!r}; its settings are: {known}")
+    return dict(changes)
+
+
+def rerun_config(run_dir: Path, stage: str, sets: list[str] | dict[str, Any]) -> DiagConfig:
+    """The run's config with `stage`'s settings changed (`--set key=value` pairs, or a mapping)."""
     run = load_run(run_dir)
     try:
         config = DiagConfig.model_validate(run["config"])
@@ -76,7 +83,8 @@ def rerun_config(run_dir: Path, stage: str, sets: list[str]) -> DiagConfig:
         return _validated(config, place, run_dir)
     registry.get(stage)
     stages = dict(config.stages)
-    stages[stage] = {**stages.get(stage, {}), **parse_sets(stage, sets)}
+    changes = parse_sets(stage, sets) if isinstance(sets, list) else checked_settings(stage, sets)
+    stages[stage] = {**stages.get(stage, {}), **changes}
     return _validated(config, {"stages": stages, **place}, run_dir)
 
 
@@ -108,7 +116,11 @@ IGNORED = ("stages.", "run.")  # timings and provenance move every run; they are
 def compare(run_a: Path, run_b: Path, tolerance: float = 1e-9) -> dict:
     """What changed from run A to run B: accuracy, per-slice accuracy, every figure that moved."""
     load_run(run_a), load_run(run_b)
-    a, b = load_summary(run_a), load_summary(run_b)
+    return compare_summaries(load_summary(run_a), load_summary(run_b), str(run_a), str(run_b), tolerance)
+
+
+def compare_summaries(a: dict, b: dict, name_a: str = "a", name_b: str = "b", tolerance: float = 1e-9) -> dict:
+    """`compare` of two summaries in memory."""
     la, lb = _leaves(a), _leaves(b)
     moved = [
         {"figure": k, "a": la.get(k), "b": lb.get(k), "change": (lb[k] - la[k]) if k in la and k in lb else None}
@@ -118,8 +130,8 @@ def compare(run_a: Path, run_b: Path, tolerance: float = 1e-9) -> dict:
     slices_a = {s["where"]: s for s in a["model"].get("slices", [])}
     slices_b = {s["where"]: s for s in b["model"].get("slices", [])}
     return {
-        "a": str(run_a),
-        "b": str(run_b),
+        "a": name_a,
+        "b": name_b,
         "model": {"a": a["model"]["fingerprint"], "b": b["model"]["fingerprint"], "same": a["model"]["fingerprint"] == b["model"]["fingerprint"]},
         "accuracy": {"a": a["model"]["accuracy"], "b": b["model"]["accuracy"], "change": round(b["model"]["accuracy"] - a["model"]["accuracy"], 4)},
         "splits": {

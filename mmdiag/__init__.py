@@ -14,6 +14,8 @@ and `mmdiag.flows` (the Prefect flow, the command line, benchmarks).
 import importlib
 
 _WHERE = {
+    "diagnose": "mmdiag.flows.diagnosis",
+    "Diagnosis": "mmdiag.flows.diagnosis",
     "ModelAdapter": "mmdiag.pipeline.adapter",
     "TorchAdapter": "mmdiag.pipeline.adapter",
     "Counterfactual": "mmdiag.pipeline.data",

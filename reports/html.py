@@ -104,6 +104,18 @@ def render(summary: dict, results: dict[str, StageResult], data: SampleSet, anal
     )
 
 
+def render_inline(summary: dict, report: str) -> str:
+    """The run's summary as an HTML block for a notebook (no script, styles scoped to it)."""
+    return ENV.get_template("inline.html.j2").render(
+        run=(summary.get("run") or {}).get("name", ""),
+        model=summary.get("model") or {},
+        headline=headline(summary, {"errors": summary.get("errors") or {"n": 0, "slices": []}}),
+        suggestions=summary.get("suggestions") or [],
+        errors=summary.get("errors") or {},
+        report=report,
+    )
+
+
 def render_compare(summary_a: dict, summary_b: dict, diff: dict) -> str:
     """Before/after page of two runs, from `flows.rerun.compare`'s diff and both summaries."""
     return _page("compare.html.j2", title="mmdiag: before and after", **cmp.view(summary_a, summary_b, diff))
