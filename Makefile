@@ -13,7 +13,7 @@ PIP  = $(BIN)/pip install --quiet -c $(LOCK)
 AVX2 = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 export MPLBACKEND ?= Agg
 
-.PHONY: setup demo test test-fast test-avx2 portability bench lock clean
+.PHONY: setup demo test test-fast test-avx2 portability bench docs lint lock clean
 
 setup: $(VENV)/.installed
 
@@ -57,14 +57,28 @@ bench: setup
 	$(BIN)/python -m mmdiag.flows.bench.scale --json bench_scale.json
 	$(BIN)/python -m mmdiag.flows.bench.vlm --json bench_vlm.json
 
+# The documentation site (MkDocs, Material, mkdocstrings) into site/; the API reference reads the
+# package as installed, laid out here by links to the project's folders.
+DOCS_PKG = build/docs-pkg/mmdiag
+docs: setup
+	$(PIP) -e '.[docs]'
+	rm -rf build/docs-pkg && mkdir -p $(DOCS_PKG)
+	ln -s $(CURDIR)/mmdiag/__init__.py $(DOCS_PKG)/__init__.py
+	for floor in pipeline stages reports flows; do ln -s $(CURDIR)/$$floor $(DOCS_PKG)/$$floor; done
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+lint: setup
+	$(PIP) -e '.[docs]'
+	$(BIN)/ruff check .
+
 # Resolve pyproject.toml afresh (every extra) in a scratch virtualenv and freeze what it got.
 lock:
 	rm -rf .venv-lock build
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)" '.[dev,bench,data,examples,dask]'
+	.venv-lock/bin/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)" '.[dev,bench,data,examples,dask,docs]'
 	{ echo "# The versions CI tested: written by \`make lock\` from pyproject.toml; read by \`make setup\`."; \
 	  .venv-lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|mmdiag)( |=|@)'; } > $(LOCK)
 	rm -rf .venv-lock build
 
 clean:
-	rm -rf $(VENV) runs bench.json bench_scale.json bench_vlm.json portability.json .portability-*.json .pytest_cache .test-models
+	rm -rf $(VENV) build site runs bench.json bench_scale.json bench_vlm.json portability.json .portability-*.json .pytest_cache .test-models

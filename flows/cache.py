@@ -27,11 +27,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import MutableMapping
-from typing import Callable
 
 from mmdiag.flows import results
 from mmdiag.pipeline.errors import MmdiagError

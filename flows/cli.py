@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     diag = sub.add_parser(
         "diagnose",
         help="diagnose the model and data named in a YAML config",
-        description="Run the diagnosis described by a YAML config (see README, 'Config') and write OUT/RUN.",
+        description="Run the diagnosis described by a YAML config (see docs/cli.md, 'Config') and write OUT/RUN.",
     )
     diag.add_argument("--config", type=Path, required=True, help="path of the YAML config")
 
@@ -179,10 +179,9 @@ def _run(args: argparse.Namespace) -> int:
 
         writable(args.out, "--out")  # before Prefect's server starts
         _early_server(None)
-        from mmdiag.flows.hosting import side_by_side
         from mmdiag.flows.flow import demo_configs, run
+        from mmdiag.flows.hosting import side_by_side
         from mmdiag.flows.hosting.server import TemporaryServer
-
         from mmdiag.pipeline.demo.catalog import MODELS
 
         unknown = [m for m in args.models if m not in MODELS]

@@ -17,9 +17,10 @@ retrying).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmdiag.pipeline.errors import MmdiagError
 
@@ -81,7 +82,7 @@ def config_for(model: Any, data: Any = None, **settings):
     return config
 
 
-def _run(config, **flags) -> "Diagnosis":
+def _run(config, **flags) -> Diagnosis:
     import logging
 
     from mmdiag.flows import logs
@@ -92,7 +93,7 @@ def _run(config, **flags) -> "Diagnosis":
     return Diagnosis.load(run(config, **flags))
 
 
-def diagnose(model: Any, data: Any = None, **settings) -> "Diagnosis":
+def diagnose(model: Any, data: Any = None, **settings) -> Diagnosis:
     """Diagnose `model` on `data`; the run folder is written as `mmdiag diagnose` writes it
     (`out`/`run`, by default ./runs/diagnosis).
 
@@ -114,7 +115,7 @@ class Diagnosis:
     _errors: list | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Diagnosis":
+    def load(cls, path: str | Path) -> Diagnosis:
         """A run folder written by `mmdiag diagnose`, `mmdiag demo` or `diagnose()`."""
         from mmdiag.flows.rerun import load_run, load_summary
         from mmdiag.pipeline.config import DiagConfig
@@ -165,7 +166,7 @@ class Diagnosis:
 
         return write_text(Path(path), (self.path / "report.html").read_text())
 
-    def save(self, folder: str | Path) -> "Diagnosis":
+    def save(self, folder: str | Path) -> Diagnosis:
         """A copy of the run folder at `folder` (what the command line writes)."""
         folder = Path(folder)
         if folder.exists():
@@ -173,7 +174,7 @@ class Diagnosis:
         shutil.copytree(self.path, folder)
         return Diagnosis.load(folder)
 
-    def rerun(self, stage: str, run: str | None = None, **changes) -> "Diagnosis":
+    def rerun(self, stage: str, run: str | None = None, **changes) -> Diagnosis:
         """This run with `stage` recomputed (its settings changed by `changes`), as `mmdiag
         rerun` does, into a new run folder (`run`, by default `<run>-<stage>`) beside this one,
         so that this object and its folder keep what they showed."""
@@ -182,7 +183,7 @@ class Diagnosis:
         config = rerun_config(self.path, stage, changes).model_copy(update={"run": run or f"{self.path.name}-{stage}"})
         return _run(config, refresh=(stage,))
 
-    def compare(self, other: "Diagnosis") -> dict:
+    def compare(self, other: Diagnosis) -> dict:
         """What changed from this run to `other` (`mmdiag compare`'s figures)."""
         from mmdiag.flows.rerun import compare_summaries
 

@@ -21,8 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from mmdiag.flows.hosting.server import TemporaryServer
-from mmdiag.flows.hosting.watchdog import watch_this_process
 from mmdiag.flows.hosting.settings import configure, quiet_user_errors
+from mmdiag.flows.hosting.watchdog import watch_this_process
 from mmdiag.pipeline.config import DiagConfig, ModelSpec, field_error
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.paths import writable
@@ -189,9 +189,8 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     stage_results = {name: result for name, (result, _) in loaded.items()}
     analysed = extended(analysed, stage_results)  # the features discovery found, as concepts
     from mmdiag.flows.cache import FigureStore, remembered_analysis
-    from mmdiag.reports.figures import remembered
-
     from mmdiag.flows.tasks import code_version
+    from mmdiag.reports.figures import remembered
 
     inputs = [code_version(packages=("reports", "stages")), {k: v for k, v in summary.items() if k not in ("run", "stages")},
               {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
@@ -357,7 +356,7 @@ def task_runner(config: DiagConfig):
     if not os.environ.get("PREFECT_API_URL"):
         raise MmdiagError(
             "runner.kind: dask needs a Prefect server that every worker reports to; run `prefect server start` "
-            "and set PREFECT_API_URL (see README, 'Scale-out')"
+            "and set PREFECT_API_URL (see docs/cli.md, 'Scale-out')"
         )
     try:
         from prefect_dask import DaskTaskRunner

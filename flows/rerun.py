@@ -12,7 +12,6 @@ from mmdiag.pipeline.config import DiagConfig, field_error
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.store import SUMMARY_SCHEMA, read_json
 
-
 # not "rerun the stage": `mmdiag rerun` itself needs a readable run.json
 DAMAGED = "the file is damaged or not a run folder's; give a folder written by `mmdiag diagnose`, or run that again"
 

@@ -8,14 +8,14 @@ A new model costs one adapter: name its modalities, turn raw inputs into continu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mmdiag.pipeline.errors import MmdiagError
-from mmdiag.pipeline.units import UnitSpec, Units
+from mmdiag.pipeline.units import Units, UnitSpec
 
 
 class ModelAdapter(ABC):
@@ -81,11 +81,11 @@ class ModelAdapter(ABC):
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         return self.forward(self.encode(inputs))
 
-    def to(self, device: torch.device) -> "ModelAdapter":
+    def to(self, device: torch.device) -> ModelAdapter:
         self.module.to(device)
         return self
 
-    def eval(self) -> "ModelAdapter":
+    def eval(self) -> ModelAdapter:
         self.module.eval()
         return self
 

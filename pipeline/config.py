@@ -28,14 +28,14 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmdiag.pipeline.errors import MmdiagError
-
 
 MAX_SAMPLES = 10_000_000  # per split; beyond it, data must be streamed
 MAX_NAME_BYTES = 200  # a run folder's name, leaving room in a 255-byte file name for staging

@@ -16,8 +16,8 @@ the label the flipped sample has).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class Counterfactual:
     valid: Tensor | None = None
     null: dict[str, Tensor] | None = None
 
-    def subset(self, index: Tensor) -> "Counterfactual":
+    def subset(self, index: Tensor) -> Counterfactual:
         return Counterfactual(
             {m: x[index] for m, x in self.inputs.items()},
             None if self.labels is None else self.labels[index],
@@ -69,7 +69,7 @@ class Derived:
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
-    def view(self, index: Tensor) -> "Derived":
+    def view(self, index: Tensor) -> Derived:
         return Derived(self.rows[torch.as_tensor(index)], self.row_shape, self.dtype, self.compute)
 
     def __getitem__(self, index) -> Tensor:
@@ -218,7 +218,7 @@ class SampleSet(torch.utils.data.Dataset):
         declared = self.truth_concepts.get(modality, {}).get(region)
         return declared or (region if region in self.meta else None)
 
-    def subset(self, index: Tensor) -> "SampleSet":
+    def subset(self, index: Tensor) -> SampleSet:
         index = torch.as_tensor(index, dtype=torch.long)
         rows = index.tolist()
         return SampleSet(
@@ -236,7 +236,7 @@ class SampleSet(torch.utils.data.Dataset):
             found=self.found,
         )
 
-    def view(self, index: Tensor) -> "SampleSet":
+    def view(self, index: Tensor) -> SampleSet:
         """The samples at `index`, without reading them yet where the data is streamed (a
         shard of a stage); in memory the same as `subset`."""
         return self.subset(index)

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from mmdiag.pipeline.adapter import ModelAdapter
 from mmdiag.pipeline.config import DataSpec, ModelSpec, call_factory, import_callable
-from mmdiag.pipeline.store import cache_root
 from mmdiag.pipeline.data import SampleSet
 from mmdiag.pipeline.demo import catalog
 from mmdiag.pipeline.device import fit_batch
 from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.pipeline.store import cache_root
 
 
 def check_model(spec: ModelSpec) -> None:

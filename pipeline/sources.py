@@ -16,9 +16,10 @@ Three ways in, each a data factory's return value:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,7 +144,7 @@ class Column:
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
-    def view(self, index: Tensor) -> "Column":
+    def view(self, index: Tensor) -> Column:
         return Column(self.reader, self.path, self.rows[index], self.row_shape, self.dtype)
 
     def __getitem__(self, index) -> Tensor:
@@ -176,7 +177,7 @@ class StreamedSampleSet(SampleSet):
     def fingerprint(self) -> str:
         return self.content
 
-    def view(self, index: Tensor) -> "StreamedSampleSet":
+    def view(self, index: Tensor) -> StreamedSampleSet:
         index = torch.as_tensor(index, dtype=torch.long)
         rows = index.tolist()
         return StreamedSampleSet(

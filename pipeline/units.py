@@ -9,8 +9,9 @@ thing in every stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ class Units:
     def _index(self, flat: Tensor) -> Tensor:
         return torch.where(flat < 0, torch.full_like(flat, self.n), flat)
 
-    def take(self, rows: slice | Tensor) -> "Units":
+    def take(self, rows: slice | Tensor) -> Units:
         """The units of some of the batch's samples (a slice, indices or a bool mask)."""
         if isinstance(rows, Tensor) and rows.dtype == torch.bool:
             rows = rows.nonzero().flatten()

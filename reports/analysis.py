@@ -100,7 +100,7 @@ def label_issues_csv(rows: list[dict]) -> str:
 def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thresholds: Thresholds = DEFAULT, seed: int = 0) -> dict:
     """{"errors": {n, error_rate, slices, categories, association_only, disagreement, label_issues,
     cards, notes}, "suggestions": [...]};
-    `notes` holds one line for every rule that lacked a link it needed (README, "Declared links")."""
+    `notes` holds one line for every rule that lacked a link it needed (docs/report.md)."""
     ev = evaluated(results, data)
     cols = slice_columns(results, ev, thresholds, seed)
     found = sl.find(ev.errors, cols, thresholds)

@@ -558,7 +558,10 @@ def sentence(name: str, g: dict) -> str:
             f"and its answer, {g['likely']}, {100 * g['predicted_probability']:.0f}%{stable}; no intervention shows a model error. Review the label."
         )
     if name == "ignored_modality":
-        return f"The model hardly uses {g['modality']} ({100 * g['share']:.0f}% of the modality-level logit change); removing it changes this logit by {_f(g['removal_logit_change'])} and not the prediction, though the sample needs it" + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
+        return (
+            f"The model hardly uses {g['modality']} ({100 * g['share']:.0f}% of the modality-level logit change); "
+            f"removing it changes this logit by {_f(g['removal_logit_change'])} and not the prediction, though the sample needs it"
+        ) + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
     if name == "perception":
         if g.get("evidence") == "intervention":
             parts = ", ".join(f"{e['region']} takes {_f(e['margin_drop'])} of the margin (random units: {_f(e['null_margin_drop_median'])})" for e in g["regions"])

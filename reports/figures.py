@@ -14,8 +14,8 @@ import functools
 import hashlib
 import io
 import json
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import MutableMapping
 
 import matplotlib
 import numpy as np

@@ -114,7 +114,15 @@ def _concentrated(values: np.ndarray, labels: np.ndarray, errors: np.ndarray, z:
     return ((k_d, n_d, k_a, n_a), gap, low_d) if gap[1] > 0 and low_d > errors.mean() else None
 
 
-def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
+def shortcuts(
+    summary: dict,
+    results: dict[str, StageResult],
+    ev: Evaluated,
+    t: Thresholds = DEFAULT,
+    notes: list[str] | None = None,
+    sets: list[tuple[str, ...]] | None = None,
+    cues: list[tuple[str, ...]] | None = None,
+) -> list[Finding]:
     """A concept the model follows against the label. Three things must hold:
     - errors concentrate where the concept disagrees with the label: the error rates' difference
       (disagree - agree, Newcombe interval) is above 0 and the disagree slice's Wilson interval
@@ -160,7 +168,10 @@ def shortcuts(summary: dict, results: dict[str, StageResult], ev: Evaluated, t: 
         }
         measured = [k for k, v in evidence.items() if v is not None]
         if not measured:
-            notes.append(f"shortcut rule: errors concentrate where {concept} disagrees with the label, but nothing measures the model's reliance on it: link a truth region to it (SampleSet.truth_concepts) or supply a counterfactual")
+            notes.append(
+                f"shortcut rule: errors concentrate where {concept} disagrees with the label, but nothing measures the model's reliance on it: "
+                "link a truth region to it (SampleSet.truth_concepts) or supply a counterfactual"
+            )
             continue
         # interventions first: where the model was intervened on, that is the verdict
         of_record = [k for k in ("counterfactual", "intervention") if evidence[k] is not None] or measured
@@ -209,7 +220,9 @@ def explained_away(found: list[Finding], pred: np.ndarray, labels: np.ndarray, z
     return [f for f in found if not any(g is not f and not survives(f, g) and survives(g, f) for g in found)]
 
 
-def ignored_modalities(summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
+def ignored_modalities(
+    summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None
+) -> list[Finding]:
     """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
     its share of the modality-level logit change (exact, from the 2^M ablations of every sample),
     or the share of predictions that removing it changes, is below `ignored_share` (the upper end
@@ -513,8 +526,16 @@ def label_mistakes(ev: Evaluated, cards: list[dict]) -> list[Finding]:
     return [Finding("label_noise", "labels", len(mine) / len(ev.labels), figures, {"kind": "review_labels", "file": "label_issues.csv", "ids": [c["id"] for c in mine]})]
 
 
-def detect(summary: dict, results: dict[str, StageResult], ev: Evaluated, found: list[sl.Slice], t: Thresholds = DEFAULT, notes: list[str] | None = None,
-           sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None) -> list[Finding]:
+def detect(
+    summary: dict,
+    results: dict[str, StageResult],
+    ev: Evaluated,
+    found: list[sl.Slice],
+    t: Thresholds = DEFAULT,
+    notes: list[str] | None = None,
+    sets: list[tuple[str, ...]] | None = None,
+    cues: list[tuple[str, ...]] | None = None,
+) -> list[Finding]:
     """Every finding; `notes` collects one line for each rule that lacked a link it needed;
     `sets`, `cues`: the label-determining concept sets (label_sets, cue_sets), computed here
     when not given."""

@@ -40,7 +40,11 @@ def shown(ev: sp.Evaluated, modality: str, row: int, scores: np.ndarray | None, 
         return {"modality": modality, "kind": "none"}
     labels = sp.unit_labels(ev.data, modality, row, len(scores))
     scale = float(np.abs(scores).max()) or 1.0
-    return {"modality": modality, "kind": "units", "bars": [{"label": labels[k], "value": round(float(v), 4), "width": round(60 * abs(v) / scale, 1), "positive": bool(v >= 0)} for k, v in enumerate(scores)]}
+    return {
+        "modality": modality,
+        "kind": "units",
+        "bars": [{"label": labels[k], "value": round(float(v), 4), "width": round(60 * abs(v) / scale, 1), "positive": bool(v >= 0)} for k, v in enumerate(scores)],
+    }
 
 
 def items(analysis: dict, results: dict[str, StageResult], ev: sp.Evaluated, limit: int = LIMIT) -> list[dict]:
@@ -64,14 +68,16 @@ def items(analysis: dict, results: dict[str, StageResult], ev: sp.Evaluated, lim
                 present = uni.arrays["present"][k, spans[modality]]
             views.append(shown(ev, modality, row, scores, present))
         graph = graph_of.get(str(card["id"]))
-        out.append({
-            "card": card,
-            "views": views,
-            "caption": str(captions[row]) if captions is not None and not isinstance(captions[row], (list, tuple)) else None,
-            "graph": graphs.layout(graph, max_edges=8) if graph else None,
-            "slices": " ".join(card["slices"]),
-            "interventions": interventions(card),
-        })
+        out.append(
+            {
+                "card": card,
+                "views": views,
+                "caption": str(captions[row]) if captions is not None and not isinstance(captions[row], (list, tuple)) else None,
+                "graph": graphs.layout(graph, max_edges=8) if graph else None,
+                "slices": " ".join(card["slices"]),
+                "interventions": interventions(card),
+            }
+        )
     return out
 
 

@@ -24,7 +24,14 @@ from mmdiag.reports.samples import evaluated
 from mmdiag.stages.base import StageResult
 
 TEMPLATES = Path(__file__).parent / "templates"
-STAGE_TITLES = {"discovery": "Discovery", "unimodal": "Unimodal importance", "crossmodal": "Cross-modal interaction", "representation": "Representation probing", "composition": "Prediction composition", "intervention": "Interventions"}
+STAGE_TITLES = {
+    "discovery": "Discovery",
+    "unimodal": "Unimodal importance",
+    "crossmodal": "Cross-modal interaction",
+    "representation": "Representation probing",
+    "composition": "Prediction composition",
+    "intervention": "Interventions",
+}
 
 
 def _pct(x, digits: int = 1) -> str:

@@ -42,7 +42,9 @@ def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -
         "figures": [],
     }
     if shares:
-        out["figures"].append({"title": "Modality shares (MM-SHAP)", "uri": figures.bars(list(shares), [v["mean"] or 0 for v in shares.values()], [v["std"] or 0 for v in shares.values()], "share of |attribution|")})
+        out["figures"].append(
+            {"title": "Modality shares (MM-SHAP)", "uri": figures.bars(list(shares), [v["mean"] or 0 for v in shares.values()], [v["std"] or 0 for v in shares.values()], "share of |attribution|")}
+        )
     if regions:
         series = {n: [((m.get("truth") or {}).get(r) or {}).get("enrichment") for r in regions] for n, m in methods.items()}
         out["figures"].append({"title": "Attribution on the truth regions", "uri": figures.grouped(regions, series, "enrichment (mass / area)", reference=1.0)})
@@ -83,7 +85,9 @@ def crossmodal(summary: dict, results: dict[str, StageResult]) -> dict:
         "figures": [],
     }
     if s.get("full_accuracy") is not None and s.get("additive_accuracy") is not None:
-        out["figures"].append({"title": "EMAP: the model and its additive projection", "uri": figures.bars(["full model", "additive projection"], [s["full_accuracy"], s["additive_accuracy"]], xlabel="accuracy")})
+        out["figures"].append(
+            {"title": "EMAP: the model and its additive projection", "uri": figures.bars(["full model", "additive projection"], [s["full_accuracy"], s["additive_accuracy"]], xlabel="accuracy")}
+        )
     arrays = results["crossmodal"].arrays
     if {"dime.unimodal", "dime.interaction"} <= set(arrays):
         out["figures"].append({"title": "DIME per reference sample", "uri": figures.scatter(arrays["dime.unimodal"], arrays["dime.interaction"], "unimodal contribution", "interaction")})
@@ -97,11 +101,24 @@ def representation(summary: dict) -> dict:
     table = [{"concept": c, "layers": {layer: by_layer.get(layer) for layer in layers}} for c, by_layer in probes.items()]
     features = sorted(s.get("features") or [], key=lambda f: -abs((f.get("auroc") or 0.5) - 0.5))
     skipped = s.get("skipped") or []
-    out = {"layers": layers, "probes": table, "features": features[:15], "n_features": len(s.get("features") or []), "unassigned_share": s.get("unassigned_share"),
-           "skipped": [] if isinstance(skipped, str) else skipped, "stage_skipped": skipped if isinstance(skipped, str) else None, "figures": []}
+    out = {
+        "layers": layers,
+        "probes": table,
+        "features": features[:15],
+        "n_features": len(s.get("features") or []),
+        "unassigned_share": s.get("unassigned_share"),
+        "skipped": [] if isinstance(skipped, str) else skipped,
+        "stage_skipped": skipped if isinstance(skipped, str) else None,
+        "figures": [],
+    }
     if probes and layers:
         values = np.array([[(by_layer.get(layer) or {}).get("selectivity", np.nan) for layer in layers] for by_layer in probes.values()], float)
-        out["figures"].append({"title": "Probe selectivity (accuracy minus control task)", "uri": figures.matrix(list(probes), layers, values, "selectivity", vmin=min(0.0, float(np.nanmin(values))), vmax=max(0.5, float(np.nanmax(values))))})
+        out["figures"].append(
+            {
+                "title": "Probe selectivity (accuracy minus control task)",
+                "uri": figures.matrix(list(probes), layers, values, "selectivity", vmin=min(0.0, float(np.nanmin(values))), vmax=max(0.5, float(np.nanmax(values)))),
+            }
+        )
     return out
 
 
@@ -122,7 +139,16 @@ def composition(summary: dict) -> dict:
 def errors(analysis: dict) -> dict:
     e = analysis["errors"]
     base = e["error_rate"]
-    out = {"slices": e["slices"], "categories": e["categories"], "association_only": e.get("association_only", 0), "disagreement": e.get("disagreement") or [], "notes": e.get("notes") or [], "n": e["n"], "error_rate": base, "figures": []}
+    out = {
+        "slices": e["slices"],
+        "categories": e["categories"],
+        "association_only": e.get("association_only", 0),
+        "disagreement": e.get("disagreement") or [],
+        "notes": e.get("notes") or [],
+        "n": e["n"],
+        "error_rate": base,
+        "figures": [],
+    }
     if e["slices"]:
         s = e["slices"][:12]
         out["figures"].append({"title": "Error slices", "uri": figures.slice_rates([x["where"] for x in s], [x["error_rate"] for x in s], [x["ci"][0] for x in s], [x["ci"][1] for x in s], base)})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
+
 import numpy as np
 
 from mmdiag.pipeline.stats import wilson, z_value

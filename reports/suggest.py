@@ -47,7 +47,10 @@ def reliance_sentence(c: str, g: dict) -> str:
         )
     if by == "attribution":
         a = e[by]
-        return f"its region {a['region']} outranks {_pct(a['rank']['value'])} of random unit sets of its size in attribution ({a['method']}; {_pct(a['rank']['low'])}–{_pct(a['rank']['high'])}, 50% by chance)"
+        return (
+            f"its region {a['region']} outranks {_pct(a['rank']['value'])} of random unit sets of its size in attribution "
+            f"({a['method']}; {_pct(a['rank']['low'])}–{_pct(a['rank']['high'])}, 50% by chance)"
+        )
     w = e[by]
     return f"its features carry {_pct(w['weight_share'])} of the composition's weights against {_pct(w['null_weight_share'])} for random features (p = {_num(w['p_value'])})"
 
@@ -95,7 +98,8 @@ def ignored_modality(f: Finding) -> dict:
     )
     return {
         "title": f"The model ignores {m}: train with modality dropout or balanced losses",
-        "finding": f"{measured}, while {_pct(g['error_rate'])} of the predictions are wrong" + (f" and the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else "."),
+        "finding": f"{measured}, while {_pct(g['error_rate'])} of the predictions are wrong"
+        + (f" and the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else "."),
         "evidence": [
             {"label": f"share of the modality-level logit change of {m}", "value": share["value"], "section": "intervention" if g["evidence"] == "intervention" else "unimodal"},
             {"label": f"predictions changed by removing {m}", "value": flips["value"] if flips else None, "section": "intervention"},
@@ -149,9 +153,7 @@ def missing_interaction(f: Finding) -> dict:
         "finding": (
             f"The additive projection of the model (EMAP) is as accurate as the model itself ({_num(g['additive_accuracy'])} vs {_num(g['full_accuracy'])}), "
             f"but the label needs {pair} together ({_pct(g['label_from_two_concepts'])} predictable from the pair, {_pct(g['label_from_one_concept'])} from any one concept); "
-            f"{_pct(g['error_rate'])} of the predictions are wrong."
-            + (f" The additive part follows {follows['concept']} ({_pct(follows['rate'])})." if follows else "")
-            + now
+            f"{_pct(g['error_rate'])} of the predictions are wrong." + (f" The additive part follows {follows['concept']} ({_pct(follows['rate'])})." if follows else "") + now
         ),
         "evidence": _interaction_evidence(g),
         "change": (
@@ -166,12 +168,14 @@ def concept_not_encoded(f: Finding) -> dict:
     c, g = f.subject, f.figures
     return {
         "title": f"The model does not encode {c}: add data or supervision for it",
-        "finding": f"Errors concentrate in {g['slice']} ({_pct(g['slice_error_rate'])} against {_pct(g['base_error_rate'])} overall, {g['n']} samples), and a linear probe reads {c} at the decision layer with selectivity {_num(g['selectivity'], 2)}.",
+        "finding": f"Errors concentrate in {g['slice']} ({_pct(g['slice_error_rate'])} against {_pct(g['base_error_rate'])} overall, {g['n']} samples), "
+        f"and a linear probe reads {c} at the decision layer with selectivity {_num(g['selectivity'], 2)}.",
         "evidence": [
             {"label": f"probe selectivity of {c}", "value": g["selectivity"], "section": "representation"},
             {"label": f"error rate in {g['slice']}", "value": g["slice_error_rate"], "section": "slices"},
         ],
-        "change": f"Collect or generate more samples that vary {c}, balanced over the label, or add an auxiliary loss that predicts {c} from the fused features; check that its probe selectivity rises.",
+        "change": f"Collect or generate more samples that vary {c}, balanced over the label, or add an auxiliary loss that predicts {c} "
+        "from the fused features; check that its probe selectivity rises.",
     }
 
 

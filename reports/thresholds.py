@@ -1,4 +1,4 @@
-"""Every threshold of the error analysis, in one place (README, "The report" documents them).
+"""Every threshold of the error analysis, in one place (docs/report.md documents them).
 
 The category and suggestion rules read these and nothing else, so a change here changes what
 the report says, and a card or a suggestion always records the figures it compared with them.

@@ -2,9 +2,9 @@
 stages and the interventions the report rests on, registered in the order the flow runs them
 (see stages/registry.py)."""
 
+from mmdiag.stages import composition, crossmodal, discovery, intervention, representation, unimodal
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult, extended
 from mmdiag.stages.registry import get, register, stages
-from mmdiag.stages import composition, crossmodal, discovery, intervention, representation, unimodal
 
 register(discovery.STAGE)
 register(unimodal.STAGE)

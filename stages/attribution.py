@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,14 +37,14 @@ class Draws:
     generators: list[torch.Generator]
 
     @classmethod
-    def seeded(cls, seed: int, ids: Tensor, salt: int = 0) -> "Draws":
+    def seeded(cls, seed: int, ids: Tensor, salt: int = 0) -> Draws:
         return cls([torch.Generator().manual_seed(((seed * 1_000_003 + salt) * 1_000_033 + int(i)) % 2**63) for i in ids.tolist()])
 
     @classmethod
-    def shared(cls, generator: torch.Generator | None, b: int) -> "Draws":
+    def shared(cls, generator: torch.Generator | None, b: int) -> Draws:
         return cls([generator or torch.default_generator] * b)
 
-    def take(self, rows) -> "Draws":
+    def take(self, rows) -> Draws:
         if isinstance(rows, slice):
             return Draws(self.generators[rows])
         rows = torch.as_tensor(rows).cpu()
@@ -93,16 +93,16 @@ class Game:
         """(..., F) -> {modality: (..., n_m)}."""
         return dict(zip(self.modalities, per_player.split(self.sizes, dim=-1)))
 
-    def rows(self, rows: slice) -> "Game":
+    def rows(self, rows: slice) -> Game:
         """The game of some samples of the batch."""
         units = {m: u.take(rows) for m, u in self.units.items()}
         draws = None if self.draws is None else self.draws.take(rows)
         return Game(self.adapter, {m: t[rows] for m, t in self.encoded.items()}, units, self.target[rows], self.batch_size, draws=draws, tick=self.tick)
 
-    def sample(self, i: int) -> "Game":
+    def sample(self, i: int) -> Game:
         return self.rows(slice(i, i + 1))
 
-    def in_chunks(self, samples: int, method: Callable[["Game"], Tensor]) -> Tensor:
+    def in_chunks(self, samples: int, method: Callable[[Game], Tensor]) -> Tensor:
         """method's (b, n) output over chunks of `samples` samples, their cost counted here."""
         out = []
         for start in range(0, len(self.target), samples):
@@ -222,7 +222,7 @@ def occlusion(game: Game) -> Tensor:
     return torch.cat(per_unit, dim=1).detach()
 
 
-def by_present(game: Game, estimate: Callable[[Game, "Compact"], Tensor]) -> Tensor:
+def by_present(game: Game, estimate: Callable[[Game, Compact], Tensor]) -> Tensor:
     """An estimator run on the groups of samples with equal numbers of present players, over
     those players only: absent unit slots (padding positions a sample does not have) get
     exactly 0 and cost no model evaluation. `estimate(sub_game, compact)` returns (b, n), or
@@ -324,7 +324,7 @@ class KernelDesign:
     mass: Tensor  # (n - 1,) kernel mass per coalition size still to sample (0 where enumerated)
 
     @classmethod
-    def of(cls, n: int, budget: int) -> "KernelDesign":
+    def of(cls, n: int, budget: int) -> KernelDesign:
         sizes = torch.arange(1, n, dtype=torch.float64)
         mass = (n - 1) / (sizes * (n - sizes))
         mass = mass / mass.sum()  # the kernel's weight of each coalition size
@@ -449,7 +449,7 @@ class BottleneckStats:
     std: dict[str, Tensor]
 
     @classmethod
-    def of(cls, encoded: dict[str, Tensor]) -> "BottleneckStats":
+    def of(cls, encoded: dict[str, Tensor]) -> BottleneckStats:
         return cls({m: x.mean(0) for m, x in encoded.items()}, {m: x.std(0).clamp_min(0.01) for m, x in encoded.items()})
 
 

@@ -7,8 +7,9 @@ notebook or a test without Prefect. The flow (flows/) wraps each registered stag
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

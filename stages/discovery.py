@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,13 +85,13 @@ class Feature:
     word: str | None = None
     box: list[int] | None = None  # [x0, y0, x1, y1] in the input's pixels, x right, y down, end exclusive
     slots: tuple[int, ...] = ()  # a region's unit slots
-    grid: "Grid | None" = None  # a region's places and their content, for its null
+    grid: Grid | None = None  # a region's places and their content, for its null
     mask: Tensor | None = None  # a word's token positions (N, L)
     transform: str | None = None  # a transform's name in TRANSFORMS
     group: str | None = None  # a feature group's name; `side`: the half of the samples it is on
     side: str | None = None
     layout: Tensor | None = None  # a group's features (F,) bool
-    segmentation: "Segmentation | None" = None  # a segment group's superpixels, for every image
+    segmentation: Segmentation | None = None  # a segment group's superpixels, for every image
     cluster: int | None = None  # its appearance group
     colour: list[float] | None = None  # the group's mean colour (the input's channel values)
     scale: list[float] | None = None  # a transform's scale per channel

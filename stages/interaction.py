@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from mmdiag.stages.attribution import Game
-
 
 # --- EMAP (Hessel & Lee 2020) and DIME (Lyu et al. 2022) -------------------------------------
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmdiag.pipeline import Counterfactual, FeatureGroups, PatchGrid, SampleSet, Tokens, TorchAdapter
+
 from ranges import SEED
 
 SIDE, PATCH = 8, 2  # 8x8 images, 4x4 grid of 2x2 patches

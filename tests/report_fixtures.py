@@ -91,7 +91,16 @@ def model_result(data: SampleSet, pred: np.ndarray, unsure: float = 1.0) -> Stag
 
 def model_summary(data: SampleSet, pred: np.ndarray) -> dict:
     correct = pred == data.labels.numpy()
-    return {"name": "fixture-model", "fingerprint": "0123456789abcdef", "split": "ood", "n": len(pred), "accuracy": round(float(correct.mean()), 4), "n_errors": int((~correct).sum()), "splits": {"ood": {"n": len(pred), "accuracy": round(float(correct.mean()), 4)}}, "slices": []}
+    return {
+        "name": "fixture-model",
+        "fingerprint": "0123456789abcdef",
+        "split": "ood",
+        "n": len(pred),
+        "accuracy": round(float(correct.mean()), 4),
+        "n_errors": int((~correct).sum()),
+        "splits": {"ood": {"n": len(pred), "accuracy": round(float(correct.mean()), 4)}},
+        "slices": [],
+    }
 
 
 def explained_rows(data: SampleSet, pred: np.ndarray, n_correct: int = 30) -> np.ndarray:
@@ -124,7 +133,12 @@ def unimodal_result(data: SampleSet, pred: np.ndarray, scenario: str, rows: np.n
         "modality_ablation": {"image": {"shapley": 0.5, "abs_shapley": 0.9}, "text": {"shapley": 0.2, "abs_shapley": 0.4}, "interaction": {"mean": 0.3, "abs_mean": 0.5}},
         "methods": {
             "shapley": {
-                "deletion_auc": 0.3, "insertion_auc": 0.7, "completeness_error": 1e-6, "sanity_rank_corr": 0.05, "seconds": 1.0, "forward_passes": 100.0,
+                "deletion_auc": 0.3,
+                "insertion_auc": 0.7,
+                "completeness_error": 1e-6,
+                "sanity_rank_corr": 0.05,
+                "seconds": 1.0,
+                "forward_passes": 100.0,
                 "truth": {
                     "shape": {"n": n, "mass": 0.4, "enrichment": 2.0, "top1_rate": 0.5},
                     "mark": {"n": n // 2, "mass": 0.5 if scenario != "clean" else 0.05, "enrichment": 12.0 if scenario != "clean" else 0.8, "top1_rate": 0.9},
@@ -134,9 +148,16 @@ def unimodal_result(data: SampleSet, pred: np.ndarray, scenario: str, rows: np.n
         },
     }
     arrays = {
-        "rows": rows, "ids": data.ids.numpy()[rows], "pred": pred[rows], "label": data.labels.numpy()[rows], "present": present,
-        "sizes": np.array([N_IMAGE, LENGTH]), "modality_shapley": rng.normal(0, 1, (n, 2)), "interaction": rng.normal(0, 1, n),
-        "attr.shapley.pred": attr, "attr.shapley.true": -attr,
+        "rows": rows,
+        "ids": data.ids.numpy()[rows],
+        "pred": pred[rows],
+        "label": data.labels.numpy()[rows],
+        "present": present,
+        "sizes": np.array([N_IMAGE, LENGTH]),
+        "modality_shapley": rng.normal(0, 1, (n, 2)),
+        "interaction": rng.normal(0, 1, n),
+        "attr.shapley.pred": attr,
+        "attr.shapley.true": -attr,
     }
     return StageResult(summary, arrays)
 
@@ -174,13 +195,22 @@ def crossmodal_result(data: SampleSet, pred: np.ndarray, scenario: str, rows: np
         "interaction_share": 0.02 if scenario == "additive" else 0.6,
         "n_reference": len(ref),
         "modality_interaction": 0.1,
-        "top_pairs": [{"units": ["r1c1", "not"], "modalities": ["image", "text"], "count": 12, "mean_weight": 0.4}, {"units": ["r0c0", "red"], "modalities": ["image", "text"], "count": 5, "mean_weight": -0.1}],
+        "top_pairs": [
+            {"units": ["r1c1", "not"], "modalities": ["image", "text"], "count": 12, "mean_weight": 0.4},
+            {"units": ["r0c0", "red"], "modalities": ["image", "text"], "count": 5, "mean_weight": -0.1},
+        ],
         "additive_follows": {"mark": 0.98 if scenario == "additive" else 0.7, "negation": 0.5},
     }
     arrays = {
-        "ids": data.ids.numpy()[rows], "pred": pred[rows], "label": labels[rows], "mixed.image.text": mixed.astype(np.float32),
-        "emap.ids": data.ids.numpy()[ref], "emap.full": full, "emap.additive": additive,
-        "dime.unimodal": rng.normal(0, 1, len(ref)), "dime.interaction": rng.normal(0, 1, len(ref)),
+        "ids": data.ids.numpy()[rows],
+        "pred": pred[rows],
+        "label": labels[rows],
+        "mixed.image.text": mixed.astype(np.float32),
+        "emap.ids": data.ids.numpy()[ref],
+        "emap.full": full,
+        "emap.additive": additive,
+        "dime.unimodal": rng.normal(0, 1, len(ref)),
+        "dime.interaction": rng.normal(0, 1, len(ref)),
     }
     return StageResult(summary, arrays, {"graphs": graphs})
 
@@ -200,8 +230,12 @@ def representation_result(data: SampleSet, pred: np.ndarray, colour_selectivity:
     probes["colour"]["decision"] = {"accuracy": 0.5 + colour_selectivity, "control": 0.5, "selectivity": colour_selectivity, "n": n, "n_test": n // 3}
     summary = {"probes": probes, "features": features, "unassigned_share": 0.5, "skipped": []}
     arrays = {
-        "ids": data.ids.numpy(), "decision": decision.astype(np.float32), "pred": pred, "label": data.labels.numpy(),
-        "feature.top_ids": np.argsort(-decision, 0)[:5].T.copy(), "feature.bottom_ids": np.argsort(decision, 0)[:5].T.copy(),
+        "ids": data.ids.numpy(),
+        "decision": decision.astype(np.float32),
+        "pred": pred,
+        "label": data.labels.numpy(),
+        "feature.top_ids": np.argsort(-decision, 0)[:5].T.copy(),
+        "feature.bottom_ids": np.argsort(decision, 0)[:5].T.copy(),
     }
     return StageResult(summary, arrays)
 
@@ -225,13 +259,21 @@ def composition_result(data: SampleSet, pred: np.ndarray, decision: np.ndarray) 
         "fidelity": 0.93,
         "n_features": {"chosen": 2, "total": decision.shape[1], "kept": decision.shape[1]},
         "path": {"lambda": [1.0, 0.1], "n_features": [1, 2], "fidelity": [0.7, 0.93], "chosen": 1, "margin": 0.02},
-        "per_class": {name: [{"feature": 0, "weight": float(weights[k, 0]), "concept": "mark"}, {"feature": 3, "weight": float(weights[k, 1]), "concept": None}] for k, name in enumerate(data.class_names)},
+        "per_class": {
+            name: [{"feature": 0, "weight": float(weights[k, 0]), "concept": "mark"}, {"feature": 3, "weight": float(weights[k, 1]), "concept": None}] for k, name in enumerate(data.class_names)
+        },
         "simulation": {"top3": 0.9, "top5": 0.95},
     }
     arrays = {
-        "ids": data.ids.numpy(), "pred": pred, "label": labels, "weights": _full(weights, support, decision.shape[1]), "bias": np.zeros(2), "support": support,
+        "ids": data.ids.numpy(),
+        "pred": pred,
+        "label": labels,
+        "weights": _full(weights, support, decision.shape[1]),
+        "bias": np.zeros(2),
+        "support": support,
         "contrib": (weights[pred] * x).astype(np.float32),
-        "error.ids": data.ids.numpy()[wrong], "error.push": ((weights[pred[wrong]] - weights[labels[wrong]]) * x[wrong]).astype(np.float32),
+        "error.ids": data.ids.numpy()[wrong],
+        "error.push": ((weights[pred[wrong]] - weights[labels[wrong]]) * x[wrong]).astype(np.float32),
     }
     return StageResult(summary, arrays)
 

@@ -198,8 +198,8 @@ def _kit_files(tmp_path):
     (tmp_path / "kit_raises_on_import.py").write_text("raise RuntimeError('no licence server')\n")
     (tmp_path / "garbage.bin").write_bytes(os.urandom(64))
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"other.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     (tmp_path / "afile").write_text("not a folder\n")
@@ -315,7 +315,10 @@ ARGV = {
     "rerun run.json of binary bytes": (lambda t: ["rerun", str(_run_folder(t, NOT_UTF8)), "--stage", "unimodal"], "run.json: not valid JSON (not UTF-8 text: byte 0x89 at offset 0)"),
     "rerun run.json a list": (lambda t: ["rerun", str(_run_folder(t, [1, 2])), "--stage", "unimodal"], "run.json: not an mmdiag run record"),
     "rerun run.json empty object": (lambda t: ["rerun", str(_run_folder(t, {})), "--stage", "unimodal"], "run.json: not an mmdiag run record"),
-    "rerun run.json missing": (lambda t: ["rerun", str(_run_folder(t, "{}").parent / "empty-run" if (t / "fixtures" / "empty-run").mkdir(parents=True) is None else None), "--stage", "unimodal"], "run.json: file not found"),
+    "rerun run.json missing": (
+        lambda t: ["rerun", str(_run_folder(t, "{}").parent / "empty-run" if (t / "fixtures" / "empty-run").mkdir(parents=True) is None else None), "--stage", "unimodal"],
+        "run.json: file not found",
+    ),
     "rerun config of another version": (lambda t: ["rerun", str(_run_folder(t, {"config": {"model": {"nme": 1}}})), "--stage", "unimodal"], "its config is not readable by this version"),
     "compare first missing": (lambda t: ["compare", str(t / "a"), str(_good_run(t))], "RUN_DIR: no run folder"),
     "compare second missing": (lambda t: ["compare", str(_good_run(t)), str(t / "b")], "RUN_DIR: no run folder"),
@@ -325,7 +328,10 @@ ARGV = {
     "compare summary of binary bytes": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, NOT_UTF8)), str(_good_run(t, "g"))], "summary.json: not valid JSON (not UTF-8 text"),
     "compare run.json of binary bytes": (lambda t: ["compare", str(_good_run(t)), str(_run_folder(t, NOT_UTF8, name="g"))], "run.json: not valid JSON (not UTF-8 text"),
     "compare summary of another schema": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, {"schema": "other/9"})), str(_good_run(t, "g"))], "found 'other/9'"),
-    "compare summary without a model block": (lambda t: ["compare", str(_run_folder(t, {"config": {}}, {"schema": "mmdiag.summary/1", "stages": {}})), str(_good_run(t, "g"))], "its model or stages block"),
+    "compare summary without a model block": (
+        lambda t: ["compare", str(_run_folder(t, {"config": {}}, {"schema": "mmdiag.summary/1", "stages": {}})), str(_good_run(t, "g"))],
+        "its model or stages block",
+    ),
     "compare summary missing": (lambda t: ["compare", str(_run_folder(t, {"config": {}})), str(_good_run(t, "g"))], "summary.json: file not found"),
     "compare --json onto a folder": (lambda t: ["compare", str(_good_run(t)), str(_good_run(t, "g")), "--json", str(t)], "--json: "),
     "compare --html onto a folder": (lambda t: ["compare", str(_good_run(t)), str(_good_run(t, "g")), "--html", str(t)], "--html: "),
@@ -354,8 +360,10 @@ def test_a_bad_command_line_is_one_line_naming_the_field(case, battery, capsys):
 
 # what a stage needs of the analysed split, found by the pre-flight (not after stage 1 ran)
 NEEDED_BY_A_STAGE = {
-    "n below n_reference": (data("load", ", n: 10") + "stages: {crossmodal: {n_reference: 20}}\n",
-                            "stages.crossmodal.n_reference: 20 reference samples asked for, the analysed split has 10; lower n_reference or use more samples (data.n)"),
+    "n below n_reference": (
+        data("load", ", n: 10") + "stages: {crossmodal: {n_reference: 20}}\n",
+        "stages.crossmodal.n_reference: 20 reference samples asked for, the analysed split has 10; lower n_reference or use more samples (data.n)",
+    ),
     "a single class": (data("data_one_class"), "data: every sample of the analysed split has the same label ('a'); stage crossmodal needs at least two classes"),
 }
 
@@ -381,8 +389,7 @@ def test_a_lone_surrogate_in_a_caption_or_class_name_is_shown_replaced(battery, 
     """Captions and class names are only shown: a lone surrogate in one (which no UTF-8 file can
     hold) becomes U+FFFD in the report, and the run, which used to fail after every stage, ends."""
     cfg = battery / "diag.yaml"
-    cfg.write_text(data("data_lone_surrogates") + f"device: cpu\nout: {battery / 'out'}\ncache: {battery / 'cache'}\n"
-                   "stages: {crossmodal: {shapley_draws: 2}}\n")
+    cfg.write_text(data("data_lone_surrogates") + f"device: cpu\nout: {battery / 'out'}\ncache: {battery / 'cache'}\nstages: {{crossmodal: {{shapley_draws: 2}}}}\n")
     assert main(["diagnose", "--config", str(cfg)]) == 0, capsys.readouterr().err
     run = battery / "out" / "diagnosis"
     html = (run / "report.html").read_bytes().decode("utf-8")

@@ -192,8 +192,9 @@ def test_a_shortcut_without_any_link_is_reported_not_skipped():
 
 
 def test_the_report_shows_the_interventions_and_each_cards_sentence():
-    import report_fixtures as fx
     from mmdiag.reports import render
+
+    import report_fixtures as fx
 
     world = pl.World(label=lambda c: c["colour"], spurious={"zz": 0.9}, contrast=0.25, hidden=0.25)
     model = pl.train(world)

@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-import planted as pl
-from inprocess import diagnose
 from mmdiag.pipeline import SampleSet
 from mmdiag.pipeline.resolve import predict
-from ranges import holds, measured
 from mmdiag.stages import discovery as dc
+
+import planted as pl
+from inprocess import diagnose
+from ranges import holds, measured
 
 SEED_EVAL = 7
 

@@ -221,7 +221,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    """A real Prefect API server on a loopback port, as the README's scale-out section starts it."""
+    """A real Prefect API server on a loopback port, as the documentation's scale-out section (docs/cli.md) starts it."""
     import urllib.request
 
     port = _free_port()

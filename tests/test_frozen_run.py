@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-import frozen_run
 from mmdiag.flows.cli import main
+
+import frozen_run
 
 KEPT = Path(__file__).parent / "data" / "frozen-summary.json"
 VARIES = {"seconds", "created", "key"}  # a cache key hashes the stage's code, which refactoring changes

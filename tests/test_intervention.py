@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import planted as pl
 from mmdiag.pipeline.resolve import predict
 from mmdiag.stages import attribution as attr
 from mmdiag.stages import intervention as iv
 from mmdiag.stages.base import Context
+
+import planted as pl
 
 
 @pytest.fixture(scope="module")

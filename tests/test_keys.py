@@ -4,11 +4,12 @@ stay cached; the flow still reports the timings in summary.json."""
 
 import torch
 
-import planted as pl
 from mmdiag.flows import results
-from inprocess import QUICK
 from mmdiag.pipeline.resolve import predict
 from mmdiag.stages import Context, registry
+
+import planted as pl
+from inprocess import QUICK
 
 
 def test_two_runs_of_every_timed_stage_save_under_one_key(tmp_path):

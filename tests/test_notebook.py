@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import frozen_run
 import mmdiag
 from mmdiag.flows.cli import main
+
+import frozen_run
 
 QUICK = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 10, "sanity_samples": 0},
          "crossmodal": {"n_reference": 40}, "discovery": {"kinds": ["word"]}}

@@ -5,11 +5,12 @@ import logging
 
 import torch
 
-import planted as pl
 from mmdiag.flows.progress import Reporter
-from inprocess import QUICK
 from mmdiag.pipeline.resolve import predict
 from mmdiag.stages import Context, registry
+
+import planted as pl
+from inprocess import QUICK
 
 
 def test_every_per_sample_stage_reports_rising_progress_to_the_end():

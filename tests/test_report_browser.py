@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import report_fixtures as fx
 from mmdiag.reports import analyse, render
+
+import report_fixtures as fx
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

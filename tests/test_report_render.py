@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import report_fixtures as fx
 from mmdiag.reports import analyse, figures, render, render_compare
+
+import report_fixtures as fx
 
 SUBSETS = [s for k in range(len(fx.STAGES) + 1) for s in combinations(fx.STAGES, k)]
 

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-import report_fixtures as fx
 from mmdiag.reports import analyse, evidence, findings
 from mmdiag.reports.samples import evaluated
 from mmdiag.reports.thresholds import DEFAULT
+
+import report_fixtures as fx
 
 
 def _ids(analysis):
@@ -158,7 +159,16 @@ def test_category_rules_fire_in_pipeline_order_and_only_on_interventions(parts, 
 def test_category_rule_records_its_figures_and_threshold():
     card = evidence.categorise(_card(perception=copy.deepcopy(MISSED)))
     assert card["rule"]["name"] == "perception"
-    assert card["rule"]["figures"] == {"modality": "image", "method": "shapley", "evidence": "attribution", "regions": ["shape"], "mass": 0.1, "area": 0.2, "enrichment": 0.5, "threshold": DEFAULT.perception_enrichment}
+    assert card["rule"]["figures"] == {
+        "modality": "image",
+        "method": "shapley",
+        "evidence": "attribution",
+        "regions": ["shape"],
+        "mass": 0.1,
+        "area": 0.2,
+        "enrichment": 0.5,
+        "threshold": DEFAULT.perception_enrichment,
+    }
     assert "0.50x their share" in card["rule"]["sentence"]
 
 
@@ -289,14 +299,21 @@ def test_a_regions_effect_beyond_its_null_is_judged_at_the_rules_corrected_level
 
     effect = {"value": 0.02, "low": 0.001, "high": 0.039, "n": 400}
     none = {"value": 0.0, "low": -0.01, "high": 0.01, "n": 400}
-    region = {"n": 400, "units": 4, "flip_rate": {"value": 0.05}, "null_flip_rate": {"value": 0.03}, "flip_effect": effect, "margin_effect": none,
-              "fixes_error_rate": {"value": 0.1}, "null_fixes_error_rate": {"value": 0.05}}
+    region = {
+        "n": 400,
+        "units": 4,
+        "flip_rate": {"value": 0.05},
+        "null_flip_rate": {"value": 0.03},
+        "flip_effect": effect,
+        "margin_effect": none,
+        "fixes_error_rate": {"value": 0.1},
+        "null_fixes_error_rate": {"value": 0.05},
+    }
     summary = {"intervention": {"confidence": 0.95, "regions": {"image.mark": region}}}
     assert reliance.intervention(summary, [("image", "mark")])["beyond_null"]
     assert not reliance.intervention(summary, [("image", "mark")], stats.z_value(0.95, 20))["beyond_null"]
     # one flip in 2,000 with the label kept clears 0 at any level: the Wilson interval is re-drawn at the rule's
-    kept = {"intervention": {"confidence": 0.95, "counterfactuals": {"c": {"flip_rate_label_kept": {"value": 0.0005, "low": 0.0001, "high": 0.003, "n": 2000},
-                                                                          "fixes_error_rate": {"value": 0.0}}}}}
+    kept = {"intervention": {"confidence": 0.95, "counterfactuals": {"c": {"flip_rate_label_kept": {"value": 0.0005, "low": 0.0001, "high": 0.003, "n": 2000}, "fixes_error_rate": {"value": 0.0}}}}}
     assert reliance.counterfactual(kept, "c", stats.z_value(0.95, 20))["tested_at_z"] > 3
 
 

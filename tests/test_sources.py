@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import planted as pl
 from mmdiag.flows.cli import main
-from inprocess import QUICK
 from mmdiag.pipeline.demo import shapes
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.resolve import predict
 from mmdiag.pipeline.sources import StreamedSampleSet, hf_dataset, image_table, streamed
 from mmdiag.stages import Context, registry
+
+import planted as pl
+from inprocess import QUICK
 
 
 class SampleFolder(torch.utils.data.Dataset):
@@ -279,9 +280,9 @@ def test_rows_that_disagree_are_refused_with_their_row():
 
 def test_a_table_read_with_a_hugging_face_processor_equals_hf_samples(tmp_path):
     from PIL import Image
+    from test_hf import CAPTIONS, images, save_clip
 
     from mmdiag.pipeline.hf import hf_readers, hf_samples, load_clip
-    from test_hf import CAPTIONS, images, save_clip
 
     clip = load_clip(save_clip(tmp_path / "clip"), local_files_only=True)
     pictures = images(len(CAPTIONS))

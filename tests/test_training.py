@@ -9,6 +9,7 @@ from mmdiag.pipeline.demo import shapes
 from mmdiag.pipeline.demo.models import demo_adapter
 from mmdiag.pipeline.demo.train import TrainConfig, load_or_train, train
 from mmdiag.pipeline.store import fingerprint_module
+
 from ranges import holds, measured
 
 SMALL = TrainConfig(arch="film", n_train=512, epochs=1, batch_size=64)

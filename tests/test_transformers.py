@@ -10,14 +10,15 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from inprocess import diagnose
-from ranges import holds, measured
 from mmdiag.pipeline import PatchGrid, Tokens, TorchAdapter
 from mmdiag.pipeline.demo import shapes
 from mmdiag.pipeline.demo.vocab import CLS_ID, PAD_ID, WORDS
 from mmdiag.stages import attribution as attr
 from mmdiag.stages import interaction as inter
 from mmdiag.stages.unimodal import _randomised
+
+from inprocess import diagnose
+from ranges import holds, measured
 
 WIDTH = 16
 
@@ -137,8 +138,19 @@ def test_the_sanity_check_redraws_attention_weights_too():
 
 @pytest.mark.parametrize("layer, batch_first", LAYOUTS, ids=IDS)
 def test_every_stage_runs_on_a_plain_transformer(layer, batch_first, data):
-    quick = {"unimodal": {"methods": ["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"], "n_correct": 8, "max_errors": 8, "ig_steps": 8, "shapley_pairs": 1, "iba_steps": 2, "iba_copies": 2, "sanity_samples": 4},
-             "crossmodal": {"n_reference": 12, "shapley_draws": 4}}
+    quick = {
+        "unimodal": {
+            "methods": ["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"],
+            "n_correct": 8,
+            "max_errors": 8,
+            "ig_steps": 8,
+            "shapley_pairs": 1,
+            "iba_steps": 2,
+            "iba_copies": 2,
+            "sanity_samples": 4,
+        },
+        "crossmodal": {"n_reference": 12, "shapley_draws": 4},
+    }
     summary, results, analysis = diagnose(adapter(layer, batch_first), data, quick)
     assert {"unimodal", "crossmodal", "representation", "composition", "intervention"} <= set(results)
     assert summary["crossmodal"]["methods"]["mixed_gradients"]["path"] == "forward-over-reverse, math attention"
@@ -149,8 +161,9 @@ def test_every_stage_runs_on_a_plain_transformer(layer, batch_first, data):
 @pytest.mark.slow
 @pytest.mark.trained
 def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, monkeypatch):
-    from mmdiag.flows import flow
     from conftest import QUICK_STAGES
+
+    from mmdiag.flows import flow
     from mmdiag.flows.cli import main
 
     # quick stage 1; EMAP on 150 references (its full - additive gap is the property asserted)
@@ -167,9 +180,14 @@ def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, monkeypa
     holds("accuracy where the mark agrees - where it disagrees", slices["shortcut_agrees=1"] - slices["shortcut_agrees=0"], above=0.15)
     # and some interaction: 0.047-0.28 over 5 seeds x 4 settings (make portability)
     holds("EMAP: full - additive accuracy", summary["crossmodal"]["full_accuracy"] - summary["crossmodal"]["additive_accuracy"], above=0.025)
-    for name, value in (("ood", summary["model"]["splits"]["ood"]["accuracy"]), ("ood, mark agrees", slices["shortcut_agrees=1"]),
-                        ("ood, mark disagrees", slices["shortcut_agrees=0"]), ("anti", summary["model"]["splits"]["anti"]["accuracy"]),
-                        ("EMAP full", summary["crossmodal"]["full_accuracy"]), ("EMAP additive", summary["crossmodal"]["additive_accuracy"])):
+    for name, value in (
+        ("ood", summary["model"]["splits"]["ood"]["accuracy"]),
+        ("ood, mark agrees", slices["shortcut_agrees=1"]),
+        ("ood, mark disagrees", slices["shortcut_agrees=0"]),
+        ("anti", summary["model"]["splits"]["anti"]["accuracy"]),
+        ("EMAP full", summary["crossmodal"]["full_accuracy"]),
+        ("EMAP additive", summary["crossmodal"]["additive_accuracy"]),
+    ):
         measured(f"table: {name}", value)
     # the first annotated suggestion; a feature discovery found may rank beside it: training
     # seeds 1 and 2 (of 0-2 tried) also err towards 'true' on high-contrast images without the mark (reducing

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-import vlm_kit
-from inprocess import diagnose
-from ranges import holds, measured
 from mmdiag.pipeline import stats
 from mmdiag.pipeline.demo import vlm as demo
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.hf.vlm import VLMAdapter, load_vlm, vlm_samples
 from mmdiag.pipeline.hf.words import piece_style, word_slots
 from mmdiag.stages import attribution as attr
+
+import vlm_kit
+from inprocess import diagnose
+from ranges import holds, measured
 
 QUESTIONS = ["is the circle red", "apparently is the triangle not red", "look", "in this image is the square red"]
 MANY = ("no", "yes", "triangle", "apparently red")  # two of them several tokens long

@@ -258,7 +258,7 @@ def emap_rows(n: int = 200) -> list[dict]:
 def late_fusion_rows(weights_cache: Path, n: int = 200) -> list[dict]:
     """EMAP on demo-late (2 modalities, n references) through the whole model and through its
     late-fusion hook: the same table, N passes of the encoders instead of N^2."""
-    from mmdiag.pipeline.demo.catalog import load_model, load_data
+    from mmdiag.pipeline.demo.catalog import load_data, load_model
     from mmdiag.stages import interaction as inter
 
     adapter, _ = load_model("demo-late", cache=weights_cache)

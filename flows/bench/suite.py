@@ -213,8 +213,18 @@ def intervention_rows(adapter, data, device) -> list[dict]:
     encoded = adapter.encode({m: x[:64].to(device) for m, x in data.inputs.items()})
     floor = result.details["forward_passes"] * per_input_forward(adapter, encoded, attr.default_batch(device))
     passes = result.summary["forward_passes_per_sample"]
-    return [{"benchmark": f"interventions, demo-film, all {len(data):,} ood samples ({len(result.details['regions'])} regions x (1 + {config.null_sets} null sets), 2^2 modality coalitions, {len(result.details['counterfactuals'])} counterfactuals)",
-             "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": passes, "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2)}]
+    return [
+        {
+            "benchmark": f"interventions, demo-film, all {len(data):,} ood samples ({len(result.details['regions'])} regions x (1 + {config.null_sets} null sets), "
+            f"2^2 modality coalitions, {len(result.details['counterfactuals'])} counterfactuals)",
+            "value": round(secs, 3),
+            "unit": "s",
+            "device": device.type,
+            "forward_passes_per_sample": passes,
+            "seconds_per_sample": round(secs / len(data), 5),
+            "wall_over_floor": round(secs / floor, 2),
+        }
+    ]
 
 
 def discovery_rows(adapter, data, device) -> list[dict]:
@@ -233,9 +243,18 @@ def discovery_rows(adapter, data, device) -> list[dict]:
     floor = found.forward_passes * per_input_forward(adapter, encoded, config.eval_batch)
     kinds = {k: sum(f.kind == k for f in found.features) for k in config.kinds}
     top = max(found.reliable, key=lambda f: f.stats["flip_effect"] * f.stats["n"], default=None)
-    return [{"benchmark": f"discovery, demo-film, all {len(data):,} ood samples, no annotations ({', '.join(f'{n} {k}s' for k, n in kinds.items())}; {len(found.reliable)} reliable)",
-             "value": round(secs, 3), "unit": "s", "device": device.type, "forward_passes_per_sample": round(found.forward_passes / len(data), 1),
-             "seconds_per_sample": round(secs / len(data), 5), "wall_over_floor": round(secs / floor, 2), "strongest": top.id if top else None}]
+    return [
+        {
+            "benchmark": f"discovery, demo-film, all {len(data):,} ood samples, no annotations ({', '.join(f'{n} {k}s' for k, n in kinds.items())}; {len(found.reliable)} reliable)",
+            "value": round(secs, 3),
+            "unit": "s",
+            "device": device.type,
+            "forward_passes_per_sample": round(found.forward_passes / len(data), 1),
+            "seconds_per_sample": round(secs / len(data), 5),
+            "wall_over_floor": round(secs / floor, 2),
+            "strongest": top.id if top else None,
+        }
+    ]
 
 
 def _demo_rows(device: str) -> list[dict]:
@@ -244,19 +263,21 @@ def _demo_rows(device: str) -> list[dict]:
     A cached run computes nothing, so its wall time is the flow's own overhead: process start,
     imports, the temporary Prefect server, cache look-ups, writing the runs."""
     import os
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"MMDIAG_CACHE": str(cache)}
         command = [sys.executable, "-m", "mmdiag.flows.cli", "demo", "--out", str(Path(tmp) / "runs"), "--device", device]
-        runs = [("cold (trains both models, new Prefect home)", []), ("fully cached rerun (= flow overhead)", []),
-                ("cold, trained weights cached, new Prefect home, one by one (--one-by-one)", ["--one-by-one"]),
-                ("cold, trained weights cached, new Prefect home, the default (side by side where a model has one or two cores)", [])]
+        runs = [
+            ("cold (trains both models, new Prefect home)", []),
+            ("fully cached rerun (= flow overhead)", []),
+            ("cold, trained weights cached, new Prefect home, one by one (--one-by-one)", ["--one-by-one"]),
+            ("cold, trained weights cached, new Prefect home, the default (side by side where a model has one or two cores)", []),
+        ]
         for i, (label, flags) in enumerate(runs):
             if i >= 2:  # all but the trained weights forgotten
                 for entry in cache.iterdir():
@@ -267,12 +288,10 @@ def _demo_rows(device: str) -> list[dict]:
             secs = time.perf_counter() - start
             stages = [json.loads((Path(tmp) / "runs" / r / "summary.json").read_text())["stages"] for r in ("demo-film", "demo-late")]
             computed = sum(s["seconds"] or 0 for st in stages for s in st.values() if not s["cached"])
-            rows.append({"benchmark": f"mmdiag demo, {label}", "value": round(secs, 3), "unit": "s", "device": device,
-                         "stage_compute_s": round(computed, 3)})
+            rows.append({"benchmark": f"mmdiag demo, {label}", "value": round(secs, 3), "unit": "s", "device": device, "stage_compute_s": round(computed, 3)})
         for r in ("demo-film", "demo-late"):
             report = json.loads((Path(tmp) / "runs" / r / "run.json").read_text())["report"]
-            rows.append({"benchmark": f"error analysis + report.html for {r} (2,000 samples)", "value": report["seconds"], "unit": "s",
-                         "device": device, "html_mb": round(report["bytes"] / 1e6, 2)})
+            rows.append({"benchmark": f"error analysis + report.html for {r} (2,000 samples)", "value": report["seconds"], "unit": "s", "device": device, "html_mb": round(report["bytes"] / 1e6, 2)})
     return rows
 
 

@@ -27,14 +27,14 @@ PARENT_API_URL = "MMDIAG_PARENT_API_URL"  # set for the runs an mmdiag process s
 
 
 class TemporaryServer:
-    _running: "TemporaryServer | None" = None  # one per process, shared by its runs
+    _running: TemporaryServer | None = None  # one per process, shared by its runs
 
     def __init__(self):
         self.process: subprocess.Popen | None = None
         self.port = 0
 
     @classmethod
-    def get(cls) -> "TemporaryServer | ParentServer":
+    def get(cls) -> TemporaryServer | ParentServer:
         """This process's server, started on first use; in a run started side by side, its
         parent's."""
         if os.environ.get(PARENT_API_URL):

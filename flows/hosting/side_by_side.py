@@ -86,7 +86,7 @@ class Overflow:
     def started(self) -> bool:
         return bool(self.children)
 
-    def __enter__(self) -> "Overflow":
+    def __enter__(self) -> Overflow:
         from mmdiag.flows import cache
 
         if self.configs and worth_it(1 + len(self.configs)):

@@ -12,7 +12,7 @@ from mmdiag.pipeline.demo.models import demo_adapter
 from mmdiag.pipeline.demo.train import TrainConfig, load_or_train
 from mmdiag.pipeline.demo.vlm import VLMTrainConfig
 
-# Each model's bug holds by construction, whatever the seed (README, "The demo"; the ranges over
+# Each model's bug holds by construction, whatever the seed (docs/getting-started.md, "The demo"; the ranges over
 # seeds and numeric settings: `make portability`). FiLM sees the mark agree with the label only
 # on grey photos, where nothing else tells the label: it learns the shortcut there and the rule
 # on colour photos (10 epochs of 64: every seed escapes the plateau of the rule's easy half).

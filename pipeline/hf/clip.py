@@ -19,8 +19,8 @@ differs from the end token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -220,7 +220,10 @@ class _CLIP(ModelAdapter):
             grid = torch.arange(-1, h.shape[1] - 1, device=x.device)  # position 0 is [CLS]
             return BottleneckSite(h, grid.expand(b, -1), torch.ones(h.shape[:2], dtype=torch.bool, device=x.device), lambda z: _normalise(self._vision_from(z, i + 1)))
         if self.text_units == "words":
-            raise MmdiagError("stages.unimodal.m2ib_layers.text: a hidden-layer bottleneck scores tokens, this model's text units are words; load it with text_units='tokens' or leave m2ib_layers unset")
+            raise MmdiagError(
+                "stages.unimodal.m2ib_layers.text: a hidden-layer bottleneck scores tokens, this model's text units are words; "
+                "load it with text_units='tokens' or leave m2ib_layers unset"
+            )
         eos = self.end_positions(x)
         h = self._text_input(x)
         mask = self._causal(h)

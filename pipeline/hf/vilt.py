@@ -15,8 +15,8 @@ and padding kept, a removed token takes the [MASK] embedding (ViLT was pre-train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -223,7 +223,10 @@ class VLMAdapter(ModelAdapter):
             table = self.embedding(torch.tensor([[pad, unk, self.image_id]], device=self.embedding.weight.device))
             close = matches(table, table[0, 0])[0]  # the tolerance the padding is found with
         if close[1] or close[2]:
-            raise MmdiagError("model: the pad token's embedding is within rounding of the unknown or the image token's, so removed words or placeholders would read as padding; give the pad token a row of its own")
+            raise MmdiagError(
+                "model: the pad token's embedding is within rounding of the unknown or the image token's, so removed words or placeholders "
+                "would read as padding; give the pad token a row of its own"
+            )
         return pad, unk
 
     def _candidates(self, answers: list[str]) -> list[list[int]]:
@@ -362,8 +365,11 @@ class VLMAdapter(ModelAdapter):
         if self.family.bidirectional_prefix:
             step["token_type_ids"] = torch.ones_like(ahead)
         rest = self.module.model(
-            inputs_embeds=feed[:, :, :-1].reshape(b * k, t - 1, -1), attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
-            position_ids=positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(t - 1, device=feed.device), use_cache=True, **step,
+            inputs_embeds=feed[:, :, :-1].reshape(b * k, t - 1, -1),
+            attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
+            position_ids=positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(t - 1, device=feed.device),
+            use_cache=True,
+            **step,
         )
         return first + self._later(self._logits(rest.last_hidden_state).log_softmax(-1), tokens, valid)
 
@@ -452,8 +458,10 @@ class VLMAdapter(ModelAdapter):
 
     def layers(self):
         if not self.prefix_reuse and not self.single_token:
-            raise MmdiagError("layers: with prefix_reuse=False each answer runs after its own copy of the prompt, so a layer sees K copies of a sample; "
-                              "load the model with prefix_reuse=True (the default) to read its layers")
+            raise MmdiagError(
+                "layers: with prefix_reuse=False each answer runs after its own copy of the prompt, so a layer sees K copies of a sample; "
+                "load the model with prefix_reuse=True (the default) to read its layers"
+            )
         model = self.module.model
         return {"vision": model.vision_tower, "projector": model.multi_modal_projector, **self.points}
 
@@ -555,7 +563,9 @@ def vlm_samples(
             raise MmdiagError(f"data.images: the processor cannot take image {i} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); give RGB images (PIL or H x W x 3 uint8)") from None
     pixels = torch.stack(pixels)
     if tuple(pixels.shape[1:]) != (3, adapter.image_size, adapter.image_size):
-        raise MmdiagError(f"data.images: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.image_size}, {adapter.image_size}); load the processor that belongs to this model")
+        raise MmdiagError(
+            f"data.images: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.image_size}, {adapter.image_size}); load the processor that belongs to this model"
+        )
     ids = adapter.prompt(questions, length)
     display = {"caption": questions}
     if adapter.open:

@@ -9,7 +9,8 @@ perturbed copy and a streamed row give the same units as the batch they came fro
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
