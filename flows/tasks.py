@@ -29,6 +29,7 @@ from mmdiag.pipeline.config import DataSpec, ModelSpec
 from mmdiag.pipeline.device import resolve_device
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.evaluate import accuracy, model_summary
+from mmdiag.pipeline.registry import extensions
 from mmdiag.pipeline.resolve import load_data, load_model, predict
 from mmdiag.pipeline.store import fingerprint_module
 from mmdiag.stages import Context, StageResult, extended, registry
@@ -48,6 +49,7 @@ def code_version(stage: str | None = None, packages: tuple[str, ...] = ()) -> st
     h = hashlib.sha256()
     for f in files:
         h.update(f.read_bytes())
+    h.update(extensions().encode())  # methods, rules, findings and sections registered by plugins
     return h.hexdigest()
 
 

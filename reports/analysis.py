@@ -107,7 +107,8 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     named = [(f"s{i}", s) for i, s in enumerate(found, 1)]
     notes: list[str] = []
     sets = findings.label_sets(ev, thresholds)
-    detected = findings.detect(summary, results, ev, found, thresholds, notes, sets)
+    seen = findings.Seen(summary, results, ev, found, thresholds, notes, sets, findings.cue_sets(ev, thresholds))
+    detected = suggest.detect(seen)
     flagged = label_issues.ranked(ev.probs, ev.labels, label_issues.find(ev.probs, ev.labels))
     refit = refitted(results, ev, seed)
     src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected,
@@ -117,8 +118,9 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     for c in cards:  # a cause that is a feature mmdiag found names it
         if c["rule"] and (c["rule"]["figures"] or {}).get("concept") in data.found:
             c["rule"]["feature"] = data.found[c["rule"]["figures"]["concept"]]
-    detected += findings.label_mistakes(ev, cards)
-    categories = {c: 0 for c in (*evidence.CATEGORIES, "undetermined")}
+    seen.cards = cards
+    detected += suggest.detect(seen, after_cards=True)
+    categories = {c: 0 for c in (*evidence.categories(), "undetermined")}
     for c in cards:
         categories[c["category"]] += 1
     records = []

@@ -40,10 +40,12 @@ A rule whose evidence is missing is skipped and the card says so; an error no ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmdiag.pipeline.registry import Registry
 from mmdiag.reports import reliance as rl
 from mmdiag.reports import samples as sp
 from mmdiag.reports.findings import Finding, encoding
@@ -51,10 +53,6 @@ from mmdiag.reports.slices import Slice
 from mmdiag.reports.thresholds import DEFAULT, Thresholds
 from mmdiag.stages import attribution as attr
 from mmdiag.stages.base import StageResult
-
-# the causes a card can be given; `representation` and `composition` rest on associations alone,
-# so they only ever name an undetermined card's `association_only` rule
-CATEGORIES = ("shortcut", "ignored_modality", "label", "perception", "interaction")
 
 
 @dataclass
@@ -278,8 +276,10 @@ def perception_evidence(src: Sources, row: int, at: int | None) -> dict | None:
 
 
 def _attribution_evidence(src: Sources, row: int, at: int) -> dict | None:
+    method = sp.card_method(src.results["unimodal"])
+    if method is None:
+        return None
     uni = src.results["unimodal"].arrays
-    method = next(m for m in sp.METHODS if f"attr.{m}.pred" in uni)
     if not (np.isfinite(uni[f"attr.{method}.pred"][at]).all() and np.isfinite(uni[f"attr.{method}.true"][at]).all()):
         return None
     out = {"method": method, "modalities": {}}
@@ -513,80 +513,113 @@ def composition_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     return top["share"] >= t.composition_push_share, {**top, "features": features, "threshold": t.composition_push_share}
 
 
-RULES = {
-    "shortcut": shortcut_rule,
-    "ignored_modality": ignored_rule,
-    "label": label_rule,
-    "perception": perception_rule,
-    "interaction": interaction_rule,
-    "representation": representation_rule,
-    "composition": composition_rule,
-}
-MISSING = {
-    "shortcut": "no shortcut finding",
-    "ignored_modality": "no ignored-modality finding",
-    "label": "no predicted probabilities",
-    "perception": "no intervention or unimodal evidence for this error",
-    "interaction": "no crossmodal evidence for this error",
-    "representation": "no representation evidence for this error",
-    "composition": "no composition evidence for this error",
-}
-
-
 def _f(x, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def sentence(name: str, g: dict) -> str:
-    """The fired rule's evidence in words, with the figures a reader can check on the card."""
-    if name == "shortcut":
-        if g["evidence"] == "counterfactual":
-            return f"Flipping {g['concept']} (label unchanged) makes this prediction {'right' if g['fixes'] else 'move'}: the true class gains {_f(g['towards_truth'])} logits over the predicted one."
-        if g["evidence"] == "intervention":
-            return (
-                f"The prediction is the class {g['concept']} points to ({g['points_to']}); removing {g['region']} ({g['units']} units) "
-                + ("makes it right" if g["fixes"] else "moves it towards the true class")
-                + f": the true class gains {_f(g['towards_truth'])} logits over the predicted one, against at most {_f(g['null_towards_truth_max'])} for as many random units."
-            )
-        return f"The prediction is the class {g['concept']} points to ({g['points_to']}), against the label; no removal applies to this sample, so following the shortcut is the evidence."
-    if name == "label":
-        stable = "" if g["null_kept"] is None else f"; {100 * g['null_kept']:.0f}% of the random removals keep it"
-        stable += "" if g["concepts_say"] is None else f"; the concepts that determine the label say {g['concepts_say']} too"
-        stable += "" if not g.get("refit") else f"; its nearest neighbours' labels say {g['refit']['neighbours_say']} too"
+# --- the fired rule's evidence in words, with the figures a reader can check on the card ---
+
+
+def shortcut_sentence(g: dict) -> str:
+    if g["evidence"] == "counterfactual":
+        return f"Flipping {g['concept']} (label unchanged) makes this prediction {'right' if g['fixes'] else 'move'}: the true class gains {_f(g['towards_truth'])} logits over the predicted one."
+    if g["evidence"] == "intervention":
         return (
-            f"Likely a label mistake ({g['rank']} of {g['of']} by confident learning): the model gives the label {100 * g['given_probability']:.0f}% "
-            f"and its answer, {g['likely']}, {100 * g['predicted_probability']:.0f}%{stable}; no intervention shows a model error. Review the label."
+            f"The prediction is the class {g['concept']} points to ({g['points_to']}); removing {g['region']} ({g['units']} units) "
+            + ("makes it right" if g["fixes"] else "moves it towards the true class")
+            + f": the true class gains {_f(g['towards_truth'])} logits over the predicted one, against at most {_f(g['null_towards_truth_max'])} for as many random units."
         )
-    if name == "ignored_modality":
-        return (
-            f"The model hardly uses {g['modality']} ({100 * g['share']:.0f}% of the modality-level logit change); "
-            f"removing it changes this logit by {_f(g['removal_logit_change'])} and not the prediction, though the sample needs it"
-        ) + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
-    if name == "perception":
-        if g.get("evidence") == "intervention":
-            parts = ", ".join(f"{e['region']} takes {_f(e['margin_drop'])} of the margin (random units: {_f(e['null_margin_drop_median'])})" for e in g["regions"])
-            return f"Removing the relevant regions of {g['modality']} moves this prediction no more than removing random units: {parts}."
-        return f"The {g['method']} attribution on the relevant regions of {g['modality']} ({', '.join(g['regions'])}) is {_f(g['enrichment'])}x their share of the units: no more than chance."
-    if name == "interaction":
-        if "modality_interaction" in g:
-            mi = g["modality_interaction"]
-            return f"The modalities hardly combine here: their exact interaction is {100 * mi['share']:.0f}% of what they change in the logit together."
-        return f"The needed unit pairs ({g['pair']}) carry {_f(g['enrichment'])}x their share of the mixed interaction: no more than chance."
-    if name == "representation":
-        return f"The decision layer reads {g['concept']} as {g['read']} where it is {g['value']} (probe selectivity {_f(g['selectivity'])})."
+    return f"The prediction is the class {g['concept']} points to ({g['points_to']}), against the label; no removal applies to this sample, so following the shortcut is the evidence."
+
+
+def label_sentence(g: dict) -> str:
+    stable = "" if g["null_kept"] is None else f"; {100 * g['null_kept']:.0f}% of the random removals keep it"
+    stable += "" if g["concepts_say"] is None else f"; the concepts that determine the label say {g['concepts_say']} too"
+    stable += "" if not g.get("refit") else f"; its nearest neighbours' labels say {g['refit']['neighbours_say']} too"
+    return (
+        f"Likely a label mistake ({g['rank']} of {g['of']} by confident learning): the model gives the label {100 * g['given_probability']:.0f}% "
+        f"and its answer, {g['likely']}, {100 * g['predicted_probability']:.0f}%{stable}; no intervention shows a model error. Review the label."
+    )
+
+
+def ignored_sentence(g: dict) -> str:
+    return (
+        f"The model hardly uses {g['modality']} ({100 * g['share']:.0f}% of the modality-level logit change); "
+        f"removing it changes this logit by {_f(g['removal_logit_change'])} and not the prediction, though the sample needs it"
+    ) + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
+
+
+def perception_sentence(g: dict) -> str:
+    if g.get("evidence") == "intervention":
+        parts = ", ".join(f"{e['region']} takes {_f(e['margin_drop'])} of the margin (random units: {_f(e['null_margin_drop_median'])})" for e in g["regions"])
+        return f"Removing the relevant regions of {g['modality']} moves this prediction no more than removing random units: {parts}."
+    return f"The {g['method']} attribution on the relevant regions of {g['modality']} ({', '.join(g['regions'])}) is {_f(g['enrichment'])}x their share of the units: no more than chance."
+
+
+def interaction_sentence(g: dict) -> str:
+    if "modality_interaction" in g:
+        mi = g["modality_interaction"]
+        return f"The modalities hardly combine here: their exact interaction is {100 * mi['share']:.0f}% of what they change in the logit together."
+    return f"The needed unit pairs ({g['pair']}) carry {_f(g['enrichment'])}x their share of the mixed interaction: no more than chance."
+
+
+def representation_sentence(g: dict) -> str:
+    return f"The decision layer reads {g['concept']} as {g['read']} where it is {g['value']} (probe selectivity {_f(g['selectivity'])})."
+
+
+def composition_sentence(g: dict) -> str:
     return f"Features of {g['concept']} give {100 * g['share']:.0f}% of the push towards the wrong class."
 
 
-def interventional(name: str, figures: dict) -> bool:
+# what a fired rule's figures say their evidence was, when it is only an association: attribution,
+# probes, the surrogate's weights, mixed gradients, and a label mistake confident learning alone flags
+ASSOCIATIONS = ("follows", "attribution", "confident learning")
+
+
+def by_intervention(figures: dict) -> bool:
     """Whether a fired rule rests on what the model did when something was removed or flipped:
-    the interventions, a counterfactual, removing a modality. Attribution, probes, the surrogate's
-    weights and mixed gradients are associations; so is a label mistake that confident learning
-    alone flags, where no null removal measured how the prediction stands."""
-    if name in ("representation", "composition"):
-        return False
-    if name == "interaction":
-        return "modality_interaction" in figures
-    return figures.get("evidence") not in ("follows", "attribution", "confident learning")
+    the interventions, a counterfactual, removing a modality."""
+    return figures.get("evidence") not in ASSOCIATIONS
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One per-error cause: `evidence` gathers what the card shows for it (None: nothing to
+    go on, and the card says `missing`), `test` decides from the card (fired, figures) or None
+    when its evidence is missing, `sentence` puts the fired figures in words, and
+    `interventional` says whether they rest on an intervention (only then may the rule be the
+    card's cause; an association is recorded as such). A rule whose evidence is always an
+    association (probes, the decision layer's push) has `interventional=None`: never a cause."""
+
+    name: str
+    evidence: Callable[[Sources, int, dict[str, int | None], Thresholds], dict | None]
+    test: Callable[[dict, Thresholds], tuple[bool, dict] | None]
+    missing: str
+    sentence: Callable[[dict], str]
+    interventional: Callable[[dict], bool] | None = by_intervention
+
+
+# the rules in the order they are tried: the first that fires on interventional evidence is the cause
+RULES: Registry[Rule] = Registry("per-error rule", "report rules")
+for _rule in (
+    Rule("shortcut", lambda src, row, at, t: shortcut_evidence(src, row), shortcut_rule, "no shortcut finding", shortcut_sentence),
+    Rule("ignored_modality", lambda src, row, at, t: ignored_evidence(src, row), ignored_rule, "no ignored-modality finding", ignored_sentence),
+    Rule("label", lambda src, row, at, t: label_evidence(src, row), label_rule, "no predicted probabilities", label_sentence),
+    Rule("perception", lambda src, row, at, t: perception_evidence(src, row, at["unimodal"]) if {"unimodal", "intervention"} & set(src.results) else None,
+         perception_rule, "no intervention or unimodal evidence for this error", perception_sentence),
+    Rule("interaction", lambda src, row, at, t: interaction_evidence(src, row, at["crossmodal"], at["unimodal"]), interaction_rule,
+         "no crossmodal evidence for this error", interaction_sentence, interventional=lambda figures: "modality_interaction" in figures),
+    Rule("representation", lambda src, row, at, t: representation_evidence(src, row, t) if "representation" in src.results else None,
+         representation_rule, "no representation evidence for this error", representation_sentence, interventional=None),
+    Rule("composition", lambda src, row, at, t: composition_evidence(src, row) if "composition" in src.results else None,
+         composition_rule, "no composition evidence for this error", composition_sentence, interventional=None),
+):
+    RULES.register(_rule)
+
+
+def categories() -> tuple[str, ...]:
+    """The causes a card can be given (every rule but those that rest on associations alone)."""
+    return tuple(r.name for r in RULES if r.interventional is not None)
 
 
 def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
@@ -597,17 +630,17 @@ def categorise(card: dict, t: Thresholds = DEFAULT) -> dict:
     marked `association_only`."""
     card["checked"], card["category"], card["rule"] = [], "undetermined", None
     associations = []
-    for name, rule in RULES.items():
-        verdict = rule(card, t)
+    for rule in RULES:
+        verdict = rule.test(card, t)
         if verdict is None:
-            card["checked"].append({"rule": name, "skipped": MISSING[name]})
+            card["checked"].append({"rule": rule.name, "skipped": rule.missing})
             continue
         fired, figures = verdict
-        card["checked"].append({"rule": name, "fired": fired, "figures": figures})
-        if fired and not interventional(name, figures):
-            associations.append({"name": name, "figures": figures, "sentence": f"Association only: {sentence(name, figures)}", "association_only": True})
+        card["checked"].append({"rule": rule.name, "fired": fired, "figures": figures})
+        if fired and not (rule.interventional and rule.interventional(figures)):
+            associations.append({"name": rule.name, "figures": figures, "sentence": f"Association only: {rule.sentence(figures)}", "association_only": True})
         elif fired:
-            card["category"], card["rule"] = name, {"name": name, "figures": figures, "sentence": sentence(name, figures)}
+            card["category"], card["rule"] = rule.name, {"name": rule.name, "figures": figures, "sentence": rule.sentence(figures)}
             break
     if card["rule"] is None and associations:
         card["rule"] = associations[0]
@@ -648,15 +681,8 @@ def card(src: Sources, row: int, at: dict[str, dict[int, int]], t: Thresholds = 
         "confidence": _r(ev.probs[row, ev.pred[row]]),
         "slices": [i for i, s in src.slices if s.mask[row]],
     }
-    found = {
-        "shortcut": shortcut_evidence(src, row),
-        "ignored_modality": ignored_evidence(src, row),
-        "label": label_evidence(src, row),
-        "perception": perception_evidence(src, row, at["unimodal"].get(sid)) if "unimodal" in src.results or "intervention" in src.results else None,
-        "interaction": interaction_evidence(src, row, at["crossmodal"].get(sid), at["unimodal"].get(sid)),
-        "representation": representation_evidence(src, row, t) if "representation" in src.results else None,
-        "composition": composition_evidence(src, row) if "composition" in src.results else None,
-    }
+    where = {stage: positions.get(sid) for stage, positions in at.items()}  # the sample's row in each stage's arrays
+    found = {rule.name: rule.evidence(src, row, where, t) for rule in RULES}
     out.update({k: v for k, v in found.items() if v is not None})
     return categorise(out, t)
 

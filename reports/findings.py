@@ -23,7 +23,7 @@ from mmdiag.stages.base import StageResult
 
 @dataclass
 class Finding:
-    rule: str  # shortcut | ignored_modality | missing_interaction | concept_not_encoded | label_noise
+    rule: str  # the name of its record in reports/suggest.FINDINGS (shortcut, ignored_modality, ...)
     subject: str  # the concept, region or modality it is about
     strength: float  # share of the samples at stake, in [0, 1]
     figures: dict = field(default_factory=dict)
@@ -526,26 +526,20 @@ def label_mistakes(ev: Evaluated, cards: list[dict]) -> list[Finding]:
     return [Finding("label_noise", "labels", len(mine) / len(ev.labels), figures, {"kind": "review_labels", "file": "label_issues.csv", "ids": [c["id"] for c in mine]})]
 
 
-def detect(
-    summary: dict,
-    results: dict[str, StageResult],
-    ev: Evaluated,
-    found: list[sl.Slice],
-    t: Thresholds = DEFAULT,
-    notes: list[str] | None = None,
-    sets: list[tuple[str, ...]] | None = None,
-    cues: list[tuple[str, ...]] | None = None,
-) -> list[Finding]:
-    """Every finding; `notes` collects one line for each rule that lacked a link it needed;
-    `sets`, `cues`: the label-determining concept sets (label_sets, cue_sets), computed here
-    when not given."""
-    notes = [] if notes is None else notes
-    sets = label_sets(ev, t) if sets is None else sets
-    cues = cue_sets(ev, t) if cues is None else cues
-    cuts = shortcuts(summary, results, ev, t, notes, sets, cues)
-    return [
-        *cuts,
-        *ignored_modalities(summary, ev, t, notes, sets, cues),
-        *missing_interaction(summary, results, ev, t),
-        *concepts_not_encoded(summary, ev, found, {f.subject for f in cuts}, t),
-    ]
+@dataclass
+class Seen:
+    """What a finding's detector reads: the stage summaries and results, the analysed samples,
+    the error slices, the thresholds, the label-determining concept sets (label_sets, cue_sets),
+    the findings detected before it, and (for detectors that run after them) the error cards.
+    `notes` collects one line for each rule that lacked a link it needed."""
+
+    summary: dict
+    results: dict[str, StageResult]
+    ev: Evaluated
+    slices: list[sl.Slice]
+    t: Thresholds = DEFAULT
+    notes: list[str] = field(default_factory=list)
+    sets: list[tuple[str, ...]] = field(default_factory=list)
+    cues: list[tuple[str, ...]] = field(default_factory=list)
+    found: list[Finding] = field(default_factory=list)
+    cards: list[dict] | None = None

@@ -122,7 +122,7 @@ def attribution(results: dict[str, StageResult], ev: sp.Evaluated, regions: list
     uni = results.get("unimodal")
     if uni is None or not regions:
         return None
-    method = next((m for m in sp.METHODS if f"attr.{m}.pred" in uni.arrays), None)
+    method = sp.card_method(uni)
     if method is None:
         return None
     spans = sp.spans(ev.data, results)

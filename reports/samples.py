@@ -14,10 +14,16 @@ import numpy as np
 
 from mmdiag.pipeline.data import SampleSet
 from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import methods
 from mmdiag.stages.base import StageResult
 
-# attribution method read for cards and heatmaps, best first (stage 1 may run any subset)
-METHODS = ("shapley", "integrated_gradients", "occlusion", "grad_x_input", "iba", "m2ib")
+
+def card_method(unimodal: StageResult | None) -> str | None:
+    """The attribution method whose maps cards and heatmaps read: the best-ranked registered
+    method (stages/methods.py, `cards`) that stage 1 ran."""
+    if unimodal is None:
+        return None
+    return methods.for_cards(lambda name: f"attr.{name}.pred" in unimodal.arrays)
 
 
 @dataclass

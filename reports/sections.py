@@ -62,7 +62,7 @@ def _region_modality(ev: sp.Evaluated, key: str) -> str | None:
 def mean_maps(results: dict[str, StageResult], ev: sp.Evaluated) -> list[dict]:
     """Where the attribution falls on average, per image modality (each map normalised first)."""
     uni = results.get("unimodal")
-    method = next((m for m in sp.METHODS if uni is not None and f"attr.{m}.pred" in uni.arrays), None)
+    method = sp.card_method(uni)
     if method is None:
         return []
     out = []

@@ -14,6 +14,11 @@ priority is scaled by `additive_shortcut_discount`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmdiag.pipeline.registry import Registry
+from mmdiag.reports import findings as fd
 from mmdiag.reports.findings import Finding
 from mmdiag.reports.thresholds import DEFAULT, Thresholds
 
@@ -200,7 +205,40 @@ def label_noise(f: Finding) -> dict:
     }
 
 
-WRITERS = {"label_noise": label_noise, "shortcut": shortcut, "ignored_modality": ignored_modality, "missing_interaction": missing_interaction, "concept_not_encoded": concept_not_encoded}
+@dataclass(frozen=True)
+class FindingRule:
+    """One kind of finding: `detect` reads what the stages found (findings.Seen) and returns its
+    findings (each with the figures it used and its strength); `write` turns one into a
+    suggestion's title, evidence and change. Detectors run in registration order, each seeing
+    the findings before it; those with `after_cards` run once the error cards are categorised."""
+
+    name: str
+    detect: Callable[[fd.Seen], list[Finding]]
+    write: Callable[[Finding], dict]
+    after_cards: bool = False
+
+
+FINDINGS: Registry[FindingRule] = Registry("finding rule", "report findings")
+for _rule in (
+    FindingRule("shortcut", lambda s: fd.shortcuts(s.summary, s.results, s.ev, s.t, s.notes, s.sets, s.cues), shortcut),
+    FindingRule("ignored_modality", lambda s: fd.ignored_modalities(s.summary, s.ev, s.t, s.notes, s.sets, s.cues), ignored_modality),
+    FindingRule("missing_interaction", lambda s: fd.missing_interaction(s.summary, s.results, s.ev, s.t), missing_interaction),
+    FindingRule("concept_not_encoded", lambda s: fd.concepts_not_encoded(s.summary, s.ev, s.slices, {f.subject for f in s.found if f.rule == "shortcut"}, s.t), concept_not_encoded),
+    FindingRule("label_noise", lambda s: fd.label_mistakes(s.ev, s.cards), label_noise, after_cards=True),
+):
+    FINDINGS.register(_rule)
+
+
+def detect(seen: fd.Seen, after_cards: bool = False) -> list[Finding]:
+    """The findings of every registered rule of this phase (before or after the cards), added
+    to `seen.found` as they come."""
+    new = []
+    for rule in FINDINGS:
+        if rule.after_cards == after_cards:
+            got = rule.detect(seen)
+            seen.found += got
+            new += got
+    return new
 
 
 def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> float:
@@ -223,7 +261,7 @@ def suggestions(findings: list[Finding], t: Thresholds = DEFAULT) -> list[dict]:
     """One suggestion per finding, highest priority first."""
     out = []
     for f in findings:
-        text = WRITERS[f.rule](f)
+        text = FINDINGS.get(f.rule).write(f)
         text["evidence"] = [e for e in text["evidence"] if e["value"] is not None]
         out.append({"id": f"{f.rule}:{f.subject}", "rule": f.rule, "subject": f.subject, **text, "action": f.action, "figures": f.figures, "priority": priority(f, findings, t)})
     out.sort(key=lambda s: -s["priority"])

@@ -46,11 +46,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -59,7 +58,7 @@ from mmdiag.pipeline.data import SampleSet
 from mmdiag.pipeline.device import fit_batch
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
-from mmdiag.stages import unimodal
+from mmdiag.stages import methods
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 
 FIELD = "stages.representation"
@@ -76,7 +75,15 @@ class RepresentationConfig(StageConfig):
     max_width: int = Field(default=256, gt=0)
     feature: int | None = Field(default=None, ge=0)
     # IBA needs a class to score: a single feature has none
-    local_method: Literal["grad_x_input", "integrated_gradients", "occlusion", "shapley"] | None = "integrated_gradients"
+    local_method: str | None = "integrated_gradients"
+
+    @field_validator("local_method")
+    @classmethod
+    def _local(cls, name: str | None) -> str | None:
+        local = [m for m in methods.names() if methods.get(m).local]
+        if name is not None and name not in local:
+            raise ValueError(f"{name!r} is not a method the local view can run; choose one of: {', '.join(local)}")
+        return name
 
 
 def reduce(x: Tensor, max_width: int) -> Tensor:
@@ -291,7 +298,7 @@ def local_view(ctx: Context, config: RepresentationConfig, feature: int, rows: T
     with torch.no_grad():
         encoded = {m: t.detach() for m, t in target.encode(inputs).items()}
     game = attr.Game(target, encoded, target.units(inputs, encoded), torch.zeros(len(rows), dtype=torch.long, device=ctx.device))
-    scores, _ = unimodal.attribute(config.local_method, game, unimodal.UnimodalConfig(), None, torch.Generator().manual_seed(ctx.seed))
+    scores, _ = methods.attribute(config.local_method, game, generator=torch.Generator().manual_seed(ctx.seed))
     return scores.detach().cpu(), game.present.cpu(), game.sizes
 
 
@@ -408,5 +415,5 @@ STAGE = Stage(
     RepresentationConfig,
     reads=(),
     writes=("representation.probes.<concept>.<layer>", "representation.features", "representation.unassigned_share"),
-    modules=("mmdiag.stages.representation", "mmdiag.stages.unimodal", "mmdiag.stages.attribution"),
+    modules=("mmdiag.stages.representation", "mmdiag.stages.unimodal", "mmdiag.stages.methods", "mmdiag.stages.attribution"),
 )

@@ -12,25 +12,28 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field, model_validator
 
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
-from mmdiag.stages import captum_methods as cm
+from mmdiag.stages import methods as registered
 from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
+from mmdiag.stages.methods import Call
 
-Method = Literal[
-    "grad_x_input", "integrated_gradients", "occlusion", "shapley", "shapley_kernel", "iba", "m2ib",
-    "lime", "kernel_shap", "deeplift", "deeplift_shap", "lrp", "grad_cam", "smoothgrad",
-]
+
+def _registered(name: str) -> str:
+    if name not in registered.METHODS:
+        raise ValueError(f"unknown method {name!r}; the methods are: {', '.join(registered.names())} (or register your own: docs, Extending)")
+    return name
 
 
 class UnimodalConfig(StageConfig):
-    methods: list[Method] = Field(default=["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"], min_length=1)
+    methods: list[Annotated[str, AfterValidator(_registered)]] = Field(default=["grad_x_input", "integrated_gradients", "occlusion", "shapley", "iba"], min_length=1)  # registered: stages/methods.py
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # {method: its own settings} for registered methods that declare some
     n_correct: int = Field(default=50, ge=0)  # correct predictions explained beside the errors
     max_errors: int | None = Field(default=120, gt=0)  # a random subset when there are more errors (every error gets interventions)
     batch_size: int = Field(default=64, gt=0)  # samples attributed together
@@ -52,10 +55,20 @@ class UnimodalConfig(StageConfig):
     curve_points: int = Field(default=10, gt=1)  # deletion / insertion curve resolution
     sanity_samples: int = Field(default=32, ge=0)  # 0 skips the weight-randomisation check
 
+    @model_validator(mode="after")
+    def _options(self) -> UnimodalConfig:
+        for name in self.options:
+            registered.own_settings(name, self.options)
+        return self
 
-# estimators that score several target classes from one set of coalitions (Shapley values are
-# linear in the game): the true class of an error costs them no model evaluation
-SHARED_TARGETS = ("shapley", "shapley_kernel")
+
+def check(ctx: Context, config: UnimodalConfig) -> None:
+    """What each chosen method needs of the model (M2IB: a shared embedding space)."""
+    for name in config.methods:
+        method = registered.get(name)
+        complaint = method.check(ctx.adapter, config) if method.check else None
+        if complaint:
+            raise MmdiagError(complaint)
 
 
 def select(ctx: Context, config: UnimodalConfig) -> torch.Tensor:
@@ -138,65 +151,6 @@ class _Gathered:
         return key in self.parts
 
 
-def attribute(method: str, game: attr.Game, config: UnimodalConfig, stats, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scores (B, F), completeness residual sum(scores) - (f(x) - f(baseline)) or None)."""
-    if method == "grad_x_input":
-        return attr.grad_x_input(game), None
-    if method == "integrated_gradients":
-        return attr.integrated_gradients(game, config.ig_steps)
-    if method == "occlusion":
-        return attr.occlusion(game), None
-    if method in ("shapley", "shapley_kernel"):
-        estimate = attr.shapley_sampling if method == "shapley" else attr.kernel_shapley
-        scores = estimate(game, config.shapley_pairs, generator)
-        return scores, scores.sum(1) - _gap(game)
-    if method in ("lime", "kernel_shap"):
-        scores = cm.surrogate(game, method, config.surrogate_samples, config.shapley_pairs)
-        return scores, (scores.sum(1) - _gap(game)) if method == "kernel_shap" else None
-    if method == "deeplift":
-        return cm.deeplift(game)
-    if method == "deeplift_shap":
-        return cm.deeplift_shap(game, config.deeplift_references, generator), None
-    if method == "lrp":
-        return cm.lrp(game), None
-    if method == "grad_cam":
-        name = config.gradcam_layer or _image_layer(game)
-        layers = game.adapter.layers()
-        if name not in layers:
-            raise MmdiagError(f"stages.unimodal.gradcam_layer: the model has no layer {name!r}; it has {', '.join(layers) or 'none'}")
-        return cm.grad_cam(game, layers[name], name), None
-    if method == "smoothgrad":
-        return cm.smoothgrad(game, config.smoothgrad_samples, config.smoothgrad_noise), None
-    if method == "iba":
-        iba = attr.IBAConfig(beta=config.iba_beta, steps=config.iba_steps, copies=config.iba_copies)
-        return torch.cat([attr.iba(game, m, stats, iba, generator) for m in game.modalities], dim=1), None
-    m2ib = attr.IBAConfig(beta=config.m2ib_beta, steps=config.iba_steps, copies=config.iba_copies, smooth=0.0)
-    if config.m2ib_layers is not None:
-        from mmdiag.stages.m2ib_layer import m2ib_layer
-
-        layers = getattr(game.adapter, "m2ib_layers", None) if config.m2ib_layers == "auto" else config.m2ib_layers
-        if layers is None:
-            raise MmdiagError("stages.unimodal.m2ib_layers: this model's adapter names no default M2IB layers; give {modality: layer} or leave it unset")
-        return torch.cat([m2ib_layer(game, m, layers[m], m2ib, generator) if m in layers else attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
-    return torch.cat([attr.m2ib(game, m, stats, m2ib, generator) for m in game.modalities], dim=1), None
-
-
-def _image_layer(game: attr.Game) -> str:
-    """The last of the adapter's named layers whose output is an image map (B, C, h, w)."""
-    with game.adapter.reading(list(game.adapter.layers())) as seen, torch.no_grad():
-        game.adapter.forward({m: t[:1] for m, t in game.encoded.items()})
-    maps = [name for name in game.adapter.layers() if name in seen and seen[name].dim() == 4]
-    if not maps:
-        raise MmdiagError("stages.unimodal.gradcam_layer: none of the model's named layers gives an image map (B, C, h, w); name one in the adapter's layers")
-    return maps[-1]
-
-
-def _gap(game: attr.Game) -> torch.Tensor:
-    """f(all units) - f(no units), per sample."""
-    ends = game.value(torch.stack([torch.zeros_like(game.present), torch.ones_like(game.present)], 1))
-    return ends[:, 1] - ends[:, 0]
-
-
 def _batches(ctx: Context, data, batch_size: int, adapter):
     for rows, inputs in data.batches(batch_size, ctx.device):
         with torch.no_grad():
@@ -221,10 +175,11 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
     if unknown:
         raise MmdiagError(f"data.truth: modality {unknown[0]!r} is not one of the model's ({', '.join(adapter.modalities)}); rename or drop those masks")
     regions = [(m, r) for m, rs in data.truth.items() for r in rs]
-    if "m2ib" in config.methods and not adapter.has_shared_space:
-        raise MmdiagError("stages.unimodal.methods: m2ib needs a model with a shared embedding space (e.g. CLIP); remove it for this model")
-    stats = _stats(ctx, data, adapter) if {"iba", "m2ib"} & set(config.methods) else None
+    check(ctx, config)
+    chosen = {name: registered.get(name) for name in config.methods}
+    stats = _stats(ctx, data, adapter) if any(m.needs_stats for m in chosen.values()) else None
     generator = torch.Generator().manual_seed(ctx.seed)  # deeplift_shap's choice of references alone
+    call = {name: Call(config, generator, stats, registered.own_settings(name, config.options)) for name in chosen}
     got, cost = _Gathered(), {meth: {"seconds": 0.0, "passes": 0} for meth in config.methods}
     n_batches = -(-len(data) // config.batch_size)
     steps = n_batches * len(config.methods) + bool(config.sanity_samples)  # the sanity check: one more
@@ -241,14 +196,17 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
         for meth in config.methods:
             beat.step(f"{meth}, batch {b + 1}/{n_batches}", (b * len(config.methods) + config.methods.index(meth)) / steps)
             start, before = time.perf_counter(), game.passes + towards_truth.passes + both.passes
-            if meth in SHARED_TARGETS:
-                scores, residual = attribute(meth, both, config, stats, generator)
-                (scores, true_scores), residual = scores.unbind(-1), residual[:, 0]
+            method = chosen[meth]
+            if method.shared_targets:
+                scores, residual = method.attribute(both, call[meth])
+                (scores, true_scores), residual = scores.unbind(-1), residual[:, 0] if residual is not None else None
             else:
-                scores, residual = attribute(meth, game, config, stats, generator)
+                scores, residual = method.attribute(game, call[meth])
                 true_scores = scores.clone()
                 if wrong.any():
-                    true_scores[wrong] = attribute(meth, towards_truth, config, stats, generator)[0]
+                    true_scores[wrong] = method.attribute(towards_truth, call[meth])[0]
+            if method.complete and residual is None:
+                raise MmdiagError(f"stages.unimodal.methods: the method {meth!r} is registered as complete but returned no completeness residual")
             cost[meth]["seconds"] += time.perf_counter() - start
             cost[meth]["passes"] += game.passes + towards_truth.passes + both.passes - before
             got.add(("map", meth, "pred"), scores)
@@ -260,7 +218,7 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
                 got.add(("residual", meth), residual)
             ctx.progress(f"{meth}, batch {b + 1}/{n_batches}", (b * len(config.methods) + config.methods.index(meth) + 1) / steps)
         got.add("present", game.present)
-        got.add("gap", _gap(game))
+        got.add("gap", registered.gap(game))
         phi, interaction, pairs = modality_games(game)
         got.add("modality_phi", phi)
         got.add("interaction", interaction)
@@ -295,13 +253,14 @@ def _sanity(ctx, config, data, pred, got, beat: Heartbeat) -> dict[str, float]:
     model learnt."""
     random = _randomised(ctx.adapter, ctx.seed)
     subset = data.subset(torch.arange(min(config.sanity_samples, len(data))))
-    stats = _stats(ctx, subset, random) if {"iba", "m2ib"} & set(config.methods) else None
+    stats = _stats(ctx, subset, random) if any(registered.get(m).needs_stats for m in config.methods) else None
     generator = torch.Generator().manual_seed(ctx.seed + 1)  # deeplift_shap's choice of references alone
+    call = {m: Call(config, generator, stats, registered.own_settings(m, config.options)) for m in config.methods}
     corr = {meth: [] for meth in config.methods}
     for batch, encoded, units in _batches(ctx, subset, config.batch_size, random):
         game = attr.Game(random, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=attr.Draws.seeded(ctx.seed, subset.ids[batch], salt=1), tick=beat)
         for meth in config.methods:
-            scores, _ = attribute(meth, game, config, stats, generator)
+            scores, _ = registered.get(meth).attribute(game, call[meth])
             original = got[("map", meth, "pred")][batch]
             corr[meth].append(_spearman(original, scores.cpu(), game.present.cpu()))
     return {meth: round(float(torch.cat(c).nanmean()), 4) for meth, c in corr.items()}
@@ -395,5 +354,6 @@ STAGE = Stage(
     run,
     UnimodalConfig,
     writes=("unimodal.modality_share", "unimodal.modality_ablation", "unimodal.methods.<method>"),
-    modules=("mmdiag.stages.unimodal", "mmdiag.stages.attribution", "mmdiag.stages.captum_methods", "mmdiag.stages.m2ib_layer"),
+    check=check,
+    modules=("mmdiag.stages.unimodal", "mmdiag.stages.methods", "mmdiag.stages.attribution", "mmdiag.stages.captum_methods", "mmdiag.stages.m2ib_layer"),
 )

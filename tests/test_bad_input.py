@@ -99,7 +99,7 @@ CONFIGS = {
     "unknown stage": (stage("{unimodel: {}}"), "stages.unimodel: unknown stage"),
     "stage settings not a mapping": (stage("{unimodal: 3}"), "stages.unimodal: must be a mapping"),
     "unimodal typo": (stage("{unimodal: {n_corect: 3}}"), "stages.unimodal.n_corect: unknown key"),
-    "unknown method": (stage("{unimodal: {methods: [magic]}}"), "stages.unimodal.methods.0: must be"),
+    "unknown method": (stage("{unimodal: {methods: [magic]}}"), "stages.unimodal.methods.0: unknown method 'magic'; the methods are: grad_x_input"),
     "methods not a list": (stage("{unimodal: {methods: shapley}}"), "stages.unimodal.methods: must be a list"),
     "methods empty": (stage("{unimodal: {methods: []}}"), "stages.unimodal.methods"),
     "ig_steps 1e9": (stage("{unimodal: {ig_steps: 1e9}}"), "stages.unimodal.ig_steps: must be a whole number"),

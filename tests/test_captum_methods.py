@@ -11,7 +11,8 @@ from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.units import FeatureGroups, PatchGrid, Tokens
 from mmdiag.stages import attribution as attr
 from mmdiag.stages import captum_methods as cm
-from mmdiag.stages.unimodal import UnimodalConfig, attribute
+from mmdiag.stages.methods import attribute
+from mmdiag.stages.unimodal import UnimodalConfig
 
 from ranges import holds
 

@@ -95,7 +95,7 @@ def test_every_error_has_a_categorised_card_and_the_analysis_is_json(clean):
     assert len(cards) == analysis["errors"]["n"] == sum(counts.values())
     for card in cards:
         assert card["category"] in counts
-        assert [c["rule"] for c in card["checked"]][: len(card["checked"])] == list(evidence.RULES)[: len(card["checked"])]
+        assert [c["rule"] for c in card["checked"]][: len(card["checked"])] == evidence.RULES.names()[: len(card["checked"])]
         if card["category"] != "undetermined":
             assert card["rule"]["name"] == card["category"] and card["rule"]["sentence"]
     json.dumps(analysis, allow_nan=False)
@@ -153,7 +153,7 @@ def test_category_rules_fire_in_pipeline_order_and_only_on_interventions(parts, 
     if card["rule"] and card["rule"].get("association_only"):
         assert card["rule"]["sentence"].startswith("Association only: ")
     skipped = [c["rule"] for c in card["checked"] if "skipped" in c]
-    assert set(skipped) == {r for r in evidence.RULES if r not in parts} & {c["rule"] for c in card["checked"]}
+    assert set(skipped) == {r for r in evidence.RULES.names() if r not in parts} & {c["rule"] for c in card["checked"]}
 
 
 def test_category_rule_records_its_figures_and_threshold():
@@ -189,7 +189,7 @@ def test_a_sample_stage_1_skipped_has_no_perception_evidence():
     # with the earlier causes set aside, the perception rule is reached and skipped, not failed
     rest = evidence.categorise({k: v for k, v in card.items() if k not in ("shortcut", "ignored_modality", "label")})
     perception = next(c for c in rest["checked"] if c["rule"] == "perception")
-    assert perception == {"rule": "perception", "skipped": evidence.MISSING["perception"]}
+    assert perception == {"rule": "perception", "skipped": evidence.RULES.get("perception").missing}
     json.dumps(analysis, allow_nan=False)
 
 

@@ -37,7 +37,8 @@ def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_s
 
     from mmdiag.pipeline.errors import MmdiagError
     from mmdiag.stages import attribution as attr
-    from mmdiag.stages.unimodal import UnimodalConfig, attribute
+    from mmdiag.stages.methods import attribute
+    from mmdiag.stages.unimodal import UnimodalConfig
 
     encoded, units, target = samples
     n = len(target)

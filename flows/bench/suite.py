@@ -69,7 +69,8 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     import torch
 
     from mmdiag.stages import attribution as attr
-    from mmdiag.stages.unimodal import UnimodalConfig, attribute
+    from mmdiag.stages.methods import attribute
+    from mmdiag.stages.unimodal import UnimodalConfig
 
     rows = []
 
