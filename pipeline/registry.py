@@ -28,8 +28,16 @@ class Registry(Generic[T]):
         self._records: dict[str, T] = {}
         _ALL.append(self)
 
-    def register(self, record: T) -> T:
-        self._records[record.name] = record
+    def register(self, record: T, before: str | None = None) -> T:
+        """Add `record` last, or just ahead of the record named `before`."""
+        self._records.pop(record.name, None)
+        if before is None:
+            self._records[record.name] = record
+            return record
+        self.get(before)
+        items = list(self._records.items())
+        at = next(i for i, (name, _) in enumerate(items) if name == before)
+        self._records = dict([*items[:at], (record.name, record), *items[at:]])
         return record
 
     def get(self, name: str) -> T:

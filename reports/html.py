@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 from markupsafe import Markup
 
 from mmdiag.pipeline.data import SampleSet
@@ -24,14 +24,6 @@ from mmdiag.reports.samples import evaluated
 from mmdiag.stages.base import StageResult
 
 TEMPLATES = Path(__file__).parent / "templates"
-STAGE_TITLES = {
-    "discovery": "Discovery",
-    "unimodal": "Unimodal importance",
-    "crossmodal": "Cross-modal interaction",
-    "representation": "Representation probing",
-    "composition": "Prediction composition",
-    "intervention": "Interventions",
-}
 
 
 def _pct(x, digits: int = 1) -> str:
@@ -49,7 +41,6 @@ def _num(x, digits: int = 3) -> str:
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(pct=_pct, num=_num, pretty=lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str))
-    env.globals["stage_titles"] = STAGE_TITLES
     return env
 
 
@@ -91,10 +82,22 @@ def provenance_view(summary: dict, provenance: dict) -> dict:
     }
 
 
+def fragments(built: dict[str, dict]) -> list[tuple[str, str, Template]]:
+    """(name, title, template) of each section built, in the registry's order."""
+    out = []
+    for section in sections.SECTIONS:
+        if section.name in built:
+            t = section.template
+            template = ENV.get_template(t) if isinstance(t, str) else ENV.from_string(Path(t).read_text())
+            out.append((section.name, section.title, template))
+    return out
+
+
 def render(summary: dict, results: dict[str, StageResult], data: SampleSet, analysis: dict, provenance: dict) -> str:
     """The report of one run, as one self-contained HTML page."""
     ev = evaluated(results, data)
     items = gallery.items(analysis, results, ev)
+    built = sections.stages(summary, results, ev)
     return _page(
         "report.html.j2",
         title=f"mmdiag report: {(summary.get('run') or {}).get('name', '')}",
@@ -102,7 +105,8 @@ def render(summary: dict, results: dict[str, StageResult], data: SampleSet, anal
         model=summary.get("model") or {},
         headline=headline(summary, analysis),
         suggestions=analysis["suggestions"],
-        sections=sections.stages(summary, results, ev),
+        sections=built,
+        fragments=fragments(built),
         errors=sections.errors(analysis),
         gallery=items,
         gallery_total=len(analysis["errors"]["cards"]),

@@ -3,8 +3,13 @@ arrays. A stage that did not run has no section."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
+from mmdiag.pipeline.registry import Registry
 from mmdiag.reports import figures, graphs
 from mmdiag.reports import samples as sp
 from mmdiag.stages.base import StageResult
@@ -182,16 +187,31 @@ def modality_reliance(summary: dict) -> dict[str, float]:
     return {m: v["share"] for m, v in ablation.items() if isinstance(v, dict) and v.get("share") is not None}
 
 
-BUILDERS = {
-    "discovery": lambda summary, results, ev: discovery(summary, ev),
-    "unimodal": lambda summary, results, ev: unimodal(summary, results, ev),
-    "crossmodal": lambda summary, results, ev: crossmodal(summary, results),
-    "representation": lambda summary, results, ev: representation(summary),
-    "composition": lambda summary, results, ev: composition(summary),
-    "intervention": lambda summary, results, ev: intervention(summary),
-}
+@dataclass(frozen=True)
+class Section:
+    """A stage's part of the report: `build(summary, results, ev)` makes what the fragment shows
+    (it sees the result as `section`, the title as `title`); `template` is a file under
+    reports/templates, or a path of the plugin's own. Sections appear in registration order,
+    each only when its stage ran."""
+
+    name: str  # the stage whose result it shows (and the section's anchor)
+    title: str
+    build: Callable[[dict, dict[str, StageResult], sp.Evaluated], dict]
+    template: str | Path
+
+
+SECTIONS: Registry[Section] = Registry("report section", "report sections")
+for _section in (
+    Section("discovery", "Discovery", lambda summary, results, ev: discovery(summary, ev), "sections/discovery.html.j2"),
+    Section("unimodal", "Unimodal importance", unimodal, "sections/unimodal.html.j2"),
+    Section("crossmodal", "Cross-modal interaction", lambda summary, results, ev: crossmodal(summary, results), "sections/crossmodal.html.j2"),
+    Section("representation", "Representation probing", lambda summary, results, ev: representation(summary), "sections/representation.html.j2"),
+    Section("composition", "Prediction composition", lambda summary, results, ev: composition(summary), "sections/composition.html.j2"),
+    Section("intervention", "Interventions", lambda summary, results, ev: intervention(summary), "sections/intervention.html.j2"),
+):
+    SECTIONS.register(_section)
 
 
 def stages(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict[str, dict]:
-    """The section of every stage that ran."""
-    return {name: build(summary, results, ev) for name, build in BUILDERS.items() if name in results and summary.get(name) is not None}
+    """What the section of every stage that ran shows."""
+    return {s.name: s.build(summary, results, ev) for s in SECTIONS if s.name in results and summary.get(s.name) is not None}

@@ -56,9 +56,71 @@ def test_registered_code_is_part_of_the_cache_keys():
     ({"magic": {}}, "stages.unimodal.options: 'magic' is not a registered attribution method"),
 ])
 def test_a_methods_own_settings_are_checked(options, message):
-    import toy_method  # noqa: F401
-
     from mmdiag.stages.unimodal import UnimodalConfig
+
+    import toy_method  # noqa: F401
 
     with pytest.raises(mmdiag.MmdiagError, match=message.replace(".", r"\.").replace("(", r"\(")):
         UnimodalConfig(options=options)
+
+
+SECTION = '''
+from pathlib import Path
+
+from mmdiag.reports import sections
+
+sections.SECTIONS.register(sections.Section(
+    "third", "Doubling", lambda summary, results, ev: {"doubled": summary["third"]["doubled"], "margins": len(results["first"].arrays["margin"])},
+    Path(__file__).with_name("third.html.j2")))
+'''
+
+
+def test_a_plugin_stage_contributes_a_report_section(toy, tmp_path, monkeypatch):
+    from mmdiag.flows.cli import main
+    from mmdiag.reports import sections
+
+    cfg, run, _ = toy
+    monkeypatch.setattr(sections, "SECTIONS", sections.Registry("report section", "report sections"))  # this test's registrations stay in it
+    (tmp_path / "toy_section.py").write_text(SECTION)
+    (tmp_path / "third.html.j2").write_text('<section id="{{ name }}"><h2>{{ title }}</h2><p>doubled: {{ section.doubled|num }} over {{ section.margins }} margins</p></section>\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg.write_text(cfg.read_text().replace("plugins: [toy_stages]", "plugins: [toy_stages, toy_section]"))
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    html, summary = (run / "report.html").read_text(), json.loads((run / "summary.json").read_text())
+    assert '<a href="#third">Doubling</a>' in html  # in the navigation
+    assert f'<section id="third"><h2>Doubling</h2><p>doubled: {summary["third"]["doubled"]:.3f} over 300 margins</p></section>' in html
+
+
+def test_the_documented_rule_and_finding_reach_the_cards_and_the_suggestions(tmp_path, cache, monkeypatch):
+    import importlib
+    import re
+    from pathlib import Path
+
+    from mmdiag.reports import evidence, suggest
+
+    doc = (Path(__file__).parent.parent / "docs" / "extending.md").read_text()
+    source = (Path(__file__).parent / "toy_rules.py").read_text()
+    examples = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "RULES.register" in b or "FINDINGS.register" in b]
+    assert len(examples) == 2 and all(b in source for b in examples)  # what the page shows is what runs here
+    for registry in (evidence.RULES, suggest.FINDINGS):  # this test's registrations stay in it
+        monkeypatch.setattr(registry, "_records", dict(registry._records))
+    import toy_rules
+
+    importlib.reload(toy_rules)
+    d = mmdiag.diagnose({"factory": "toy_rules:overconfident_model"}, {"name": "shapes", "split": "ood", "n": 200},
+                        stages=frozen_run.STAGES, out=tmp_path / "runs", cache=tmp_path / "cache")
+    assert d.errors
+    checked = 0
+    for card in d.errors:  # the rules are tried until one is the cause
+        order = [c["rule"] for c in card["checked"]]
+        if "perception" in order:  # in its place, just ahead of perception
+            assert order.index("low_margin") + 1 == order.index("perception")
+        for mine in (c for c in card["checked"] if c["rule"] == "low_margin"):
+            assert mine["fired"] == (mine["figures"]["margin"] < 0.05) and card["category"] != "low_margin"  # an association: never the cause
+            checked += 1
+    assert checked
+    # the errors are made with near certainty: the calibration finding fires, with its own figures
+    found = next(s for s in d.suggestions if s["rule"] == "overconfident")
+    sure = d.summary["model"]["n_errors"] / d.summary["model"]["n"]
+    assert found["title"] == "Calibrate the model" and found["figures"]["error_rate"] > found["figures"]["expected"]
+    assert abs(found["figures"]["error_rate"] - sure) < 0.05  # nearly every prediction is a confident one
