@@ -18,12 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
+from mmdiag.flows import summary as summary_types
 from mmdiag.flows.hosting.server import TemporaryServer
 from mmdiag.flows.hosting.settings import configure, quiet_user_errors
 from mmdiag.flows.hosting.watchdog import watch_this_process
-from mmdiag.pipeline.config import DiagConfig, ModelSpec, field_error
+from mmdiag.flows.plan import RunPlan, resolve
+from mmdiag.pipeline.config import DiagConfig, ModelSpec
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.paths import writable
 from mmdiag.pipeline.store import SUMMARY_SCHEMA, cache_root, clean_stale, new_run, write_text
@@ -44,33 +44,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-MAX_SETTING = 10_000_000  # a stage's counts (steps, samples, pairs...): beyond it a run would never end
-
-
-def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
-    """Every registered stage's settings, validated by its own config class."""
-    known = {s.name: s for s in registry.stages()}
-    for name in config.stages:
-        if name not in known:
-            raise MmdiagError(f"stages.{name}: unknown stage; the stages are: {', '.join(known) or 'none registered yet'}")
-    out = {}
-    for name, stage in known.items():
-        given = config.stages.get(name, {})
-        if not isinstance(given, dict):
-            raise MmdiagError(f"stages.{name}: must be a mapping of settings (got {given!r}); write {{setting: value}}")
-        try:
-            out[name] = stage.config.model_validate(given).model_dump(mode="json")
-        except ValidationError as e:
-            line = field_error(e.errors()[0], prefix=f"stages.{name}")
-            if e.errors()[0]["type"] == "extra_forbidden":
-                line += f" (its settings: {', '.join(stage.config.model_fields)})"
-            raise MmdiagError(line) from None
-        for key, value in out[name].items():
-            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SETTING:
-                raise MmdiagError(f"stages.{name}.{key}: {value} is more than any run can use (at most {MAX_SETTING:,}); set a smaller value")
-    return out
-
-
 def gpu_tags(device: str) -> list[str]:
     """The tags of the tasks that use the device: `gpu` on a GPU, where a Prefect tag
     concurrency limit (`prefect concurrency-limit create gpu 1`) can keep tasks from sharing its
@@ -79,16 +52,12 @@ def gpu_tags(device: str) -> list[str]:
     return ["gpu"] if device == "cuda" else []
 
 
-def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], stage_model: dict | None) -> str:
+def _flow_body(plan: RunPlan, refresh: list[str], stage_model: dict | None) -> str:
     from prefect.artifacts import create_markdown_artifact
 
     from mmdiag.flows import results, tasks
-    from mmdiag.pipeline.device import resolve_device
 
-    config = DiagConfig.model_validate(config_json)
-    cache = cache_root(config.cache)
-    settings = stage_settings(config)
-    device = resolve_device(config.device).type
+    config, cache, settings, device, data = plan.config, plan.cache, plan.settings, plan.device, plan.data
     prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
     model = {k: prepared[k] for k in ("spec", "fingerprint")}  # what the results depend on
     common = dict(seed=config.seed, device=device, cache=str(cache), plugins=config.plugins)
@@ -102,7 +71,7 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
         upstream = {r: results.content(refs[r]) for r in stage.reads}
         inputs = dict(
             settings=settings[stage.name],
-            data=data[config.data.split],
+            data=plan.analysed,
             evaluation=results.content(refs["model"]),
             upstream=upstream,
             **common,
@@ -119,7 +88,7 @@ def _flow_body(config_json: dict, data: dict[str, dict], refresh: list[str], sta
 
     loaded = {name: results.load(ref, cache / "results") for name, ref in refs.items()}
     summary = _summary(config, device, loaded, status)
-    path = _write_run(config, summary, loaded, status, prepared, data, tasks.data_for(data[config.data.split]))
+    path = _write_run(plan, summary, loaded, status, prepared, tasks.data_for(plan.analysed))
     from mmdiag.flows.cache import register_run
 
     register_run(cache, path)
@@ -170,12 +139,13 @@ def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dic
     return summary
 
 
-def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
+def _write_run(plan: RunPlan, summary, loaded, status, model, analysed) -> Path:
     """The run folder: every stage's result, the error analysis and suggestions (into
     summary.json), errors.json (one evidence card per error), label_issues.csv (the likely label
     mistakes, most likely first) and report.html."""
     from mmdiag import reports
 
+    config, data = plan.config, plan.data
     provenance = {
         "created": summary["run"]["created"],
         "config": config.model_dump(mode="json"),
@@ -190,14 +160,17 @@ def _write_run(config, summary, loaded, status, model, data, analysed) -> Path:
     analysed = extended(analysed, stage_results)  # the features discovery found, as concepts
     from mmdiag.flows.cache import FigureStore, remembered_analysis
     from mmdiag.flows.tasks import code_version
+    from mmdiag.reports import evidence, suggest
     from mmdiag.reports.figures import remembered
 
-    inputs = [code_version(packages=("reports", "stages")), {k: v for k, v in summary.items() if k not in ("run", "stages")},
+    extensions = evidence.RULES.fingerprint() + suggest.FINDINGS.fingerprint()  # the rules and findings plugins registered
+    inputs = [code_version(packages=("reports", "stages"), extensions=extensions), {k: v for k, v in summary.items() if k not in ("run", "stages")},
               {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
-    analysis = remembered_analysis(cache_root(config.cache) / "analyses", inputs, lambda: reports.analyse(summary, stage_results, analysed, seed=config.seed))
+    analysis = remembered_analysis(plan.cache / "analyses", inputs, lambda: reports.analyse(summary, stage_results, analysed, seed=config.seed))
     summary["errors"] = {k: v for k, v in analysis["errors"].items() if k not in ("cards", "label_issues")}
     summary["suggestions"] = analysis["suggestions"]
-    with remembered(FigureStore(cache_root(config.cache) / "figures")):  # a chart drawn before is not drawn again
+    summary_types.check(summary)  # as docs/summary-json.md says, before anything is written
+    with remembered(FigureStore(plan.cache / "figures")):  # a chart drawn before is not drawn again
         html = reports.render(summary, stage_results, analysed, analysis, provenance)
     seconds = round(time.perf_counter() - start, 3)
     with new_run(config.out, config.run) as store:
@@ -290,67 +263,62 @@ def _clean_exit_on_signals():
             signal.signal(sig, handler)
 
 
-def preflight(config: DiagConfig) -> tuple[dict[str, dict], Any]:
+def preflight(config: DiagConfig) -> tuple[RunPlan, Any]:
     """Check everything a user can get wrong before Prefect starts (so the error is one line,
     not a failed flow run): plugins, stage settings, the runner, the output and cache folders,
     the data of every split, the model (built, or trained on first use) and its contract with
-    the data. Returns the data references and the task runner; the model is handed to the
-    flow's first task."""
+    the data. Returns the run plan and the task runner; the model is handed to the flow's first
+    task."""
     from mmdiag.flows.tasks import data_ref
     from mmdiag.pipeline.resolve import check_model
 
-    registry.load_plugins(config.plugins)
-    stage_settings(config)
+    plan = resolve(config)
     check_model(config.model)
-    runner = task_runner(config)
+    runner = task_runner(plan)
     writable(config.out, "out")
     if config.cache is not None:
         writable(config.cache, "cache")
-    cache = cache_root(config.cache)
-    data = {s: data_ref(config.data, s, config.seed, cache) for s in config.data.splits}
-    if config.runner.shards > data[config.data.split]["n"]:
-        raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {data[config.data.split]['n']} samples of split "
+    plan = plan.model_copy(update={"data": {s: data_ref(config.data, s, config.seed, plan.cache) for s in config.data.splits}})
+    if config.runner.shards > plan.analysed["n"]:
+        raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {plan.analysed['n']} samples of split "
                           f"{config.data.split!r}; use at most one shard per sample")
-    preflight_model(config, config.model, data)
-    return data, runner
+    preflight_model(plan, config.model)
+    return plan, runner
 
 
-def preflight_model(config: DiagConfig, spec: ModelSpec, data: dict[str, dict]) -> None:
+def preflight_model(plan: RunPlan, spec: ModelSpec) -> None:
     """Build (or train) the model, check its contract with the analysed split and the stages'
     own checks, and hand it to the flow's first task."""
     import torch
 
     from mmdiag.flows.tasks import adapter_for, data_for, hand_over, model_ref
-    from mmdiag.pipeline.device import resolve_device
     from mmdiag.pipeline.resolve import check_contract
 
-    cache = cache_root(config.cache)
-    ref, cached = model_ref(spec, cache, resolve_device(config.device).type)
-    adapter, analysed = adapter_for(ref, cache).to(torch.device("cpu")), data_for(data[config.data.split])
-    check_contract(adapter, analysed, config.data.split)
-    check_stages(config, adapter, analysed)
+    ref, cached = model_ref(spec, plan.cache, plan.device)
+    adapter, analysed = adapter_for(ref, plan.cache).to(torch.device("cpu")), data_for(plan.analysed)
+    check_contract(adapter, analysed, plan.config.data.split)
+    check_stages(plan, adapter, analysed)
     hand_over(spec, ref, cached)
 
 
-def check_stages(config: DiagConfig, adapter, data) -> None:
+def check_stages(plan: RunPlan, adapter, data) -> None:
     """Each stage's own check of its settings against the model and the analysed split (a
     reference set larger than the data, a single class), before the first stage runs."""
     import torch
 
     from mmdiag.stages import Context
 
-    settings = stage_settings(config)
-    ctx = Context(adapter, data, torch.device("cpu"), seed=config.seed)
+    ctx = Context(adapter, data, torch.device("cpu"), seed=plan.config.seed)
     for stage in registry.stages():
         if stage.check is not None:
-            stage.check(ctx, stage.config.model_validate(settings[stage.name]))
+            stage.check(ctx, stage.config.model_validate(plan.settings[stage.name]))
 
 
-def task_runner(config: DiagConfig):
+def task_runner(plan: RunPlan):
     """Prefect's thread pool, or a Dask cluster (a running one, or a local one started here)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    spec = config.runner
+    spec = plan.config.runner
     if spec.kind == "local":
         return ThreadPoolTaskRunner(max_workers=max(spec.shards, 1))
     if not os.environ.get("PREFECT_API_URL"):
@@ -362,7 +330,7 @@ def task_runner(config: DiagConfig):
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise MmdiagError("runner.kind: dask needs the prefect-dask package; pip install 'mmdiag[dask]'") from None
-    scratch = cache_root(config.cache) / "dask"
+    scratch = plan.cache / "dask"
     os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(scratch))
     if spec.address:
         return DaskTaskRunner(address=spec.address)
@@ -375,11 +343,10 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     configure(cache_root(config.cache))  # before anything imports Prefect
     watch_this_process()  # before the server starts: the watchdog notes every child from here on
     server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get()  # boots while the pre-flight runs
-    data, runner = preflight(config)
+    plan, runner = preflight(config)
     if stage_model is not None:  # `rerun --model`: the new checkpoint must fit before anything runs
-        preflight_model(config, ModelSpec.model_validate_json(stage_model["spec"]), data)
-    cache = cache_root(config.cache)
-    for folder in (cache / "results", cache / "records", cache / "models"):
+        preflight_model(plan, ModelSpec.model_validate_json(stage_model["spec"]))
+    for folder in (plan.cache / "results", plan.cache / "records", plan.cache / "models"):
         clean_stale(folder)
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -391,7 +358,7 @@ def run(config: DiagConfig, refresh: tuple[str, ...] = (), stage_model: dict | N
     with _clean_exit_on_signals():
         settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, **({PREFECT_API_URL: _wait_for(server, config.run)} if server else {})}
         with temporary_settings(settings):
-            return Path(diagnosis(config.model_dump(mode="json"), data, list(refresh), stage_model))
+            return Path(diagnosis(plan, list(refresh), stage_model))
 
 
 def _wait_for(server: TemporaryServer, run: str) -> str:

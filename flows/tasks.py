@@ -26,10 +26,8 @@ from mmdiag.flows import cache as store
 from mmdiag.flows import results
 from mmdiag.flows.progress import Reporter
 from mmdiag.pipeline.config import DataSpec, ModelSpec
-from mmdiag.pipeline.device import resolve_device
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.evaluate import accuracy, model_summary
-from mmdiag.pipeline.registry import extensions
 from mmdiag.pipeline.resolve import load_data, load_model, predict
 from mmdiag.pipeline.store import fingerprint_module
 from mmdiag.stages import Context, StageResult, extended, registry
@@ -39,9 +37,10 @@ log = logging.getLogger("mmdiag")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def code_version(stage: str | None = None, packages: tuple[str, ...] = ()) -> str:
-    """Hash of the code a result depends on: pipeline/, flows' task code, the stage's modules
-    and the whole of `packages` (folders of the project)."""
+def code_version(stage: str | None = None, packages: tuple[str, ...] = (), extensions: str = "") -> str:
+    """Hash of the code a result depends on: pipeline/, flows' task code, the stage's modules,
+    the whole of `packages` (folders of the project) and the fingerprint of the registered
+    extensions it runs (Registry.fingerprint)."""
     files = sorted((ROOT / "pipeline").rglob("*.py")) + [Path(__file__), Path(results.__file__), Path(store.__file__)]
     files += [f for package in packages for f in sorted((ROOT / package).rglob("*.py"))]
     if stage:
@@ -49,7 +48,7 @@ def code_version(stage: str | None = None, packages: tuple[str, ...] = ()) -> st
     h = hashlib.sha256()
     for f in files:
         h.update(f.read_bytes())
-    h.update(extensions().encode())  # methods, rules, findings and sections registered by plugins
+    h.update(extensions.encode())
     return h.hexdigest()
 
 
@@ -62,7 +61,9 @@ def _keyed(model: dict) -> dict:
 
 def _answer(cache: Path, name: str, inputs: dict, stage: str | None, refresh: bool, compute):
     """The task's return: the recorded result (state "Cached") or the computed one."""
-    ref, hit = store.cached(cache, name, inputs, code_version(stage), refresh, compute)
+    entry = registry.get(stage) if stage else None
+    extensions = entry.extensions(inputs["settings"]) if entry is not None and entry.extensions is not None else ""
+    ref, hit = store.cached(cache, name, inputs, code_version(stage, extensions=extensions), refresh, compute)
     return Completed(data=ref, name="Cached") if hit else ref
 
 
@@ -127,7 +128,7 @@ def evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, de
 
 def _evaluate(model: dict, data: dict[str, dict], split: str, batch_size: int, device: str, cache: Path) -> results.Ref:
     start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = torch.device(device)  # resolved by the run plan
     adapter = adapter_for(model, cache)
     log.info("evaluate: the model on %s", ", ".join(f"{s} ({len(data_for(ref, cache)):,} samples)" for s, ref in data.items()))
     logits = {s: predict(adapter, data_for(ref, cache), dev, batch_size) for s, ref in data.items()}
@@ -172,9 +173,9 @@ def _run_stage(stage, settings, model, data, evaluation, upstream, seed, device,
         rows = torch.tensor_split(torch.arange(len(samples)), shard[1])[shard[0]]
         samples, logits = samples.view(rows), logits[rows]
     ctx = Context(
-        adapter=adapter_for(model, cache).to(resolve_device(device)),
+        adapter=adapter_for(model, cache).to(torch.device(device)),
         data=samples,
-        device=resolve_device(device),
+        device=torch.device(device),
         seed=seed,
         logits=logits,
         progress=Reporter(stage if shard is None else f"{stage} shard {shard[0] + 1}/{shard[1]}"),

@@ -1,8 +1,9 @@
 """Named records that extend mmdiag: attribution methods, per-error rules, findings, report
 sections. Each extension point is one `Registry`; a plugin adds a record with `register`.
 
-A record's functions are part of the cache keys (`extensions()`): editing a registered method or
-rule outside mmdiag reruns what it feeds, as editing mmdiag's own modules does.
+The functions of a record registered from outside mmdiag are part of the cache keys of what reads
+it (`Registry.fingerprint`): editing a registered method or rule reruns what it feeds, as editing
+mmdiag's own modules does, and an unrelated registration changes no key.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ from mmdiag.pipeline.errors import MmdiagError
 
 T = TypeVar("T")
 
-_ALL: list[Registry] = []
-
-
 class Registry(Generic[T]):
     """Records with a `name`, in the order registered; registering a name again replaces it."""
 
     def __init__(self, what: str, setting: str):
         self.what, self.setting = what, setting  # e.g. "attribution method", "stages.unimodal.methods"
         self._records: dict[str, T] = {}
-        _ALL.append(self)
 
     def register(self, record: T, before: str | None = None) -> T:
         """Add `record` last, or just ahead of the record named `before`."""
@@ -54,6 +51,20 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name in self._records
 
+    def fingerprint(self, names: list[str] | None = None) -> str:
+        """A hash of the functions of the records (those named, or all) registered from outside
+        mmdiag; "" when there are none, so mmdiag's own cache keys do not move."""
+        h, found = hashlib.sha256(), False
+        for record in self:
+            if names is not None and record.name not in names:
+                continue
+            for f in dataclasses.fields(record):
+                fn = getattr(record, f.name)
+                if callable(fn) and not isinstance(fn, type) and not (getattr(fn, "__module__", "") or "").startswith("mmdiag."):
+                    h.update(f"{record.name}.{f.name}".encode() + _source(fn))
+                    found = True
+        return h.hexdigest() if found else ""
+
 
 def _source(fn: Callable) -> bytes:
     try:
@@ -61,17 +72,3 @@ def _source(fn: Callable) -> bytes:
     except (OSError, TypeError):  # defined where no source is kept (a notebook's exec): its code
         code = getattr(fn, "__code__", None)
         return b"" if code is None else code.co_code + repr(code.co_consts).encode()
-
-
-def extensions() -> str:
-    """A hash of the functions of every record registered from outside mmdiag ("" when there
-    are none, so mmdiag's own cache keys do not move)."""
-    h, any_ = hashlib.sha256(), False
-    for registry in _ALL:
-        for record in registry:
-            for f in dataclasses.fields(record):
-                fn = getattr(record, f.name)
-                if callable(fn) and not isinstance(fn, type) and not (getattr(fn, "__module__", "") or "").startswith("mmdiag."):
-                    h.update(f"{registry.setting}:{record.name}.{f.name}".encode() + _source(fn))
-                    any_ = True
-    return h.hexdigest() if any_ else ""

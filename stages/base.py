@@ -91,6 +91,12 @@ class Stage:
     # the features it found become concepts): extends(data, result) -> data. The registry makes
     # every later stage read it, so their cache keys follow its result.
     extends: Callable[[SampleSet, StageResult], SampleSet] | None = None
+    # The TypedDict of its summary (stages/summaries.py): the flow checks the summary against it
+    # and the documentation's summary.json page lists its keys; None: an untyped dict.
+    summary: type | None = None
+    # The registered extensions it runs with these settings (their code, as a fingerprint: part
+    # of its cache key beside `modules`), e.g. the attribution methods a config names.
+    extensions: Callable[[dict[str, Any]], str] | None = None
 
 
 def extended(data: SampleSet, read: dict[str, StageResult]) -> SampleSet:

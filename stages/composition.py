@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdiag.pipeline.errors import MmdiagError
+from mmdiag.stages import summaries
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 
 
@@ -349,4 +350,5 @@ STAGE = Stage(
         "composition.exact",
     ),
     modules=("mmdiag.stages.composition",),
+    summary=summaries.CompositionSummary,
 )

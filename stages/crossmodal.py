@@ -22,6 +22,7 @@ from pydantic import Field
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
 from mmdiag.stages import interaction as inter
+from mmdiag.stages import summaries
 from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 from mmdiag.stages.unimodal import _eval_batch
 
@@ -320,4 +321,5 @@ STAGE = Stage(
     modules=("mmdiag.stages.crossmodal", "mmdiag.stages.interaction", "mmdiag.stages.attribution"),
     files=files,
     check=check_inputs,
+    summary=summaries.CrossmodalSummary,
 )

@@ -56,6 +56,7 @@ from mmdiag.pipeline.adapter import ModelAdapter
 from mmdiag.pipeline.data import Counterfactual, Derived, SampleSet
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.units import Units
+from mmdiag.stages import summaries
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 from mmdiag.stages.intervention import null_scores
 
@@ -749,4 +750,5 @@ STAGE = Stage(
     writes=("discovery.reliable", "discovery.taken"),
     modules=("mmdiag.stages.discovery",),
     extends=extend,
+    summary=summaries.DiscoverySummary,
 )

@@ -27,6 +27,7 @@ from mmdiag.pipeline import stats
 from mmdiag.pipeline.device import fit_batch
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
+from mmdiag.stages import summaries
 from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 
 
@@ -268,4 +269,5 @@ STAGE = Stage(
     writes=("intervention.regions.<modality.region>", "intervention.modalities.<modality>", "intervention.pairs", "intervention.counterfactuals.<concept>"),
     modules=("mmdiag.stages.intervention", "mmdiag.stages.attribution", "mmdiag.pipeline.stats"),
     merge=merge,
+    summary=summaries.InterventionSummary,
 )

@@ -58,7 +58,7 @@ from mmdiag.pipeline.data import SampleSet
 from mmdiag.pipeline.device import fit_batch
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
-from mmdiag.stages import methods
+from mmdiag.stages import methods, summaries
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 
 FIELD = "stages.representation"
@@ -416,4 +416,6 @@ STAGE = Stage(
     reads=(),
     writes=("representation.probes.<concept>.<layer>", "representation.features", "representation.unassigned_share"),
     modules=("mmdiag.stages.representation", "mmdiag.stages.unimodal", "mmdiag.stages.methods", "mmdiag.stages.attribution"),
+    summary=summaries.RepresentationSummary,
+    extensions=lambda settings: methods.METHODS.fingerprint([settings["local_method"]]),
 )

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field, model_validator
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
 from mmdiag.stages import methods as registered
+from mmdiag.stages import summaries
 from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 from mmdiag.stages.methods import Call
 
@@ -356,4 +357,6 @@ STAGE = Stage(
     writes=("unimodal.modality_share", "unimodal.modality_ablation", "unimodal.methods.<method>"),
     check=check,
     modules=("mmdiag.stages.unimodal", "mmdiag.stages.methods", "mmdiag.stages.attribution", "mmdiag.stages.captum_methods", "mmdiag.stages.m2ib_layer"),
+    summary=summaries.UnimodalSummary,
+    extensions=lambda settings: registered.METHODS.fingerprint(settings["methods"]),
 )

@@ -68,3 +68,21 @@ def test_objects_of_the_process_rerun_and_compare(tmp_path, cache):
 def test_bad_arguments_are_one_clear_error(call, field, cache):
     with pytest.raises(mmdiag.MmdiagError, match=field.replace(".", r"\.")):
         call()
+
+
+@pytest.mark.slow
+def test_a_jupyter_kernel_runs_a_diagnosis_and_shows_it_inline(tmp_path, cache):
+    """In a real kernel (an asyncio loop already running, as Jupyter has it): the call works and
+    the cell's output is the inline summary."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    settings = {"data": {"name": "shapes", "split": "ood", "n": 200}, "stages": frozen_run.STAGES, "out": str(tmp_path / "runs"), "cache": str(tmp_path / "cache")}
+    cell = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            f"import mmdiag\nd = mmdiag.diagnose({{'factory': 'frozen_run:build_model'}}, **{settings!r})\nd")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = notebook.cells[0].outputs
+    html = next(o["data"]["text/html"] for o in outputs if o.get("output_type") == "execute_result")
+    d = mmdiag.Diagnosis.load(tmp_path / "runs" / "diagnosis")
+    assert f"{d.summary['model']['accuracy']:.3f}" in html and str(d.path / "report.html") in html and "<script" not in html
+    assert not [o for o in outputs if o.get("output_type") == "error"]
