@@ -1,6 +1,8 @@
 """Extension points are registries: a method registered by a plugin module (tests/toy_method.py)
 runs in stage 1 and stage 3's local view, its own settings are validated, its maps reach the
-report, and its code is part of the cache keys."""
+report, and its code is part of the cache keys; the per-error rule and the finding that
+docs/extending.md shows (tests/toy_rules.py) reach the cards and the suggestions; a plugin stage
+shows its own report section."""
 
 import json
 
@@ -16,8 +18,24 @@ TOY = {"methods": ["leave_one_in", "grad_x_input"], "options": {"leave_one_in": 
 STAGES = {**frozen_run.STAGES, "unimodal": TOY, "representation": {"local_method": "leave_one_in"}}
 
 
-def test_a_registered_method_runs_in_stage_1_stage_3_and_the_report(tmp_path, cache):
-    d = mmdiag.diagnose({"factory": "frozen_run:build_model"}, {"name": "shapes", "split": "ood", "n": 200}, plugins=["toy_method"],
+def test_a_registered_method_rule_and_finding_reach_the_stages_cards_suggestions_and_report(tmp_path, cache, monkeypatch):
+    import importlib
+    import re
+    from pathlib import Path
+
+    from mmdiag.reports import evidence, suggest
+
+    doc = (Path(__file__).parent.parent / "docs" / "extending.md").read_text()
+    source = (Path(__file__).parent / "toy_rules.py").read_text()
+    examples = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "RULES.register" in b or "FINDINGS.register" in b]
+    assert len(examples) == 2 and all(b in source for b in examples)  # what the page shows is what runs here
+    for registry in (evidence.RULES, suggest.FINDINGS):  # this test's registrations stay in it
+        monkeypatch.setattr(registry, "_records", dict(registry._records))
+    import toy_rules
+
+    importlib.reload(toy_rules)
+    # the frozen network with its logits scaled: the same predictions, each made with near certainty
+    d = mmdiag.diagnose({"factory": "toy_rules:overconfident_model"}, {"name": "shapes", "split": "ood", "n": 200}, plugins=["toy_method"],
                         stages=STAGES, out=tmp_path / "runs", cache=tmp_path / "cache")
     quality = d.summary["unimodal"]["methods"]["leave_one_in"]
     assert quality["deletion_auc"] is not None and quality["completeness_error"] is None  # it claims no completeness
@@ -34,6 +52,21 @@ def test_a_registered_method_runs_in_stage_1_stage_3_and_the_report(tmp_path, ca
     half = d.rerun("unimodal", options={"leave_one_in": {"scale": 1.0}})
     assert not half.summary["stages"]["unimodal"]["cached"]
     torch.testing.assert_close(2 * torch.from_numpy(half.stage("unimodal").arrays["attr.leave_one_in.pred"]), toy)
+    assert d.errors
+    checked = 0
+    for card in d.errors:  # the rules are tried until one is the cause
+        order = [c["rule"] for c in card["checked"]]
+        if "perception" in order:  # in its place, just ahead of perception
+            assert order.index("low_margin") + 1 == order.index("perception")
+        for mine in (c for c in card["checked"] if c["rule"] == "low_margin"):
+            assert mine["fired"] == (mine["figures"]["margin"] < 0.05) and card["category"] != "low_margin"  # an association: never the cause
+            checked += 1
+    assert checked
+    # the errors are made with near certainty: the calibration finding fires, with its own figures
+    found = next(s for s in d.suggestions if s["rule"] == "overconfident")
+    sure = d.summary["model"]["n_errors"] / d.summary["model"]["n"]
+    assert found["title"] == "Calibrate the model" and found["figures"]["error_rate"] > found["figures"]["expected"]
+    assert abs(found["figures"]["error_rate"] - sure) < 0.05  # nearly every prediction is a confident one
 
 
 def test_registered_code_is_part_of_the_cache_keys_of_what_runs_it():
@@ -93,37 +126,3 @@ def test_a_plugin_stage_contributes_a_report_section(toy, tmp_path, monkeypatch)
     assert '<a href="#third">Doubling</a>' in html  # in the navigation
     assert f'<section id="third"><h2>Doubling</h2><p>doubled: {summary["third"]["doubled"]:.3f} over 300 margins</p></section>' in html
 
-
-def test_the_documented_rule_and_finding_reach_the_cards_and_the_suggestions(tmp_path, cache, monkeypatch):
-    import importlib
-    import re
-    from pathlib import Path
-
-    from mmdiag.reports import evidence, suggest
-
-    doc = (Path(__file__).parent.parent / "docs" / "extending.md").read_text()
-    source = (Path(__file__).parent / "toy_rules.py").read_text()
-    examples = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "RULES.register" in b or "FINDINGS.register" in b]
-    assert len(examples) == 2 and all(b in source for b in examples)  # what the page shows is what runs here
-    for registry in (evidence.RULES, suggest.FINDINGS):  # this test's registrations stay in it
-        monkeypatch.setattr(registry, "_records", dict(registry._records))
-    import toy_rules
-
-    importlib.reload(toy_rules)
-    d = mmdiag.diagnose({"factory": "toy_rules:overconfident_model"}, {"name": "shapes", "split": "ood", "n": 200},
-                        stages=frozen_run.STAGES, out=tmp_path / "runs", cache=tmp_path / "cache")
-    assert d.errors
-    checked = 0
-    for card in d.errors:  # the rules are tried until one is the cause
-        order = [c["rule"] for c in card["checked"]]
-        if "perception" in order:  # in its place, just ahead of perception
-            assert order.index("low_margin") + 1 == order.index("perception")
-        for mine in (c for c in card["checked"] if c["rule"] == "low_margin"):
-            assert mine["fired"] == (mine["figures"]["margin"] < 0.05) and card["category"] != "low_margin"  # an association: never the cause
-            checked += 1
-    assert checked
-    # the errors are made with near certainty: the calibration finding fires, with its own figures
-    found = next(s for s in d.suggestions if s["rule"] == "overconfident")
-    sure = d.summary["model"]["n_errors"] / d.summary["model"]["n"]
-    assert found["title"] == "Calibrate the model" and found["figures"]["error_rate"] > found["figures"]["expected"]
-    assert abs(found["figures"]["error_rate"] - sure) < 0.05  # nearly every prediction is a confident one

@@ -1,9 +1,6 @@
 """The Python API: `mmdiag.diagnose` runs the CLI's flow, with its cache, from a notebook."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,12 +15,21 @@ QUICK = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors"
 
 
 @pytest.mark.slow
-def test_a_built_in_model_by_name_in_a_plain_process_then_the_cli_finds_every_stage_cached(tmp_path, cache, demo_models):
+def test_a_built_in_model_by_name_in_a_jupyter_kernel_then_the_cli_finds_every_stage_cached(tmp_path, cache, demo_models):
+    """In a real kernel (an asyncio loop already running, as Jupyter has it): the call works, the
+    cell's output is the inline summary, and the command line's run of the same config after it
+    finds every stage in the cache."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
     demo_models("demo-late")  # trained once for the session, into the shared weights cache
     settings = {"data": {"name": "shapes", "split": "ood", "n": 400}, "stages": QUICK, "out": str(tmp_path / "nb"), "cache": str(cache)}
-    script = f"import mmdiag; d = mmdiag.diagnose(model='demo-late', **{settings!r}); print(d.path); print(d._repr_html_())"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True).stdout
-    path, html = Path(out.splitlines()[0]), "\n".join(out.splitlines()[1:])
+    cell = f"import mmdiag\nd = mmdiag.diagnose(model='demo-late', **{settings!r})\nd"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = notebook.cells[0].outputs
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    html = next(o["data"]["text/html"] for o in outputs if o.get("output_type") == "execute_result")
+    path = tmp_path / "nb" / "diagnosis"
     d = mmdiag.Diagnosis.load(path)
     assert d.summary == json.loads((path / "summary.json").read_text())
     assert len(d.errors) == d.summary["model"]["n_errors"] > 0
@@ -69,20 +75,3 @@ def test_bad_arguments_are_one_clear_error(call, field, cache):
     with pytest.raises(mmdiag.MmdiagError, match=field.replace(".", r"\.")):
         call()
 
-
-@pytest.mark.slow
-def test_a_jupyter_kernel_runs_a_diagnosis_and_shows_it_inline(tmp_path, cache):
-    """In a real kernel (an asyncio loop already running, as Jupyter has it): the call works and
-    the cell's output is the inline summary."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    settings = {"data": {"name": "shapes", "split": "ood", "n": 200}, "stages": frozen_run.STAGES, "out": str(tmp_path / "runs"), "cache": str(tmp_path / "cache")}
-    cell = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            f"import mmdiag\nd = mmdiag.diagnose({{'factory': 'frozen_run:build_model'}}, **{settings!r})\nd")
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = notebook.cells[0].outputs
-    html = next(o["data"]["text/html"] for o in outputs if o.get("output_type") == "execute_result")
-    d = mmdiag.Diagnosis.load(tmp_path / "runs" / "diagnosis")
-    assert f"{d.summary['model']['accuracy']:.3f}" in html and str(d.path / "report.html") in html and "<script" not in html
-    assert not [o for o in outputs if o.get("output_type") == "error"]
