@@ -70,6 +70,7 @@ docs: setup
 lint: setup
 	$(PIP) -e '.[docs]'
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Resolve pyproject.toml afresh (every extra) in a scratch virtualenv and freeze what it got.
 lock:

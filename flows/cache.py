@@ -80,8 +80,7 @@ def lookup(cache: Path, k: str, task: str) -> results.Ref | None:
 
 
 def store(cache: Path, k: str, task: str, ref: results.Ref) -> None:
-    record = {"schema": RECORD_SCHEMA, "task": task, "sha256": ref["sha256"], "meta": ref.get("meta", {}),
-              "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {"schema": RECORD_SCHEMA, "task": task, "sha256": ref["sha256"], "meta": ref.get("meta", {}), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     text = json.dumps(record, indent=1, allow_nan=False)
     atomic_write(_record_path(cache, k), lambda tmp: tmp.write_text(text + "\n"))
 
@@ -108,8 +107,7 @@ def _read_record(path: Path) -> tuple[dict | None, str | None]:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as e:
         return None, f"record {path.name} is unreadable ({type(e).__name__})"
-    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or not isinstance(record.get("sha256"), str) \
-            or not isinstance(record.get("meta"), dict):
+    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or not isinstance(record.get("sha256"), str) or not isinstance(record.get("meta"), dict):
         return None, f"record {path.name} is not an mmdiag record"
     return record, None
 
@@ -232,7 +230,7 @@ class FigureStore(MutableMapping):
         path = self._path(key)
         try:
             uri = path.read_text()
-            if not uri.startswith(self.PREFIX) or not base64.b64decode(uri[len(self.PREFIX):], validate=True).startswith(b"\x89PNG"):
+            if not uri.startswith(self.PREFIX) or not base64.b64decode(uri[len(self.PREFIX) :], validate=True).startswith(b"\x89PNG"):
                 raise ValueError
         except (OSError, ValueError):
             raise KeyError(key) from None
@@ -279,8 +277,10 @@ def prune(cache: Path, unused_since: datetime | None = None) -> dict:
     removed = {"results": 0, "records": 0, "bytes": 0}
     with _runs_lock(cache):
         if unused_since is None and _run_entries(cache) and not known_runs(cache):
-            raise MmdiagError(f"cache prune: none of the {len(_run_entries(cache))} run folders written with {cache} can be found "
-                              "(moved?), so every result would go; nothing removed. Use --unused-since DATE, or `mmdiag cache clear`")
+            raise MmdiagError(
+                f"cache prune: none of the {len(_run_entries(cache))} run folders written with {cache} can be found "
+                "(moved?), so every result would go; nothing removed. Use --unused-since DATE, or `mmdiag cache clear`"
+            )
         keep = _referenced(cache) if unused_since is None else None
         cutoff = time.time() - GRACE_S
         if unused_since is not None:

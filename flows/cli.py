@@ -42,13 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folders (default: ./runs)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
-    demo.add_argument("--models", nargs="+", default=["demo-film", "demo-late"], metavar="MODEL",
-                      help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-vlm, demo-film-clean, demo-late-clean, demo-vlm-clean)")
-    demo.add_argument("--one-by-one", action="store_true", help="diagnose the models one after the other in this process "
-                      "(default with at least one and fewer than two CPU cores a model: once the first model has something "
-                      "to compute, the others start beside it, one process and one thread each)")
-    demo.add_argument("--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model "
-                      "as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html")
+    demo.add_argument(
+        "--models",
+        nargs="+",
+        default=["demo-film", "demo-late"],
+        metavar="MODEL",
+        help="the built-in models to diagnose (default: demo-film demo-late; also demo-transformer, demo-vlm, demo-film-clean, demo-late-clean, demo-vlm-clean)",
+    )
+    demo.add_argument(
+        "--one-by-one",
+        action="store_true",
+        help="diagnose the models one after the other in this process "
+        "(default with at least one and fewer than two CPU cores a model: once the first model has something "
+        "to compute, the others start beside it, one process and one thread each)",
+    )
+    demo.add_argument(
+        "--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html"
+    )
 
     diag = sub.add_parser(
         "diagnose",
@@ -69,29 +79,35 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a setting of that stage (repeatable)")
     rerun.add_argument("--model", type=Path, help="a new checkpoint (.safetensors) to compute that stage for")
 
-    compare = sub.add_parser("compare", help="what changed between two runs", description="Print what changed from RUN_A to RUN_B: "
-                             "model accuracy, accuracy per split and slice, and every summary figure that moved.")
+    compare = sub.add_parser(
+        "compare", help="what changed between two runs", description="Print what changed from RUN_A to RUN_B: model accuracy, accuracy per split and slice, and every summary figure that moved."
+    )
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
     compare.add_argument("run_b", type=Path, metavar="RUN_B")
     compare.add_argument("--json", type=Path, help="also write the comparison as JSON")
     compare.add_argument("--html", type=Path, help="also write the before/after page as HTML")
 
-    example = sub.add_parser("example", help="run a real example: easyvqa (needs `pip install easy-vqa`)",
-                             description="Train a small model on a published data set that ships in a pip package (cached "
-                             "after the first run) and run the full diagnosis: OUT/NAME.")
+    example = sub.add_parser(
+        "example",
+        help="run a real example: easyvqa (needs `pip install easy-vqa`)",
+        description="Train a small model on a published data set that ships in a pip package (cached after the first run) and run the full diagnosis: OUT/NAME.",
+    )
     example.add_argument("name", choices=("easyvqa",), help="the example")
     example.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run folder (default: ./runs)")
     example.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
-    cache = sub.add_parser("cache", help="the cache: its size, damage, and cleaning it",
-                           description="Trained weights, stage results and their records live in the cache folder "
-                           "($MMDIAG_CACHE, else ~/.cache/mmdiag; a config's `cache:` names another).")
-    cache.add_argument("action", choices=("info", "verify", "prune", "clear"),
-                       help="info: location and size per kind; verify: check every file against its hash; "
-                       "prune: remove results no run folder refers to; clear: remove everything cached")
+    cache = sub.add_parser(
+        "cache",
+        help="the cache: its size, damage, and cleaning it",
+        description="Trained weights, stage results and their records live in the cache folder ($MMDIAG_CACHE, else ~/.cache/mmdiag; a config's `cache:` names another).",
+    )
+    cache.add_argument(
+        "action",
+        choices=("info", "verify", "prune", "clear"),
+        help="info: location and size per kind; verify: check every file against its hash; prune: remove results no run folder refers to; clear: remove everything cached",
+    )
     cache.add_argument("--cache", type=Path, help="the cache folder (default: $MMDIAG_CACHE or ~/.cache/mmdiag)")
-    cache.add_argument("--unused-since", type=_date, metavar="DATE",
-                       help="with prune: remove the results not used since DATE (YYYY-MM-DD) instead")
+    cache.add_argument("--unused-since", type=_date, metavar="DATE", help="with prune: remove the results not used since DATE (YYYY-MM-DD) instead")
     cache.add_argument("--keep-models", action="store_true", help="with clear: keep the trained weights")
 
     sub.add_parser("stages", help="list the analysis stages, what each reads and writes")
@@ -146,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         log_file = _write_traceback(e)
-        print(f"mmdiag: internal error ({type(e).__name__}: {_one_line(str(e))[:200]}); this is a bug, not your input; "
-              f"the traceback is in {log_file} (rerun with -v to print it)", file=sys.stderr)
+        print(f"mmdiag: internal error ({type(e).__name__}: {_one_line(str(e))[:200]}); this is a bug, not your input; the traceback is in {log_file} (rerun with -v to print it)", file=sys.stderr)
         return 1
 
 

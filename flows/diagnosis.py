@@ -46,8 +46,7 @@ def _model_spec(model: Any) -> dict:
         return {"factory": model} if ":" in model else {"name": model}
     if isinstance(model, dict):
         return model
-    raise MmdiagError(f"model: got {type(model).__name__}; give a ModelAdapter, a built-in model's name, a factory "
-                      "'package.module:callable' or a config's model mapping")
+    raise MmdiagError(f"model: got {type(model).__name__}; give a ModelAdapter, a built-in model's name, a factory 'package.module:callable' or a config's model mapping")
 
 
 def _data_spec(data: Any, model: dict) -> dict:
@@ -77,8 +76,7 @@ def config_for(model: Any, data: Any = None, **settings):
     spec = _model_spec(model)
     config = parse_config({"model": spec, "data": _data_spec(data, spec), **settings}, source="diagnose()")
     if config.runner.kind == "dask" and any(s.get("factory", "").startswith(f"{__name__}:") for s in (config.model.model_dump(), config.data.model_dump())):
-        raise MmdiagError("runner.kind: dask runs tasks in other processes, which cannot see an object of this one; "
-                          "name the model and data by a factory 'package.module:callable' instead")
+        raise MmdiagError("runner.kind: dask runs tasks in other processes, which cannot see an object of this one; name the model and data by a factory 'package.module:callable' instead")
     return config
 
 

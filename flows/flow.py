@@ -61,9 +61,7 @@ def _flow_body(plan: RunPlan, refresh: list[str], stage_model: dict | None) -> s
     prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
     model = {k: prepared[k] for k in ("spec", "fingerprint")}  # what the results depend on
     common = dict(seed=config.seed, device=device, cache=str(cache), plugins=config.plugins)
-    evaluation = tasks.evaluate.with_options(tags=gpu_tags(device))(
-        model, data, config.data.split, config.batch_size, device, str(cache), refresh="model" in refresh, return_state=True
-    )
+    evaluation = tasks.evaluate.with_options(tags=gpu_tags(device))(model, data, config.data.split, config.batch_size, device, str(cache), refresh="model" in refresh, return_state=True)
     refs: dict[str, dict] = {"model": evaluation.result()}  # with meta; results.content() for inputs
     status = {"model": _status(evaluation.name == "Cached", refs["model"], model["fingerprint"])}
     for stage in registry.stages():
@@ -129,13 +127,9 @@ def _summary(config: DiagConfig, device: str, loaded: dict, status: dict) -> dic
     for name, (result, _) in loaded.items():
         if name != "model":
             summary[name] = result.summary
-    summary["stages"] = {
-        name: {"seconds": loaded[name][1].get("seconds"), **{k: v for k, v in st.items() if k not in ("sha256", "parts")}} for name, st in status.items()
-    }
+    summary["stages"] = {name: {"seconds": loaded[name][1].get("seconds"), **{k: v for k, v in st.items() if k not in ("sha256", "parts")}} for name, st in status.items()}
     if len(fingerprints) > 1:
-        summary["run"]["mixed_models"] = (
-            "stages were computed for different models: " + ", ".join(f"{n}: {s['model']}" for n, s in status.items())
-        )
+        summary["run"]["mixed_models"] = "stages were computed for different models: " + ", ".join(f"{n}: {s['model']}" for n, s in status.items())
     return summary
 
 
@@ -164,8 +158,13 @@ def _write_run(plan: RunPlan, summary, loaded, status, model, analysed) -> Path:
     from mmdiag.reports.figures import remembered
 
     extensions = evidence.RULES.fingerprint() + suggest.FINDINGS.fingerprint()  # the rules and findings plugins registered
-    inputs = [code_version(packages=("reports", "stages"), extensions=extensions), {k: v for k, v in summary.items() if k not in ("run", "stages")},
-              {name: st["sha256"] for name, st in status.items()}, analysed.fingerprint(), config.seed]
+    inputs = [
+        code_version(packages=("reports", "stages"), extensions=extensions),
+        {k: v for k, v in summary.items() if k not in ("run", "stages")},
+        {name: st["sha256"] for name, st in status.items()},
+        analysed.fingerprint(),
+        config.seed,
+    ]
     analysis = remembered_analysis(plan.cache / "analyses", inputs, lambda: reports.analyse(summary, stage_results, analysed, seed=config.seed))
     summary["errors"] = {k: v for k, v in analysis["errors"].items() if k not in ("cards", "label_issues")}
     summary["suggestions"] = analysis["suggestions"]
@@ -280,8 +279,7 @@ def preflight(config: DiagConfig) -> tuple[RunPlan, Any]:
         writable(config.cache, "cache")
     plan = plan.model_copy(update={"data": {s: data_ref(config.data, s, config.seed, plan.cache) for s in config.data.splits}})
     if config.runner.shards > plan.analysed["n"]:
-        raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {plan.analysed['n']} samples of split "
-                          f"{config.data.split!r}; use at most one shard per sample")
+        raise MmdiagError(f"runner.shards: {config.runner.shards} shards for {plan.analysed['n']} samples of split {config.data.split!r}; use at most one shard per sample")
     preflight_model(plan, config.model)
     return plan, runner
 
@@ -322,10 +320,7 @@ def task_runner(plan: RunPlan):
     if spec.kind == "local":
         return ThreadPoolTaskRunner(max_workers=max(spec.shards, 1))
     if not os.environ.get("PREFECT_API_URL"):
-        raise MmdiagError(
-            "runner.kind: dask needs a Prefect server that every worker reports to; run `prefect server start` "
-            "and set PREFECT_API_URL (see docs/cli.md, 'Scale-out')"
-        )
+        raise MmdiagError("runner.kind: dask needs a Prefect server that every worker reports to; run `prefect server start` and set PREFECT_API_URL (see docs/cli.md, 'Scale-out')")
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
@@ -373,10 +368,7 @@ def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("de
     """The embedded default: each demo model diagnosed on the shapes data, `ood` analysed."""
     from mmdiag.pipeline.demo.catalog import data_for
 
-    return [
-        DiagConfig(run=name, model={"name": name}, data={"name": data_for(name), "split": "ood"}, device=device, out=out)
-        for name in models
-    ]
+    return [DiagConfig(run=name, model={"name": name}, data={"name": data_for(name), "split": "ood"}, device=device, out=out) for name in models]
 
 
 def spec_for_new_model(config: DiagConfig, weights: Path) -> ModelSpec:

@@ -69,5 +69,3 @@ def stage_settings(config: DiagConfig) -> dict[str, dict[str, Any]]:
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SETTING:
                 raise MmdiagError(f"stages.{name}.{key}: {value} is more than any run can use (at most {MAX_SETTING:,}); set a smaller value")
     return out
-
-

@@ -30,8 +30,7 @@ class Bars:
             if self.progress is None:
                 from rich import get_console
 
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                                         console=self.console or get_console(), transient=True)
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(), console=self.console or get_console(), transient=True)
                 self.progress.start()
             return self.progress.add_task(label, total=1.0)
 

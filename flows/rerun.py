@@ -133,14 +133,8 @@ def compare_summaries(a: dict, b: dict, name_a: str = "a", name_b: str = "b", to
         "b": name_b,
         "model": {"a": a["model"]["fingerprint"], "b": b["model"]["fingerprint"], "same": a["model"]["fingerprint"] == b["model"]["fingerprint"]},
         "accuracy": {"a": a["model"]["accuracy"], "b": b["model"]["accuracy"], "change": round(b["model"]["accuracy"] - a["model"]["accuracy"], 4)},
-        "splits": {
-            s: {"a": a["model"]["splits"].get(s, {}).get("accuracy"), "b": v["accuracy"]} for s, v in b["model"].get("splits", {}).items()
-        },
-        "slices": [
-            {"where": w, "a": slices_a[w]["accuracy"], "b": slices_b[w]["accuracy"], "change": round(slices_b[w]["accuracy"] - slices_a[w]["accuracy"], 4)}
-            for w in slices_b
-            if w in slices_a
-        ],
+        "splits": {s: {"a": a["model"]["splits"].get(s, {}).get("accuracy"), "b": v["accuracy"]} for s, v in b["model"].get("splits", {}).items()},
+        "slices": [{"where": w, "a": slices_a[w]["accuracy"], "b": slices_b[w]["accuracy"], "change": round(slices_b[w]["accuracy"] - slices_a[w]["accuracy"], 4)} for w in slices_b if w in slices_a],
         "moved": moved,
     }
 

@@ -158,8 +158,7 @@ def run_stage(
     """One stage, or shard [i, n] of its samples (a worker on another machine gets here with
     nothing but these arguments: it imports the plugins and loads model and data itself)."""
     registry.load_plugins(plugins)
-    inputs = dict(stage=stage, settings=settings, model=model, data=data, evaluation=evaluation, upstream=upstream,
-                  seed=seed, device=device, plugins=list(plugins), shard=shard)
+    inputs = dict(stage=stage, settings=settings, model=model, data=data, evaluation=evaluation, upstream=upstream, seed=seed, device=device, plugins=list(plugins), shard=shard)
     return _answer(Path(cache), "stage", {**inputs, "model": _keyed(model)}, stage, refresh, lambda: _run_stage(**inputs, cache=Path(cache)))
 
 
@@ -191,6 +190,11 @@ def merge_shards(stage: str, parts: list[results.Ref], cache: Path) -> results.R
     """The shards' results combined by the stage's own `merge` (cheap: no model calls)."""
     loaded = [results.load(ref, cache / "results") for ref in parts]
     merged = registry.get(stage).merge([result for result, _ in loaded])
-    meta = {**loaded[0][1], "seconds": round(sum(m["seconds"] for _, m in loaded), 3), "shard": None, "shards": len(parts),
-            "parts": [ref["sha256"] for ref in parts]}  # kept by `mmdiag cache prune` with the merge
+    meta = {
+        **loaded[0][1],
+        "seconds": round(sum(m["seconds"] for _, m in loaded), 3),
+        "shard": None,
+        "shards": len(parts),
+        "parts": [ref["sha256"] for ref in parts],
+    }  # kept by `mmdiag cache prune` with the merge
     return results.save(cache / "results", merged, meta)

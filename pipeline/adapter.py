@@ -92,9 +92,7 @@ class ModelAdapter(ABC):
     def check_inputs(self, inputs: Mapping[str, Tensor]) -> None:
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
-            raise MmdiagError(
-                f"inputs: modality {missing[0]!r} is missing; the model takes {', '.join(self.modalities)}"
-            )
+            raise MmdiagError(f"inputs: modality {missing[0]!r} is missing; the model takes {', '.join(self.modalities)}")
 
     @contextmanager
     def reading(self, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
@@ -102,9 +100,7 @@ class ModelAdapter(ABC):
         layers = self.layers()
         unknown = [n for n in names if n not in layers]
         if unknown:
-            raise MmdiagError(
-                f"layers: the model has no layer {unknown[0]!r}; it has {', '.join(layers) or 'none'}"
-            )
+            raise MmdiagError(f"layers: the model has no layer {unknown[0]!r}; it has {', '.join(layers) or 'none'}")
         seen: dict[str, Tensor] = {}
 
         def hook(name):

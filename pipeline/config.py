@@ -1,28 +1,28 @@
 """The diagnosis config: YAML validated by pydantic, unknown keys rejected.
 
-    run: film-ood            # run folder name under `out`
-    model:
-      name: demo-film        # a built-in model, or
-      factory: mypkg.diag:build_adapter   # a callable returning a ModelAdapter
-      weights: model.safetensors          # optional state dict loaded into adapter.module
-    data:
-      name: shapes           # built-in data, or
-      factory: mypkg.diag:load_split      # a callable (split, n, seed) -> SampleSet
-      split: ood             # the split the stages analyse
-      splits: [iid, ood, anti]            # every split whose accuracy is reported
-      n: null                # cap on samples per split
-    device: auto             # auto | cpu | cuda
-    seed: 0
-    batch_size: 256
-    out: runs
-    cache: null              # default ~/.cache/mmdiag (or $MMDIAG_CACHE)
-    stages: {}               # per-stage settings: {stage name: {setting: value}}
-    plugins: []              # modules imported first, e.g. to register your own stages
-    runner:                  # where tasks run
-      kind: local            # local (threads) | dask (needs PREFECT_API_URL: a Prefect server)
-      address: null          # a Dask scheduler to use; null starts a local cluster of `workers`
-      workers: 2
-      shards: 1              # split per-sample stages into this many mapped tasks
+run: film-ood            # run folder name under `out`
+model:
+  name: demo-film        # a built-in model, or
+  factory: mypkg.diag:build_adapter   # a callable returning a ModelAdapter
+  weights: model.safetensors          # optional state dict loaded into adapter.module
+data:
+  name: shapes           # built-in data, or
+  factory: mypkg.diag:load_split      # a callable (split, n, seed) -> SampleSet
+  split: ood             # the split the stages analyse
+  splits: [iid, ood, anti]            # every split whose accuracy is reported
+  n: null                # cap on samples per split
+device: auto             # auto | cpu | cuda
+seed: 0
+batch_size: 256
+out: runs
+cache: null              # default ~/.cache/mmdiag (or $MMDIAG_CACHE)
+stages: {}               # per-stage settings: {stage name: {setting: value}}
+plugins: []              # modules imported first, e.g. to register your own stages
+runner:                  # where tasks run
+  kind: local            # local (threads) | dask (needs PREFECT_API_URL: a Prefect server)
+  address: null          # a Dask scheduler to use; null starts a local cluster of `workers`
+  workers: 2
+  shards: 1              # split per-sample stages into this many mapped tasks
 """
 
 from __future__ import annotations

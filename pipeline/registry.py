@@ -18,6 +18,7 @@ from mmdiag.pipeline.errors import MmdiagError
 
 T = TypeVar("T")
 
+
 class Registry(Generic[T]):
     """Records with a `name`, in the order registered; registering a name again replaces it."""
 

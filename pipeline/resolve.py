@@ -27,8 +27,7 @@ def check_model(spec: ModelSpec) -> None:
             with safe_open(str(spec.weights), framework="pt") as f:
                 f.keys()
         except Exception as e:  # safetensors' own error types
-            raise MmdiagError(f"model.weights: {spec.weights} is not a readable safetensors file ({' '.join(str(e).split())[:120]}); "
-                              "save the state dict with safetensors.torch.save_file") from None
+            raise MmdiagError(f"model.weights: {spec.weights} is not a readable safetensors file ({' '.join(str(e).split())[:120]}); save the state dict with safetensors.torch.save_file") from None
     if spec.name is not None and spec.name not in catalog.MODELS:
         raise MmdiagError(f"model.name: unknown model {spec.name!r}; choose one of {', '.join(catalog.MODELS)} or set model.factory")
     if spec.factory is not None:
@@ -80,8 +79,9 @@ def check_contract(adapter: ModelAdapter, data: SampleSet, split: str) -> None:
     with torch.no_grad():
         encoded = _step(lambda: adapter.encode(inputs), f"model: encoding the inputs {where} failed", "the data's inputs do not fit the model's encode")
         units = _step(lambda: adapter.units(inputs, encoded), f"model: splitting the inputs {where} into units failed", "check the adapter's unit specs against the inputs")
-        logits = _step(lambda: adapter.forward(encoded), f"model: forward of the encoded inputs {where} failed",
-                       "the model must accept what encode returns (embedded text for a modality named in `embeddings`)")
+        logits = _step(
+            lambda: adapter.forward(encoded), f"model: forward of the encoded inputs {where} failed", "the model must accept what encode returns (embedded text for a modality named in `embeddings`)"
+        )
     if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != b:
         raise MmdiagError(f"model: forward returned {tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__} for {b} samples; a classifier returns (B, C) logits")
     if not torch.isfinite(logits).all():
@@ -92,8 +92,11 @@ def check_contract(adapter: ModelAdapter, data: SampleSet, split: str) -> None:
         check_late_fusion(adapter, encoded, logits, where)
     for m, regions in data.truth.items():
         for r, masks in regions.items():
-            _step(lambda: units[m].coverage(masks[:b].to(encoded[m].device)),
-                  f"data.truth.{m}.{r}: masks shaped {tuple(masks.shape[1:])} do not fit the {m} input's grid", "give one value per pixel (images) or token position (text)")
+            _step(
+                lambda: units[m].coverage(masks[:b].to(encoded[m].device)),
+                f"data.truth.{m}.{r}: masks shaped {tuple(masks.shape[1:])} do not fit the {m} input's grid",
+                "give one value per pixel (images) or token position (text)",
+            )
 
 
 def check_late_fusion(adapter: ModelAdapter, encoded: dict, logits: torch.Tensor, where: str) -> None:

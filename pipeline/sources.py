@@ -191,11 +191,15 @@ class StreamedSampleSet(SampleSet):
             name=self.name,
             truth_concepts=self.truth_concepts,
             class_concepts=self.class_concepts,
-            counterfactuals={c: Counterfactual({m: x.view(index) for m, x in cf.inputs.items()},
-                                               None if cf.labels is None else cf.labels[index],
-                                               None if cf.valid is None else cf.valid[index],
-                                               None if cf.null is None else {m: x.view(index) for m, x in cf.null.items()})
-                             for c, cf in self.counterfactuals.items()},
+            counterfactuals={
+                c: Counterfactual(
+                    {m: x.view(index) for m, x in cf.inputs.items()},
+                    None if cf.labels is None else cf.labels[index],
+                    None if cf.valid is None else cf.valid[index],
+                    None if cf.null is None else {m: x.view(index) for m, x in cf.null.items()},
+                )
+                for c, cf in self.counterfactuals.items()
+            },
             found=self.found,
             reader=self.reader,
             content=f"{self.content}:{hash(tuple(rows))}",
@@ -379,8 +383,7 @@ class _Rows(torch.utils.data.Dataset):
     """Rows of a table (a dict per row) turned into sample dicts: the image loaded and resized,
     the text tokenized, the label and concepts as integers."""
 
-    def __init__(self, get: Callable[[int], dict], n: int, *, image: str, text: str | None, label: str,
-                 concepts: Sequence[str], tokenize, transform, load_image: Callable[[Any], Any], classes: dict):
+    def __init__(self, get: Callable[[int], dict], n: int, *, image: str, text: str | None, label: str, concepts: Sequence[str], tokenize, transform, load_image: Callable[[Any], Any], classes: dict):
         self.get, self.n, self.image, self.text, self.label = get, n, image, text, label
         self.concepts, self.tokenize, self.transform, self.load_image, self.classes = list(concepts), tokenize, transform, load_image, classes
 
@@ -504,8 +507,22 @@ def image_table(
     folder = Path(images) if images is not None else table.parent
     columns = list(rows[0]) if rows else [image, label, *([text] if text else []), *concepts]
     labels = lambda: [r.get(label) for r in rows]  # noqa: E731
-    source, names = _rows_source(rows.__getitem__, len(rows), columns, table.name, labels, _ImageFile(folder), tokenize=tokenize, image=image,
-                                 text=text, label=label, concepts=concepts, class_names=class_names, transform=transform, image_size=image_size)
+    source, names = _rows_source(
+        rows.__getitem__,
+        len(rows),
+        columns,
+        table.name,
+        labels,
+        _ImageFile(folder),
+        tokenize=tokenize,
+        image=image,
+        text=text,
+        label=label,
+        concepts=concepts,
+        class_names=class_names,
+        transform=transform,
+        image_size=image_size,
+    )
     return streamed(source, class_names=names, name=name or table.stem, batch_size=batch_size, workers=workers)
 
 
@@ -517,8 +534,7 @@ def _rows_source(get, n, columns, where, labels, load_image, *, tokenize, image,
     if missing:
         raise MmdiagError(f"data: {where} has no column {missing[0]!r}; its columns are {', '.join(columns)}")
     classes, names = _classes(labels(), class_names)
-    source = _Rows(get, n, image=image, text=text, label=label, concepts=concepts, tokenize=tokenize,
-                   transform=transform or Resized(image_size), load_image=load_image, classes=classes)
+    source = _Rows(get, n, image=image, text=text, label=label, concepts=concepts, tokenize=tokenize, transform=transform or Resized(image_size), load_image=load_image, classes=classes)
     return source, names
 
 
@@ -548,8 +564,22 @@ def hf_dataset(
     if class_names is None and hasattr(feature, "names"):
         class_names = feature.names
     # the labels: one Arrow column, no image decoded
-    source, names = _rows_source(ds.__getitem__, len(ds), columns, "the dataset", lambda: ds[label], _hf_image, tokenize=tokenize, image=image,
-                                 text=text, label=label, concepts=concepts, class_names=class_names, transform=transform, image_size=image_size)
+    source, names = _rows_source(
+        ds.__getitem__,
+        len(ds),
+        columns,
+        "the dataset",
+        lambda: ds[label],
+        _hf_image,
+        tokenize=tokenize,
+        image=image,
+        text=text,
+        label=label,
+        concepts=concepts,
+        class_names=class_names,
+        transform=transform,
+        image_size=image_size,
+    )
     return streamed(source, class_names=names, name=name or "hf-dataset", batch_size=batch_size, workers=workers)
 
 
@@ -573,10 +603,13 @@ def save_shards(data: SampleSet, folder: str | Path, rows_per_shard: int = 1000,
         name = folder / f"shard-{start + k:05d}"
         tensors = {key: t.contiguous() for key, t in part.large().items()}
         atomic_write(name.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
-        small = {"ids": part.ids.tolist(), "labels": part.labels.tolist(), "meta": {k: v.tolist() for k, v in part.meta.items()},
-                 "display": part.display, "counterfactuals": {c: {"labels": None if cf.labels is None else cf.labels.tolist(),
-                                                                   "valid": None if cf.valid is None else cf.valid.tolist()}
-                                                               for c, cf in part.counterfactuals.items()}}
+        small = {
+            "ids": part.ids.tolist(),
+            "labels": part.labels.tolist(),
+            "meta": {k: v.tolist() for k, v in part.meta.items()},
+            "display": part.display,
+            "counterfactuals": {c: {"labels": None if cf.labels is None else cf.labels.tolist(), "valid": None if cf.valid is None else cf.valid.tolist()} for c, cf in part.counterfactuals.items()},
+        }
         atomic_write(name.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(small)))
     if index:
         described = {"name": data.name, "class_names": data.class_names, "truth_concepts": data.truth_concepts, "class_concepts": data.class_concepts}
@@ -617,8 +650,14 @@ class ShardFolder(torch.utils.data.Dataset):
         if k not in self._open:  # one shard mapped at a time: the pages of those read before are let go
             self._open = {k: safe_open(str(self.names[k].with_suffix(".safetensors")), framework="pt")}
         f = self._open[k]
-        item: dict = {"id": small["ids"][at], "label": small["labels"][at], "meta": {c: v[at] for c, v in small["meta"].items()},
-                      "display": {d: v[at] for d, v in small["display"].items()}, "inputs": {}, "truth": {}}
+        item: dict = {
+            "id": small["ids"][at],
+            "label": small["labels"][at],
+            "meta": {c: v[at] for c, v in small["meta"].items()},
+            "display": {d: v[at] for d, v in small["display"].items()},
+            "inputs": {},
+            "truth": {},
+        }
         flipped: dict = {}
         for key in f.keys():
             part, *path = key.split(".")
@@ -639,5 +678,4 @@ def shards(folder: str | Path, batch_size: int = 64, workers: int = 0) -> Stream
     """A shard folder (save_shards) as a streamed sample set."""
     source = ShardFolder(folder)
     d = source.described
-    return streamed(source, class_names=d["class_names"], name=d["name"], truth_concepts=d["truth_concepts"],
-                    class_concepts=d["class_concepts"], batch_size=batch_size, workers=workers)
+    return streamed(source, class_names=d["class_names"], name=d["name"], truth_concepts=d["truth_concepts"], class_concepts=d["class_concepts"], batch_size=batch_size, workers=workers)

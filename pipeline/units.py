@@ -108,15 +108,10 @@ class PatchGrid:
 
     def build(self, raw, encoded, embed=None) -> Units:
         if encoded.dim() != 4:
-            raise MmdiagError(
-                f"units.{self.modality}: PatchGrid needs images shaped (B, C, H, W), got {tuple(encoded.shape)}; "
-                "use FeatureGroups for other shapes"
-            )
+            raise MmdiagError(f"units.{self.modality}: PatchGrid needs images shaped (B, C, H, W), got {tuple(encoded.shape)}; use FeatureGroups for other shapes")
         b, c, h, w = encoded.shape
         if h % self.patch or w % self.patch:
-            raise MmdiagError(
-                f"units.{self.modality}: patch {self.patch} does not tile the {h}x{w} input; choose a divisor of both"
-            )
+            raise MmdiagError(f"units.{self.modality}: patch {self.patch} does not tile the {h}x{w} input; choose a divisor of both")
         rows, cols = h // self.patch, w // self.patch
         grid = torch.arange(rows * cols, device=encoded.device).reshape(rows, cols)
         mask = grid.repeat_interleave(self.patch, 0).repeat_interleave(self.patch, 1)[None, None]
@@ -171,10 +166,7 @@ class FeatureGroups:
     def build(self, raw, encoded, embed=None) -> Units:
         groups = torch.as_tensor(self.groups, dtype=torch.long, device=encoded.device)
         if encoded.dim() != 2 or encoded.shape[1] != groups.numel():
-            raise MmdiagError(
-                f"units.{self.modality}: {groups.numel()} feature groups do not cover an input shaped "
-                f"{tuple(encoded.shape)}; give one group id per feature"
-            )
+            raise MmdiagError(f"units.{self.modality}: {groups.numel()} feature groups do not cover an input shaped {tuple(encoded.shape)}; give one group id per feature")
         n = int(groups.max()) + 1
         base = torch.as_tensor(self.baseline, dtype=encoded.dtype, device=encoded.device)
         names = list(self.names) if self.names else [f"g{i}" for i in range(n)]

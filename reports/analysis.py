@@ -78,8 +78,15 @@ def label_issue_rows(ev: Evaluated, cards: list[dict]) -> list[dict]:
     """The errors carded as label mistakes, most likely first: what `label_issues.csv` holds."""
     rows = sorted((c for c in cards if c["category"] == "label"), key=lambda c: c["rule"]["figures"]["rank"])
     return [
-        {"row": c["row"], "id": c["id"], "given": c["label"], "likely": c["pred"], "given_probability": c["rule"]["figures"]["given_probability"],
-         "likely_probability": c["rule"]["figures"]["predicted_probability"], "evidence": c["rule"]["sentence"]}
+        {
+            "row": c["row"],
+            "id": c["id"],
+            "given": c["label"],
+            "likely": c["pred"],
+            "given_probability": c["rule"]["figures"]["given_probability"],
+            "likely_probability": c["rule"]["figures"]["predicted_probability"],
+            "evidence": c["rule"]["sentence"],
+        }
         for c in rows
     ]
 
@@ -111,9 +118,19 @@ def analyse(summary: dict, results: dict[str, StageResult], data: SampleSet, thr
     detected = suggest.detect(seen)
     flagged = label_issues.ranked(ev.probs, ev.labels, label_issues.find(ev.probs, ev.labels))
     refit = refitted(results, ev, seed)
-    src = evidence.Sources(ev, summary, results, named, set_aside(summary, ev, detected, sets), evidence.readings(summary, results, ev), detected,
-                           {int(r): k for k, r in enumerate(flagged, 1)}, reliance.consensus(ev.data.meta, ev.labels, sets, thresholds.confidence),
-                           refit, None if refit is None else label_issues.neighbours_say(refit, ev.labels, thresholds.confidence))
+    src = evidence.Sources(
+        ev,
+        summary,
+        results,
+        named,
+        set_aside(summary, ev, detected, sets),
+        evidence.readings(summary, results, ev),
+        detected,
+        {int(r): k for k, r in enumerate(flagged, 1)},
+        reliance.consensus(ev.data.meta, ev.labels, sets, thresholds.confidence),
+        refit,
+        None if refit is None else label_issues.neighbours_say(refit, ev.labels, thresholds.confidence),
+    )
     cards = evidence.cards(src, thresholds)
     for c in cards:  # a cause that is a feature mmdiag found names it
         if c["rule"] and (c["rule"]["figures"] or {}).get("concept") in data.found:

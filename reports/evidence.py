@@ -207,14 +207,16 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
         if fusion is not None and (f.subject in pair or not pair):
             continue  # an additive model cannot use a modality that matters only with another: the interaction rule decides
         without = attr.without(mods.index(f.subject), len(mods))
-        out.append({
-            "modality": f.subject,
-            "share": f.figures["share"]["value"],
-            "regions": _relevant_regions(src, f.subject, row),
-            "has_truth": bool(src.ev.data.truth.get(f.subject)),
-            "removal_changes_prediction": bool(result.arrays["modality.pred_after"][at, without] != src.ev.pred[row]),
-            "removal_logit_change": _r(result.arrays["modality.pred"][at, without] - result.arrays["modality.pred"][at, -1]),
-        })
+        out.append(
+            {
+                "modality": f.subject,
+                "share": f.figures["share"]["value"],
+                "regions": _relevant_regions(src, f.subject, row),
+                "has_truth": bool(src.ev.data.truth.get(f.subject)),
+                "removal_changes_prediction": bool(result.arrays["modality.pred_after"][at, without] != src.ev.pred[row]),
+                "removal_logit_change": _r(result.arrays["modality.pred"][at, without] - result.arrays["modality.pred"][at, -1]),
+            }
+        )
     return {"modalities": out} if out else None
 
 
@@ -247,9 +249,13 @@ def label_evidence(src: Sources, row: int) -> dict:
         "concepts_say": None if told < 0 else ev.class_name(told),
         "concepts_tell": src.consensus is not None,  # some concept set determines the label
         # a readout refitted to this split's labels: does it, too, confidently give another class?
-        "refit": None if src.refit is None else {"likely": ev.class_name(int(src.refit[row].argmax())),
-                                                 "neighbours_say": None if src.refit_other[row] < 0 else ev.class_name(int(src.refit_other[row])),
-                                                 "given_probability": _r(src.refit[row, label])},
+        "refit": None
+        if src.refit is None
+        else {
+            "likely": ev.class_name(int(src.refit[row].argmax())),
+            "neighbours_say": None if src.refit_other[row] < 0 else ev.class_name(int(src.refit_other[row])),
+            "given_probability": _r(src.refit[row, label]),
+        },
         # a shortcut finding's concept points this sample to its prediction against its label
         "follows_shortcut": [f.subject for f in src.of_rule("shortcut") if f.points_to is not None and f.points_to[row] == pred != label],
     }
@@ -605,14 +611,37 @@ for _rule in (
     Rule("shortcut", lambda src, row, at, t: shortcut_evidence(src, row), shortcut_rule, "no shortcut finding", shortcut_sentence),
     Rule("ignored_modality", lambda src, row, at, t: ignored_evidence(src, row), ignored_rule, "no ignored-modality finding", ignored_sentence),
     Rule("label", lambda src, row, at, t: label_evidence(src, row), label_rule, "no predicted probabilities", label_sentence),
-    Rule("perception", lambda src, row, at, t: perception_evidence(src, row, at["unimodal"]) if {"unimodal", "intervention"} & set(src.results) else None,
-         perception_rule, "no intervention or unimodal evidence for this error", perception_sentence),
-    Rule("interaction", lambda src, row, at, t: interaction_evidence(src, row, at["crossmodal"], at["unimodal"]), interaction_rule,
-         "no crossmodal evidence for this error", interaction_sentence, interventional=lambda figures: "modality_interaction" in figures),
-    Rule("representation", lambda src, row, at, t: representation_evidence(src, row, t) if "representation" in src.results else None,
-         representation_rule, "no representation evidence for this error", representation_sentence, interventional=None),
-    Rule("composition", lambda src, row, at, t: composition_evidence(src, row) if "composition" in src.results else None,
-         composition_rule, "no composition evidence for this error", composition_sentence, interventional=None),
+    Rule(
+        "perception",
+        lambda src, row, at, t: perception_evidence(src, row, at["unimodal"]) if {"unimodal", "intervention"} & set(src.results) else None,
+        perception_rule,
+        "no intervention or unimodal evidence for this error",
+        perception_sentence,
+    ),
+    Rule(
+        "interaction",
+        lambda src, row, at, t: interaction_evidence(src, row, at["crossmodal"], at["unimodal"]),
+        interaction_rule,
+        "no crossmodal evidence for this error",
+        interaction_sentence,
+        interventional=lambda figures: "modality_interaction" in figures,
+    ),
+    Rule(
+        "representation",
+        lambda src, row, at, t: representation_evidence(src, row, t) if "representation" in src.results else None,
+        representation_rule,
+        "no representation evidence for this error",
+        representation_sentence,
+        interventional=None,
+    ),
+    Rule(
+        "composition",
+        lambda src, row, at, t: composition_evidence(src, row) if "composition" in src.results else None,
+        composition_rule,
+        "no composition evidence for this error",
+        composition_sentence,
+        interventional=None,
+    ),
 ):
     RULES.register(_rule)
 

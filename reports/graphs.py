@@ -40,7 +40,10 @@ def layout(graph: dict, max_edges: int = 10) -> dict | None:
     top = max(abs(e["weight"]) for e in edges) or 1.0
     drawn = [
         {
-            "x1": pos[e["source"]][0], "y1": pos[e["source"]][1], "x2": pos[e["target"]][0], "y2": pos[e["target"]][1],
+            "x1": pos[e["source"]][0],
+            "y1": pos[e["source"]][1],
+            "x2": pos[e["target"]][0],
+            "y2": pos[e["target"]][1],
             "width": round(0.6 + 3.4 * abs(e["weight"]) / top, 2),
             "colour": POSITIVE if e["weight"] >= 0 else NEGATIVE,
             "weight": round(float(e["weight"]), 4),

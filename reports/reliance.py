@@ -92,9 +92,16 @@ def counterfactual(summary: dict, concept: str, z: float | None = None) -> dict 
         return {"flip_rate_label_kept": kept, "fixes_error_rate": g["fixes_error_rate"]["value"], "tested_at_z": _r(z), "beyond_null": bool(low > 0)}
     effect = g.get("flip_effect")
     if effect and effect["n"]:  # the label unknown, a null beside it (a transform discovery found): flips beyond a random change as large
-        return {"flip_rate": g["flip_rate"]["value"], "null_flip_rate": g["null_flip_rate"]["value"], "flip_effect": effect, "n": effect["n"],
-                "fixes_error_rate": g["fixes_error_rate"]["value"], "null_fixes_error_rate": g["null_fixes_error_rate"]["value"], "tested_at_z": _r(z),
-                "beyond_null": bool(_low(effect, stage_z, z) > 0)}
+        return {
+            "flip_rate": g["flip_rate"]["value"],
+            "null_flip_rate": g["null_flip_rate"]["value"],
+            "flip_effect": effect,
+            "n": effect["n"],
+            "fixes_error_rate": g["fixes_error_rate"]["value"],
+            "null_fixes_error_rate": g["null_fixes_error_rate"]["value"],
+            "tested_at_z": _r(z),
+            "beyond_null": bool(_low(effect, stage_z, z) > 0),
+        }
     return None
 
 

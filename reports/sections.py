@@ -21,7 +21,7 @@ def discovery(summary: dict, ev: sp.Evaluated) -> dict:
     rows = []
     for r in s["reliable"]:
         where = f'"{r["word"]}"' if "word" in r else (f"box {r['box']}" if "box" in r else r.get("transform"))
-        status = (f"annotated as {r['annotated_as']}: discovery agrees" if r.get("annotated_as") else f"within {r['within']}" if r.get("within") else "found by mmdiag")
+        status = f"annotated as {r['annotated_as']}: discovery agrees" if r.get("annotated_as") else f"within {r['within']}" if r.get("within") else "found by mmdiag"
         rows.append({**r, "where": where, "status": status, "pushes_to": ev.class_name(int(r["push"]))})
     return {"n": s["n"], "candidates": s["candidates"], "passes": s.get("forward_passes_per_sample"), "fdr": s.get("fdr"), "rows": rows}
 

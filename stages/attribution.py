@@ -242,7 +242,7 @@ def by_present(game: Game, estimate: Callable[[Game, Compact], Tensor]) -> Tenso
 def _along(index: Tensor, like: Tensor) -> Tensor:
     """index (b, ..., n) expanded over `like`'s trailing target axis, if it has one."""
     extra = like.dim() - index.dim()
-    return index.reshape(*index.shape, *(1,) * extra).expand(*index.shape, *like.shape[index.dim():])
+    return index.reshape(*index.shape, *(1,) * extra).expand(*index.shape, *like.shape[index.dim() :])
 
 
 @dataclass

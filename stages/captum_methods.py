@@ -119,10 +119,7 @@ CONSERVATION_TOLERANCE = 0.01  # relative: |sum(attr) - (f(x) - f(ref))| / |f(x)
 def _conserved(name: str, delta: Tensor, gap: Tensor, why: str) -> None:
     error = float(delta.abs().mean() / gap.abs().mean().clamp_min(1e-12))
     if error > CONSERVATION_TOLERANCE:
-        raise MmdiagError(
-            f"stages.unimodal.methods: {name} does not hold on this model (its scores miss f(x) - f(reference) by "
-            f"{error:.0%}: {why}); remove {name} for this model"
-        )
+        raise MmdiagError(f"stages.unimodal.methods: {name} does not hold on this model (its scores miss f(x) - f(reference) by {error:.0%}: {why}); remove {name} for this model")
 
 
 DEEPLIFT_WHY = "a nonlinearity that is not an nn.Module Captum's DeepLift knows (torch.relu, attention, GELU...) is treated as linear"
@@ -136,9 +133,7 @@ def deeplift(game: Game) -> tuple[Tensor, Tensor]:
     forward, before = _Forward(game), game.passes
     base = game.removed()
     with _quiet_captum():
-        attrs, delta = DeepLift(forward).attribute(
-            _inputs(game), baselines=tuple(base[m].detach() for m in game.modalities), target=game.target, return_convergence_delta=True
-        )
+        attrs, delta = DeepLift(forward).attribute(_inputs(game), baselines=tuple(base[m].detach() for m in game.modalities), target=game.target, return_convergence_delta=True)
     _gradient_cost(game, before)
     scores = _per_unit(game, attrs)
     _conserved("deeplift", delta.detach(), _ends_gap(game, base), DEEPLIFT_WHY)

@@ -98,7 +98,7 @@ def fit_point(problem: _Problem, theta: torch.Tensor, lipschitz: float, config: 
     value, grad = problem.smooth(theta)
     recent = [value + problem.penalty(theta)]
     curvature = lipschitz
-    for step in range(1, config.max_iter + 1):
+    for step in range(1, config.max_iter + 1):  # noqa: B007 (the steps taken are returned)
         while True:  # curvature = lipschitz always descends: the search ends
             new = problem.prox(theta - grad / curvature, curvature)
             moved = new - theta
@@ -165,8 +165,7 @@ def heldout_split(pred: torch.Tensor, fraction: float, seed: int, names: list[st
         rows = (pred == c).nonzero().flatten()
         if len(rows) < 2:
             raise MmdiagError(
-                f"stages.composition.holdout: the model predicts class {names[c]!r} for {len(rows)} sample(s) only; "
-                "a held-out split needs 2 per predicted class: analyse more samples (data.n)"
+                f"stages.composition.holdout: the model predicts class {names[c]!r} for {len(rows)} sample(s) only; a held-out split needs 2 per predicted class: analyse more samples (data.n)"
             )
         n_held = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
         held[rows[torch.randperm(len(rows), generator=g)[:n_held]]] = True
@@ -186,10 +185,7 @@ def decision_features(ctx: Context, upstream: dict) -> tuple[torch.Tensor, dict[
     finite = torch.isfinite(a).all(1)
     if not finite.all():
         bad = ctx.data.ids[~finite].tolist()
-        raise MmdiagError(
-            f"stages.representation.decision_layer: the decision-level features hold NaN or inf for {len(bad)} samples "
-            f"(first id {bad[0]}); fix the model or those inputs"
-        )
+        raise MmdiagError(f"stages.representation.decision_layer: the decision-level features hold NaN or inf for {len(bad)} samples (first id {bad[0]}); fix the model or those inputs")
     return a, {f["feature"]: f.get("concept") for f in rep.summary.get("features", [])}
 
 

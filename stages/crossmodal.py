@@ -43,14 +43,12 @@ def check_inputs(ctx: Context, config: CrossmodalConfig) -> None:
     if len(mods) < 2:
         raise MmdiagError(f"stages.crossmodal: the model has one modality ({mods[0]}); cross-modal interaction needs two or more, drop the stage")
     if config.n_reference is not None and config.n_reference > len(ctx.data):
-        raise MmdiagError(f"stages.crossmodal.n_reference: {config.n_reference} reference samples asked for, the analysed split has "
-                          f"{len(ctx.data)}; lower n_reference or use more samples (data.n)")
+        raise MmdiagError(f"stages.crossmodal.n_reference: {config.n_reference} reference samples asked for, the analysed split has {len(ctx.data)}; lower n_reference or use more samples (data.n)")
     classes = ctx.data.labels.unique().tolist()
     if len(classes) < 2 and not ctx.adapter.one_label:
         names = ctx.data.class_names
         label = repr(names[classes[0]]) if names else classes[0]
-        raise MmdiagError(f"data: every sample of the analysed split has the same label ({label}); stage crossmodal needs at least "
-                          "two classes; analyse a split with two or more (data.split, data.n)")
+        raise MmdiagError(f"data: every sample of the analysed split has the same label ({label}); stage crossmodal needs at least two classes; analyse a split with two or more (data.split, data.n)")
 
 
 def check_batch_independence(adapter, encoded: dict[str, torch.Tensor]) -> None:

@@ -527,8 +527,15 @@ def _logits(adapter: ModelAdapter, encoded: dict[str, Tensor], size: int) -> Ten
 KINDS: dict[str, Callable] = {"word": word_candidates, "region": region_candidates, "segment": segment_candidates, "group": group_candidates, "transform": transform_candidates}
 
 
-def discover(adapter: ModelAdapter, data: SampleSet, logits: Tensor, config: DiscoveryConfig | None = None, seed: int = 0, device: torch.device | str = "cpu",
-             progress: Callable[[str, float], None] = lambda what, fraction: None) -> Discovery:
+def discover(
+    adapter: ModelAdapter,
+    data: SampleSet,
+    logits: Tensor,
+    config: DiscoveryConfig | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str, float], None] = lambda what, fraction: None,
+) -> Discovery:
     """Every candidate feature of every kind, tested by removal against its null."""
     config = config or DiscoveryConfig()
     adapter = adapter.eval()
@@ -568,7 +575,7 @@ def discover(adapter: ModelAdapter, data: SampleSet, logits: Tensor, config: Dis
             p = pred[rows]
             flips[id(f)][rows] = (after.argmax(1) != p).numpy()
             null_flips[id(f)][rows] = (null_after.argmax(1) != p).numpy()
-            fixes[id(f)][rows] = (after.argmax(1).numpy() == labels[rows])
+            fixes[id(f)][rows] = after.argmax(1).numpy() == labels[rows]
             d = base[rows] - after
             drops[id(f)][rows] = (d - d.mean(1, keepdim=True)).numpy()
     pvalues = []
@@ -599,7 +606,6 @@ def discover(adapter: ModelAdapter, data: SampleSet, logits: Tensor, config: Dis
     return Discovery(features, n, passes)
 
 
-
 # ---------------------------------------------------------------- what the rest of the diagnosis sees
 
 
@@ -618,6 +624,7 @@ class LazySegmentation(Segmentation):
 
 def box_mask(carriers: np.ndarray, box: list[int], grid: tuple[int, int]) -> Callable[[Tensor], Tensor]:
     """A place's masks over the image grid, for rows of the set: the box on its carriers."""
+
     def compute(rows: Tensor) -> Tensor:
         x0, y0, x1, y1 = box
         out = torch.zeros(len(rows), *grid, dtype=torch.bool)
@@ -698,9 +705,12 @@ def run(ctx: Context, config: DiscoveryConfig, upstream: dict) -> StageResult:
     arrays.update({f"words.{f.id}": f.mask.numpy() for f in taken if f.kind == "word"})
     arrays.update({f"group.{f.id}": f.layout.numpy() for f in taken if f.kind == "group"})
     arrays.update({f"centres.{f.id}": f.segmentation.centres for f in taken if f.kind == "segment"})
-    details = {"taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {}), **({"cluster": f.cluster} if f.cluster is not None else {})} for f in taken],
-               "segments": config.segments,
-               "seed": ctx.seed, "forward_passes": found.forward_passes}
+    details = {
+        "taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {}), **({"cluster": f.cluster} if f.cluster is not None else {})} for f in taken],
+        "segments": config.segments,
+        "seed": ctx.seed,
+        "forward_passes": found.forward_passes,
+    }
     summary = {**found.summary(config.fdr), "taken": [f.id for f in taken]}
     return StageResult(summary, arrays, details)
 
@@ -720,9 +730,20 @@ def extend(data: SampleSet, result: StageResult) -> SampleSet:
         name, m = record["id"], record["modality"]
         if name in meta:
             raise MmdiagError(f"data.meta: a concept is named {name!r}, the name of a feature mmdiag found; rename it")
-        f = Feature(name, m, record["kind"], result.arrays[f"carriers.{name}"].astype(bool), word=record.get("word"), box=record.get("box"),
-                    transform=record.get("transform"), scale=record.get("scale"), group=record.get("group"), side=record.get("side"),
-                    cluster=record.get("cluster"), colour=record.get("colour"))
+        f = Feature(
+            name,
+            m,
+            record["kind"],
+            result.arrays[f"carriers.{name}"].astype(bool),
+            word=record.get("word"),
+            box=record.get("box"),
+            transform=record.get("transform"),
+            scale=record.get("scale"),
+            group=record.get("group"),
+            side=record.get("side"),
+            cluster=record.get("cluster"),
+            colour=record.get("colour"),
+        )
         meta[name] = torch.where(torch.from_numpy(f.carriers), record["push"], -1).long()
         x = data.inputs[m]
         if f.kind == "transform":

@@ -85,8 +85,9 @@ def own_settings(name: str, options: dict[str, Any]) -> BaseModel | None:
         raise MmdiagError(f"stages.unimodal.options.{name}.{where}: {err['msg']}") from None
 
 
-def attribute(name: str, game: attr.Game, config: UnimodalConfig | None = None, stats: attr.BottleneckStats | None = None,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attribute(
+    name: str, game: attr.Game, config: UnimodalConfig | None = None, stats: attr.BottleneckStats | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One method's (scores, completeness residual or None) for a game, as stage 1 computes them
     (stage 1's default settings unless `config` is given)."""
     from mmdiag.stages.unimodal import UnimodalConfig

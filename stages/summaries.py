@@ -28,11 +28,15 @@ class DiscoverySummary(TypedDict):
     n: Annotated[int, Doc("samples tested")]
     fdr: Annotated[float, Doc("the false discovery rate (Benjamini-Hochberg)")]
     candidates: Annotated[int, Doc("candidate features: words, image places, image-wide transforms")]
-    reliable: Annotated[list[dict[str, Any]], Doc(
-        "`[{id, modality, kind, word | box | group and side | colour (a segment group) | transform, found: true, n, push, flip_rate, null_flip_rate, "
-        "flip_effect, accuracy_change, p_value, q_value, error_rate_agree, error_rate_disagree, fixes_error_rate, errors_explained, annotated_as?, within?}]`: "
-        "every feature whose removal flips more predictions than its null; `push` is the class it pushes towards, `box` is `[x0, y0, x1, y1]` in the "
-        "input's pixels (x right, y down, end exclusive); `annotated_as` names the annotated concept at the same place, `within` the stronger feature it overlaps")]
+    reliable: Annotated[
+        list[dict[str, Any]],
+        Doc(
+            "`[{id, modality, kind, word | box | group and side | colour (a segment group) | transform, found: true, n, push, flip_rate, null_flip_rate, "
+            "flip_effect, accuracy_change, p_value, q_value, error_rate_agree, error_rate_disagree, fixes_error_rate, errors_explained, annotated_as?, within?}]`: "
+            "every feature whose removal flips more predictions than its null; `push` is the class it pushes towards, `box` is `[x0, y0, x1, y1]` in the "
+            "input's pixels (x right, y down, end exclusive); `annotated_as` names the annotated concept at the same place, `within` the stronger feature it overlaps"
+        ),
+    ]
     forward_passes_per_sample: Annotated[float, Doc("model inputs per sample")]
     taken: Annotated[list[str], Doc("the ids that became concepts for every later stage and rule (found, not annotated, not within another)")]
 
@@ -62,9 +66,13 @@ class UnimodalSummary(TypedDict):
     n_errors_explained: Annotated[int, Doc("errors among them")]
     skipped: Annotated[list[dict[str, Any]], Doc("`[{id, reason}]`: samples skipped (non-finite attribution or model output)")]
     modality_share: NotRequired[Annotated[dict[str, dict[str, Any]], Doc("MM-SHAP share per modality: `mean`, `std` over samples (with `shapley` among the methods)")]]
-    modality_ablation: Annotated[dict[str, dict[str, Any]], Doc(
-        "exact modality Shapley value per modality: `shapley`, `abs_shapley` (means), `share` (of the |modality Shapley values|: the modality's share of the "
-        "logit change); `interaction`: `mean`, `abs_mean` of the modality interaction; `pairs.<a×b>`: exact Shapley interaction index of each modality pair")]
+    modality_ablation: Annotated[
+        dict[str, dict[str, Any]],
+        Doc(
+            "exact modality Shapley value per modality: `shapley`, `abs_shapley` (means), `share` (of the |modality Shapley values|: the modality's share of the "
+            "logit change); `interaction`: `mean`, `abs_mean` of the modality interaction; `pairs.<a×b>`: exact Shapley interaction index of each modality pair"
+        ),
+    ]
     methods: Annotated[dict[str, MethodQuality], Doc("per attribution method (stages.unimodal.methods)")]
 
 
@@ -80,10 +88,14 @@ class CrossmodalSummary(TypedDict):
     dime: Annotated[dict[str, float], Doc("`unimodal_abs_mean`, `interaction_abs_mean` of the predicted logit's DIME split")]
     n_explained: Annotated[int, Doc("samples with interaction graphs")]
     top_pairs: Annotated[list[dict[str, Any]], Doc("`[{units: [label, label], modalities, count, mean_weight}]`: the unit pairs most often among a sample's strongest")]
-    methods: Annotated[dict[str, dict[str, Any]], Doc(
-        "`emap`, `mixed_gradients`, `shapley_interaction`: `forward_passes` (model inputs) and `seconds`; `emap.late_fusion`: whether EMAP took the adapter's "
-        "late-fusion path (`forward_passes` then counts encoder passes, `fusion_evaluations` the fusion's); `mixed_gradients.path`: the differentiation used, "
-        "with `why` the faster path did not run")]
+    methods: Annotated[
+        dict[str, dict[str, Any]],
+        Doc(
+            "`emap`, `mixed_gradients`, `shapley_interaction`: `forward_passes` (model inputs) and `seconds`; `emap.late_fusion`: whether EMAP took the adapter's "
+            "late-fusion path (`forward_passes` then counts encoder passes, `fusion_evaluations` the fusion's); `mixed_gradients.path`: the differentiation used, "
+            "with `why` the faster path did not run"
+        ),
+    ]
     shapley_interaction: NotRequired[Annotated[dict[str, Any], Doc("`pairs_per_sample`, `abs_mean`, `sign_agreement` (with the mixed-gradient sign)")]]
 
 
@@ -91,8 +103,10 @@ class CrossmodalSummary(TypedDict):
 class RepresentationSummary(TypedDict):
     n: Annotated[int, Doc("samples probed")]
     layers: Annotated[dict[str, dict[str, Any]], Doc("probed `shape` and `width` per layer")]
-    probes: Annotated[dict[str, dict[str, dict[str, Any]]], Doc(
-        "`<concept>.<layer>`: `accuracy` and `control` (shuffled labels) on the `n_test` held-out samples, `selectivity` (= accuracy - control), `n` (known), `unknown`")]
+    probes: Annotated[
+        dict[str, dict[str, dict[str, Any]]],
+        Doc("`<concept>.<layer>`: `accuracy` and `control` (shuffled labels) on the `n_test` held-out samples, `selectivity` (= accuracy - control), `n` (known), `unknown`"),
+    ]
     features: Annotated[list[dict[str, Any]], Doc("one `{feature, concept (null: unassigned), auroc (raw), modality_dependence: {modality: share}}` per decision feature")]
     assigned: Annotated[dict[str, int], Doc("features per concept")]
     unassigned_share: Annotated[float, Doc("share of features with no concept")]
@@ -111,9 +125,13 @@ class CompositionSummary(TypedDict):
     per_class: Annotated[dict[str, list[dict[str, Any]]], Doc("per class: `[{feature, weight, concept}]`, largest weights first")]
     simulation: Annotated[dict[str, float], Doc("`top3`, `top5`: top-k surrogate agreement with the model")]
     errors: Annotated[dict[str, Any], Doc("`n`, `top_push` (`[{feature, mean_push, concept}]`): what pushed the errors")]
-    exact: Annotated[dict[str, Any], Doc(
-        "whether the decision head decomposes exactly: `applies`, `max_error`, `simulation`, `reason`, `up_to` (exact up to a per-sample shift common to all "
-        "classes, a log-softmax's normaliser: generative VLMs)")]
+    exact: Annotated[
+        dict[str, Any],
+        Doc(
+            "whether the decision head decomposes exactly: `applies`, `max_error`, `simulation`, `reason`, `up_to` (exact up to a per-sample shift common to all "
+            "classes, a log-softmax's normaliser: generative VLMs)"
+        ),
+    ]
     unpredicted: NotRequired[Annotated[list[str], Doc("classes the model never predicts on these samples")]]
 
 
@@ -123,14 +141,23 @@ class InterventionSummary(TypedDict):
     null_sets: Annotated[int, Doc("random same-size unit sets per region and sample")]
     confidence: Annotated[float, Doc("of the intervals")]
     forward_passes_per_sample: Annotated[float, Doc("model inputs per sample")]
-    regions: Annotated[dict[str, dict[str, Any]], Doc(
-        "`<modality.region>`: `modality`, `region`, `concept` (its link), `n` (samples with the region), `units` (mean units removed); `flip_rate`, "
-        "`null_flip_rate`, `flip_effect` (per sample: flip minus its nulls' mean flip), `margin_drop`, `margin_effect` (margin taken minus the nulls'), "
-        "`fixes_error_rate`, `null_fixes_error_rate`, each `{value, low, high, n}`; `logit_change` `{pred, true}` (means)")]
-    modalities: Annotated[dict[str, dict[str, Any]], Doc(
-        "exact modality Shapley value on every sample (`shapley`, `abs_shapley`), `share` of the logit change `{value, low, high, n}`, "
-        "`removal_flip_rate`, `removal_fixes_error_rate`")]
+    regions: Annotated[
+        dict[str, dict[str, Any]],
+        Doc(
+            "`<modality.region>`: `modality`, `region`, `concept` (its link), `n` (samples with the region), `units` (mean units removed); `flip_rate`, "
+            "`null_flip_rate`, `flip_effect` (per sample: flip minus its nulls' mean flip), `margin_drop`, `margin_effect` (margin taken minus the nulls'), "
+            "`fixes_error_rate`, `null_fixes_error_rate`, each `{value, low, high, n}`; `logit_change` `{pred, true}` (means)"
+        ),
+    ]
+    modalities: Annotated[
+        dict[str, dict[str, Any]],
+        Doc("exact modality Shapley value on every sample (`shapley`, `abs_shapley`), `share` of the logit change `{value, low, high, n}`, `removal_flip_rate`, `removal_fixes_error_rate`"),
+    ]
     pairs: Annotated[dict[str, dict[str, float]], Doc("`<a×b>`: Shapley interaction index of each modality pair on every sample: `mean`, `abs_mean`, `abs_share`")]
-    counterfactuals: Annotated[dict[str, dict[str, Any]], Doc(
-        "`<concept>`: `n`, `flip_rate`, `label_changed_rate`, `flip_rate_label_kept`, `fixes_error_rate` (intervals as above), `logit_change.pred`; with a "
-        "null (a transform discovery found): `null_flip_rate`, `flip_effect`, `null_fixes_error_rate`")]
+    counterfactuals: Annotated[
+        dict[str, dict[str, Any]],
+        Doc(
+            "`<concept>`: `n`, `flip_rate`, `label_changed_rate`, `flip_rate_label_kept`, `fixes_error_rate` (intervals as above), `logit_change.pred`; with a "
+            "null (a transform discovery found): `null_flip_rate`, `flip_effect`, `null_fixes_error_rate`"
+        ),
+    ]

@@ -190,8 +190,15 @@ def run(ctx: Context, config: UnimodalConfig, upstream: dict) -> StageResult:
         game = attr.Game(adapter, encoded, units, pred[batch].to(ctx.device), _eval_batch(ctx, config), draws=draws, tick=beat)
         wrong = (pred[batch] != data.labels[batch]).to(ctx.device)
         # towards the true class: only errors need it (elsewhere it is the predicted class)
-        towards_truth = attr.Game(adapter, {m: t[wrong] for m, t in encoded.items()}, {m: u.take(wrong) for m, u in units.items()},
-                                  data.labels[batch].to(ctx.device)[wrong], game.batch_size, draws=draws.take(wrong), tick=beat)
+        towards_truth = attr.Game(
+            adapter,
+            {m: t[wrong] for m, t in encoded.items()},
+            {m: u.take(wrong) for m, u in units.items()},
+            data.labels[batch].to(ctx.device)[wrong],
+            game.batch_size,
+            draws=draws.take(wrong),
+            tick=beat,
+        )
         # both classes scored from one set of coalitions, for the methods that can
         both = attr.Game(adapter, encoded, units, torch.stack([pred[batch], data.labels[batch]], 1).to(ctx.device), game.batch_size, draws=draws, tick=beat)
         for meth in config.methods:
@@ -302,10 +309,7 @@ def _result(config, modalities, sizes, data, rows, pred, got, cost, regions, san
     if "shapley" in config.methods:
         shap = got[("map", "shapley", "pred")][finite].abs()
         total = shap.sum(1).clamp_min(1e-12)
-        summary["modality_share"] = {
-            m: {"mean": _mean(share), "std": _std(share)}
-            for m, share in ((m, shap[:, spans[m]].sum(1) / total) for m in modalities)
-        }
+        summary["modality_share"] = {m: {"mean": _mean(share), "std": _std(share)} for m, share in ((m, shap[:, spans[m]].sum(1) / total) for m in modalities)}
     pairs = got["modality_pairs"][finite]
     # each modality's share of what the modalities change in the logit, in absolute terms
     reliance = phi.abs() / phi.abs().sum(1, keepdim=True).clamp_min(1e-12)

@@ -50,6 +50,7 @@ def _with(**changes):
 
 # --- data factories, each with one mistake
 
+
 def data_raises(split, n, seed):
     raise ValueError("the bucket is empty")
 
@@ -182,6 +183,7 @@ def data_lone_surrogates(split, n, seed):
 
 # --- model factories, each with one mistake
 
+
 def model_raises():
     raise RuntimeError("CUDA out of memory (pretend)")
 
@@ -264,8 +266,7 @@ class _NeedsIds(torch.nn.Module):
 
 
 def model_embedding_mismatch():
-    return TorchAdapter(_NeedsIds(), ("audio", "tabular"), units={"audio": Tokens(pad_id=0), "tabular": FeatureGroups([0, 1])},
-                        embeddings={"audio": "embedding"})
+    return TorchAdapter(_NeedsIds(), ("audio", "tabular"), units={"audio": Tokens(pad_id=0), "tabular": FeatureGroups([0, 1])}, embeddings={"audio": "embedding"})
 
 
 def data_tokens(split, n, seed):

@@ -58,8 +58,11 @@ def demo_models(cache):
 # small stage-1 and stage-2 settings for whole demo runs, discovery of words and transforms
 # only (its places, 94 of the 118 candidates on demo-film, are tested in tests/test_discovery.py);
 # the other stages at their defaults
-QUICK_STAGES = {"unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0},
-                "crossmodal": {"n_reference": 40, "shapley_draws": 4}, "discovery": {"kinds": ["word", "transform"]}}
+QUICK_STAGES = {
+    "unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0},
+    "crossmodal": {"n_reference": 40, "shapley_draws": 4},
+    "discovery": {"kinds": ["word", "transform"]},
+}
 
 
 @pytest.fixture
@@ -85,8 +88,7 @@ def toy(monkeypatch, tmp_path, cache):
     monkeypatch.setenv("TOY_LOG", str(log))
     cfg = tmp_path / "diag.yaml"
     cfg.write_text(
-        f"run: toy\nmodel: {{factory: 'toy_stages:build_model'}}\ndata: {{split: ood, splits: [ood], n: 300}}\n"
-        f"plugins: [toy_stages]\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
+        f"run: toy\nmodel: {{factory: 'toy_stages:build_model'}}\ndata: {{split: ood, splits: [ood], n: 300}}\nplugins: [toy_stages]\nout: {tmp_path / 'runs'}\ncache: {tmp_path / 'cache'}\n"
     )
 
     def computed():

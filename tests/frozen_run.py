@@ -21,5 +21,4 @@ STAGES = {
 
 
 def config(out, cache) -> dict:
-    return {"run": "frozen", "model": {"factory": "frozen_run:build_model"}, "data": {"name": "shapes", "split": "ood", "n": 200},
-            "seed": 0, "out": str(out), "cache": str(cache), "stages": STAGES}
+    return {"run": "frozen", "model": {"factory": "frozen_run:build_model"}, "data": {"name": "shapes", "split": "ood", "n": 200}, "seed": 0, "out": str(out), "cache": str(cache), "stages": STAGES}

@@ -114,8 +114,7 @@ def _g(v: float) -> str:
 
 def table(result: dict) -> str:
     settings = list(result["settings"])
-    lines = ["| test | property | bound | " + " | ".join(f"{s} (min / median / max)" for s in settings) + " | room |",
-             "|---" * (len(settings) + 4) + "|"]
+    lines = ["| test | property | bound | " + " | ".join(f"{s} (min / median / max)" for s in settings) + " | room |", "|---" * (len(settings) + 4) + "|"]
     for p in sorted(result["properties"], key=lambda p: (p["test"], p["name"])):
         bound = " and ".join(b for b in ((f"> {_g(p['above'])}" if p["above"] is not None else ""), (f"< {_g(p['below'])}" if p["below"] is not None else "")) if b)
         cells = []

@@ -77,9 +77,7 @@ def test_lightning_module_takes_the_generic_adapter():
             return self.a(x["left"]) + self.b(x["right"])
 
     module = Tabular().eval()
-    adapter = TorchAdapter(
-        module, ("left", "right"), units={"left": FeatureGroups([0, 0, 1, 1]), "right": FeatureGroups([0, 1, 2])}, head="a"
-    )
+    adapter = TorchAdapter(module, ("left", "right"), units={"left": FeatureGroups([0, 0, 1, 1]), "right": FeatureGroups([0, 1, 2])}, head="a")
     x = {"left": torch.rand(5, 4), "right": torch.rand(5, 3)}
     assert torch.allclose(adapter(x), module(x))
     units = adapter.units(x, adapter.encode(x))

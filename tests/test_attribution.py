@@ -89,12 +89,11 @@ def test_occlusion_and_gradient_times_input():
 
 def test_iba_optimises_each_sample_on_its_own():
     """Batched IBA must equal per-sample IBA: sample 0's map cannot depend on its batch mates."""
+
     def first_map(x_other):
         game = game_for(Mixer(), b=2)
         game.encoded = {m: torch.stack([t[0], x_other[m]]) for m, t in game.encoded.items()}
-        stats = attr.BottleneckStats(
-            {m: torch.zeros(3) for m in game.encoded}, {m: torch.ones(3) for m in game.encoded}
-        )
+        stats = attr.BottleneckStats({m: torch.zeros(3) for m in game.encoded}, {m: torch.ones(3) for m in game.encoded})
         out = attr.iba(game, "left", stats, attr.IBAConfig(steps=5, copies=4), torch.Generator().manual_seed(0))
         return out[0]
 
@@ -154,8 +153,10 @@ def test_pair_interactions_equal_the_definition_by_enumeration():
         rest = [k for k in range(n) if k not in (i, j)]
         for size in range(len(rest) + 1):
             for s in itertools.combinations(rest, size):
+
                 def at(extra):
                     return v[:, index[tuple(k in s or k in extra for k in range(n))]]
+
                 w = math.factorial(size) * math.factorial(n - size - 2) / math.factorial(n - 1)
                 expected += w * (at((i, j)) - at((i,)) - at((j,)) + at(()))
         assert torch.allclose(pairs[:, p], expected, atol=1e-5)

@@ -274,8 +274,7 @@ NOT_UTF8 = b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary"
 
 
 def _good_run(root, name="r"):
-    config = {"run": name, "model": {"factory": "bad_input_kit:build"}, "data": {"factory": "bad_input_kit:load", "split": "val"},
-              "out": str(root / "fixtures"), "cache": str(root / "cache")}
+    config = {"run": name, "model": {"factory": "bad_input_kit:build"}, "data": {"factory": "bad_input_kit:load", "split": "val"}, "out": str(root / "fixtures"), "cache": str(root / "cache")}
     summary = {"schema": "mmdiag.summary/1", "model": {"fingerprint": "f", "accuracy": 0.5, "splits": {}}, "stages": {}}
     return _run_folder(root, {"config": config}, summary, name)
 

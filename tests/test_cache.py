@@ -52,8 +52,7 @@ def test_a_moved_cache_is_reused_as_it_is(tmp_path):
     assert str(tmp_path) not in record  # no absolute path anywhere in a record
 
 
-@pytest.mark.parametrize("damage", ["truncated result", "edited result", "missing result", "garbage record",
-                                    "foreign record", "record naming a path"])
+@pytest.mark.parametrize("damage", ["truncated result", "edited result", "missing result", "garbage record", "foreign record", "record naming a path"])
 def test_damage_is_recomputed_with_one_warning(tmp_path, caplog, damage):
     calls = []
     ref, _ = cache.cached(tmp_path, "stage", {"x": 1}, "code", False, _compute(tmp_path, calls))

@@ -76,7 +76,7 @@ def test_config_defaults_and_relative_weights(tmp_path):
         parse_config({"model": {"name": "demo-film"}, "run": "../escape"})
 
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 from mmdiag.pipeline import FeatureGroups, SampleSet, TorchAdapter
 
@@ -104,17 +104,14 @@ def load(split, n, seed):
         meta={"loud": torch.randint(0, 2, (n,), generator=g)},
         class_names=["a", "b"],
     )
-'''
+"""
 
 
 def test_diagnose_a_users_own_model_and_data(tmp_path, monkeypatch, capsys):
     (tmp_path / "usermodel.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tmp_path / "diag.yaml"
-    cfg.write_text(
-        f"run: mine\nmodel: {{factory: 'usermodel:build'}}\n"
-        f"data: {{factory: 'usermodel:load', split: test, splits: [test], n: 40}}\nout: {tmp_path / 'runs'}\n"
-    )
+    cfg.write_text(f"run: mine\nmodel: {{factory: 'usermodel:build'}}\ndata: {{factory: 'usermodel:load', split: test, splits: [test], n: 40}}\nout: {tmp_path / 'runs'}\n")
     assert main(["diagnose", "--config", str(cfg)]) == 0
     summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
     assert summary["model"]["n"] == 40 and summary["model"]["split"] == "test"
@@ -125,12 +122,10 @@ def test_diagnose_a_users_own_model_and_data(tmp_path, monkeypatch, capsys):
     assert {s["where"] for s in summary["model"]["slices"]} == {"loud=0", "loud=1"}
 
 
-
 def test_the_command_runs_the_exit_handlers_and_keeps_the_exit_code():
     """`entry` skips the interpreter's teardown, not the atexit handlers (Prefect's, the temporary
     server's stop) nor the output."""
-    code = ("import atexit, sys; atexit.register(lambda: print('handler ran', flush=True)); "
-            "sys.argv = ['mmdiag', *sys.argv[1:]]; from mmdiag.flows.cli import entry; entry()")
+    code = "import atexit, sys; atexit.register(lambda: print('handler ran', flush=True)); sys.argv = ['mmdiag', *sys.argv[1:]]; from mmdiag.flows.cli import entry; entry()"
     done = subprocess.run([sys.executable, "-c", code, "stages"], capture_output=True, text=True)
     assert done.returncode == 0 and "unimodal" in done.stdout and done.stdout.rstrip().endswith("handler ran")
     done = subprocess.run([sys.executable, "-c", code, "compare", "/nonexistent-a", "/nonexistent-b"], capture_output=True, text=True)

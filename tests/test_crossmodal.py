@@ -92,11 +92,13 @@ def test_mixed_gradients_match_finite_differences_and_the_loop():
     g.units = {m: u.__class__(u.mask, u.n, u.baseline.double(), u.labels) for m, u in g.units.items()}
     for u in range(3):
         for v in range(3):
+
             def at(da, db):
                 gates = {m: t.clone() for m, t in ones.items()}
                 gates["a"][:, u] += da
                 gates["b"][:, v] += db
                 return value(gates)
+
             fd = (at(h, h) - at(h, -h) - at(-h, h) + at(-h, -h)) / (4 * h * h)
             assert torch.allclose(block[:, u, v].double(), fd.detach(), atol=1e-3, rtol=1e-3)
     additive = inter.mixed_gradients(game(Sum()), "a", "b")
@@ -216,8 +218,9 @@ def _planted_late(modalities=("image", "text", "audio")):
     net = adapter.module
     net.separate = net.encode  # the per-modality encoders: the modalities meet only after them
     net.fuse = lambda z: net.head(net.fused(torch.cat([z[m] for m in net.modalities], 1)))
-    late = TorchAdapter(net, adapter.modalities, adapter.unit_specs, embeddings=adapter.embedding_names, layers=adapter.layer_names,
-                        head="head", class_names=adapter.class_names, fusion=("separate", "fuse"))
+    late = TorchAdapter(
+        net, adapter.modalities, adapter.unit_specs, embeddings=adapter.embedding_names, layers=adapter.layer_names, head="head", class_names=adapter.class_names, fusion=("separate", "fuse")
+    )
     return adapter, late, pl.samples(world, 40, seed=3)
 
 
@@ -258,8 +261,10 @@ def test_a_late_fusion_declaration_is_checked_on_the_model(demo_models):
     film = demo_models("demo-film").module  # FiLM: the text modulates the image's convolutions
     wrong = demo_adapter(film)
     wrong.fusion_names = ("separate", "fuse")
-    film.separate = lambda x: {"image": torch.relu(film.conv3(torch.nn.functional.max_pool2d(torch.relu(film.conv2(film.first(x["image"]))), 2))).amax(dim=(2, 3)),
-                               "text": film.text(film.words(x["text"]))}
+    film.separate = lambda x: {
+        "image": torch.relu(film.conv3(torch.nn.functional.max_pool2d(torch.relu(film.conv2(film.first(x["image"]))), 2))).amax(dim=(2, 3)),
+        "text": film.text(film.words(x["text"])),
+    }
     film.fuse = lambda z: film.classify(torch.cat([z["image"], z["text"]], 1))
     try:
         with pytest.raises(MmdiagError, match=r"fuse\(separate\(x\)\) differs from forward\(x\)"):
@@ -267,8 +272,7 @@ def test_a_late_fusion_declaration_is_checked_on_the_model(demo_models):
     finally:
         del film.separate, film.fuse
     g = torch.Generator().manual_seed(0)
-    leaky = TorchAdapter(_Leaky(), ("image", "text"), {"image": FeatureGroups([0, 1, 2], modality="image"), "text": FeatureGroups([0, 1], modality="text")},
-                         fusion=("separate", "fuse"))
+    leaky = TorchAdapter(_Leaky(), ("image", "text"), {"image": FeatureGroups([0, 1, 2], modality="image"), "text": FeatureGroups([0, 1], modality="text")}, fusion=("separate", "fuse"))
     two = SampleSet(inputs={"image": torch.randn(2, 3, generator=g), "text": torch.randn(2, 2, generator=g)}, labels=torch.tensor([0, 1]))
     with pytest.raises(MmdiagError, match="separate's image features change with the other modalities"):
         check_contract(leaky, two, "test")

@@ -325,8 +325,9 @@ def test_a_demo_model_on_bare_data_finds_its_corner_mark(demo_models, name, n):
     data = (vlm if name == "demo-vlm" else shapes).split("ood", n=n)
     ys, xs = data.truth["image"]["watermark"].any(0).nonzero(as_tuple=True)
     box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-    summary, _, analysis = diagnose(adapter, pl.bare(data), settings={"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 20, "sanity_samples": 0},
-                                                                     "crossmodal": {"n_reference": 40, "shapley_draws": 2}})
+    summary, _, analysis = diagnose(
+        adapter, pl.bare(data), settings={"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 20, "sanity_samples": 0}, "crossmodal": {"n_reference": 40, "shapley_draws": 2}}
+    )
     taken = [r for r in summary["discovery"]["reliable"] if r["id"] in summary["discovery"]["taken"] and r["kind"] == "region"]
     # the mark (4x4 px) inside a unit cell: demo-vlm's cells are 8x8, an IoU of 16/64 at best
     marks = {r["id"] for r in taken if _box_iou(r["box"], box) >= 0.25}

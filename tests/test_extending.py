@@ -35,8 +35,9 @@ def test_a_registered_method_rule_and_finding_reach_the_stages_cards_suggestions
 
     importlib.reload(toy_rules)
     # the frozen network with its logits scaled: the same predictions, each made with near certainty
-    d = mmdiag.diagnose({"factory": "toy_rules:overconfident_model"}, {"name": "shapes", "split": "ood", "n": 200}, plugins=["toy_method"],
-                        stages=STAGES, out=tmp_path / "runs", cache=tmp_path / "cache")
+    d = mmdiag.diagnose(
+        {"factory": "toy_rules:overconfident_model"}, {"name": "shapes", "split": "ood", "n": 200}, plugins=["toy_method"], stages=STAGES, out=tmp_path / "runs", cache=tmp_path / "cache"
+    )
     quality = d.summary["unimodal"]["methods"]["leave_one_in"]
     assert quality["deletion_auc"] is not None and quality["completeness_error"] is None  # it claims no completeness
     uni = d.stage("unimodal")
@@ -86,11 +87,14 @@ def test_registered_code_is_part_of_the_cache_keys_of_what_runs_it():
     assert unimodal(mine) == before
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"leave_one_in": {"scale": -1}}, "stages.unimodal.options.leave_one_in.scale: "),
-    ({"grad_x_input": {"steps": 3}}, "stages.unimodal.options.grad_x_input: the method 'grad_x_input' has no settings of its own"),
-    ({"magic": {}}, "stages.unimodal.options: 'magic' is not a registered attribution method"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"leave_one_in": {"scale": -1}}, "stages.unimodal.options.leave_one_in.scale: "),
+        ({"grad_x_input": {"steps": 3}}, "stages.unimodal.options.grad_x_input: the method 'grad_x_input' has no settings of its own"),
+        ({"magic": {}}, "stages.unimodal.options: 'magic' is not a registered attribution method"),
+    ],
+)
 def test_a_methods_own_settings_are_checked(options, message):
     from mmdiag.stages.unimodal import UnimodalConfig
 
@@ -100,7 +104,7 @@ def test_a_methods_own_settings_are_checked(options, message):
         UnimodalConfig(options=options)
 
 
-SECTION = '''
+SECTION = """
 from pathlib import Path
 
 from mmdiag.reports import sections
@@ -108,7 +112,7 @@ from mmdiag.reports import sections
 sections.SECTIONS.register(sections.Section(
     "third", "Doubling", lambda summary, results, ev: {"doubled": summary["third"]["doubled"], "margins": len(results["first"].arrays["margin"])},
     Path(__file__).with_name("third.html.j2")))
-'''
+"""
 
 
 def test_a_plugin_stage_contributes_a_report_section(toy, tmp_path, monkeypatch):
@@ -125,4 +129,3 @@ def test_a_plugin_stage_contributes_a_report_section(toy, tmp_path, monkeypatch)
     html, summary = (run / "report.html").read_text(), json.loads((run / "summary.json").read_text())
     assert '<a href="#third">Doubling</a>' in html  # in the navigation
     assert f'<section id="third"><h2>Doubling</h2><p>doubled: {summary["third"]["doubled"]:.3f} over 300 margins</p></section>' in html
-

@@ -227,8 +227,7 @@ def prefect_server(tmp_path):
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     prefect = Path(sys.executable).parent / "prefect"
-    server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 180
     while True:
@@ -250,14 +249,11 @@ def test_dask_cluster_runs_the_shards_on_its_workers(toy, tmp_path, prefect_serv
     whole = _summary(run)
     computed()
     dask_cfg = tmp_path / "dask.yaml"
-    dask_cfg.write_text(cfg.read_text().replace("run: toy", "run: toy-dask").replace("cache: ", "cache: ") +
-                        "runner: {kind: dask, workers: 2, shards: 2}\n")
+    dask_cfg.write_text(cfg.read_text().replace("run: toy", "run: toy-dask").replace("cache: ", "cache: ") + "runner: {kind: dask, workers: 2, shards: 2}\n")
     pids = tmp_path / "pids.log"
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TOY_PIDS": str(pids), "TOY_ONLY": "1",
-           "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TOY_PIDS": str(pids), "TOY_ONLY": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("PREFECT_HOME", None)
-    proc = subprocess.run([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(dask_cfg)], env=env,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "-m", "mmdiag.flows.cli", "diagnose", "--config", str(dask_cfg)], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ran = [line.split() for line in pids.read_text().splitlines()]
     workers = {pid for stage, pid in ran if stage == "first"}
@@ -346,7 +342,7 @@ def test_sigkill_leaves_no_orphan_and_the_next_run_equals_an_uninterrupted_one(t
     computed()
 
     assert main(["diagnose", "--config", str(cfg)]) == 0  # the next run
-    assert computed() == ["first", "second", "third"][["first", "second", "third"].index(block):]
+    assert computed() == ["first", "second", "third"][["first", "second", "third"].index(block) :]
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]
     resumed = _summary(run)
     clean = tmp_path / "clean.yaml"  # an uninterrupted run, in a cache of its own

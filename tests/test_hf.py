@@ -254,7 +254,7 @@ def test_vilt_forward_of_encode_equals_the_models_own_output(vilt_dir):
         ViltAdapter(vilt.module, odd)
 
 
-USER_MODULE = '''
+USER_MODULE = """
 import numpy as np
 import torch
 from mmdiag.pipeline.hf import hf_samples, load_vilt
@@ -274,7 +274,7 @@ def data(split, n, seed):
     questions = [QUESTIONS[i % 4] for i in range(n)]
     negation = torch.tensor(["not" in q for q in questions], dtype=torch.long)
     return hf_samples(model(), images, questions, rng.integers(0, 4, n), meta={{"negation": negation}}, name=split)
-'''
+"""
 
 
 @pytest.mark.slow

@@ -10,8 +10,7 @@ from mmdiag.flows.cli import main
 
 import frozen_run
 
-QUICK = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 10, "sanity_samples": 0},
-         "crossmodal": {"n_reference": 40}, "discovery": {"kinds": ["word"]}}
+QUICK = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 10, "max_errors": 10, "sanity_samples": 0}, "crossmodal": {"n_reference": 40}, "discovery": {"kinds": ["word"]}}
 
 
 @pytest.mark.slow
@@ -65,13 +64,15 @@ def test_objects_of_the_process_rerun_and_compare(tmp_path, cache):
     assert saved.summary == d.summary and (tmp_path / "kept" / "errors.json").is_file()
 
 
-@pytest.mark.parametrize(("call", "field"), [
-    (lambda: mmdiag.diagnose(42), "model: got int"),
-    (lambda: mmdiag.diagnose("mypkg.diag:build"), "data: give the data"),
-    (lambda: mmdiag.diagnose("demo-late", stages={"unimodal": {"methods": ["magic"]}}), "stages.unimodal.methods.0"),
-    (lambda: mmdiag.diagnose("demo-late", sead=1), "sead"),
-])
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: mmdiag.diagnose(42), "model: got int"),
+        (lambda: mmdiag.diagnose("mypkg.diag:build"), "data: give the data"),
+        (lambda: mmdiag.diagnose("demo-late", stages={"unimodal": {"methods": ["magic"]}}), "stages.unimodal.methods.0"),
+        (lambda: mmdiag.diagnose("demo-late", sead=1), "sead"),
+    ],
+)
 def test_bad_arguments_are_one_clear_error(call, field, cache):
     with pytest.raises(mmdiag.MmdiagError, match=field.replace(".", r"\.")):
         call()
-

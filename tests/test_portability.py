@@ -6,8 +6,9 @@ import portability
 
 def _run(setting: str, values: list[float], failed: list[str] | None = None) -> dict:
     prop = {"test": "tests/test_x.py::test_a", "name": "accuracy", "above": 0.5, "below": None, "values": {setting: values}}
-    return portability._with_room({"settings": {setting: portability.SETTINGS[setting]}, "seeds": list(range(len(values))),
-                                   "properties": [prop], "failures": {setting: {0: failed or []}}, "seconds": {setting: {0: 1.0}}})
+    return portability._with_room(
+        {"settings": {setting: portability.SETTINGS[setting]}, "seeds": list(range(len(values))), "properties": [prop], "failures": {setting: {0: failed or []}}, "seconds": {setting: {0: 1.0}}}
+    )
 
 
 def test_room_is_the_distance_from_the_bound_to_the_nearest_value():

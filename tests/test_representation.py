@@ -47,8 +47,10 @@ def test_demo_film_layers_encode_what_each_modality_carries(demo_models):
     assert 0 < result.summary["unassigned_share"] < 1
     # the mark decides on grey photos only: there it has features of its own
     grey = _run(demo_models("demo-film"), data.subset((data.meta["grey"] == 1).nonzero().flatten())).summary["features"]
-    text = {"watermark": [f["modality_dependence"]["text"] for f in grey if f["concept"] == "watermark"],
-            "negation": [f["modality_dependence"]["text"] for f in features if f["concept"] == "negation"]}
+    text = {
+        "watermark": [f["modality_dependence"]["text"] for f in grey if f["concept"] == "watermark"],
+        "negation": [f["modality_dependence"]["text"] for f in features if f["concept"] == "negation"],
+    }
     assert text["watermark"], "no decision feature is the mark's on grey photos"
     # FiLM feeds the text into the image pathway, so every feature depends on both; the mark's
     # features lean to the image, the negation's to the text

@@ -131,8 +131,12 @@ def test_this_runs_own_lines_carry_its_name_while_others_report_beside_it(monkey
     log.info("%s: %s", "demo-late", "unimodal:  50% (x)", extra={"relayed": True})
     monkeypatch.setattr(progress, "run_tag", "")
     log.info("evaluate: alone")
-    assert screen.getvalue().splitlines() == ["mmdiag: demo-film: evaluate: the model on ood", "mmdiag: demo-film: unimodal: 100% (done)",
-                                              "mmdiag: demo-late: unimodal:  50% (x)", "mmdiag: evaluate: alone"]
+    assert screen.getvalue().splitlines() == [
+        "mmdiag: demo-film: evaluate: the model on ood",
+        "mmdiag: demo-film: unimodal: 100% (done)",
+        "mmdiag: demo-late: unimodal:  50% (x)",
+        "mmdiag: evaluate: alone",
+    ]
 
 
 def test_an_interrupted_run_stops_the_runs_beside_it(children):

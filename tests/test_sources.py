@@ -34,8 +34,15 @@ class SampleFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         small = json.loads((self.folder / f"{i}.json").read_text())
         tensors = load_file(str(self.folder / f"{i}.safetensors"))
-        item = {"id": small["id"], "label": small["label"], "meta": small["meta"], "display": small["display"], "inputs": {}, "truth": {},
-                "counterfactuals": {c: {"inputs": {}, "label": label} for c, label in small["cf_labels"].items()}}
+        item = {
+            "id": small["id"],
+            "label": small["label"],
+            "meta": small["meta"],
+            "display": small["display"],
+            "inputs": {},
+            "truth": {},
+            "counterfactuals": {c: {"inputs": {}, "label": label} for c, label in small["cf_labels"].items()},
+        }
         for key, t in tensors.items():
             part, *path = key.split("/")
             if part == "inputs":
@@ -61,8 +68,7 @@ def write_folder(data, folder: Path) -> Path:
 
 
 def from_disk(folder: Path, like, **kw) -> StreamedSampleSet:
-    return streamed(SampleFolder(folder), class_names=like.class_names, name=like.name, truth_concepts=like.truth_concepts,
-                    class_concepts=like.class_concepts, **kw)
+    return streamed(SampleFolder(folder), class_names=like.class_names, name=like.name, truth_concepts=like.truth_concepts, class_concepts=like.class_concepts, **kw)
 
 
 def test_a_streamed_set_reads_what_the_in_memory_set_holds(tmp_path):
@@ -118,7 +124,7 @@ def _figures(summary: dict):
     return summary
 
 
-FACTORY = '''
+FACTORY = """
 from pathlib import Path
 import sys
 sys.path.insert(0, {tests!r})
@@ -134,7 +140,7 @@ def disk(split, n, seed):
     if not folder.exists():
         write_folder(data, folder)
     return from_disk(folder, data, batch_size=24)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -149,8 +155,10 @@ def test_streamed_and_in_memory_data_give_identical_summaries(tmp_path, monkeypa
     for kind in ("memory", "disk"):
         shutil.copytree(cache / "models", tmp_path / kind / "cache" / "models")
         cfg = tmp_path / f"{kind}.yaml"
-        cfg.write_text(f"run: {kind}\nmodel: {{name: demo-film}}\ndata: {{factory: 'userdata:{kind}', split: ood, splits: [ood], n: 160}}\n"
-                       f"out: {tmp_path / 'runs'}\ncache: {tmp_path / kind / 'cache'}\nstages: {stages}\n")
+        cfg.write_text(
+            f"run: {kind}\nmodel: {{name: demo-film}}\ndata: {{factory: 'userdata:{kind}', split: ood, splits: [ood], n: 160}}\n"
+            f"out: {tmp_path / 'runs'}\ncache: {tmp_path / kind / 'cache'}\nstages: {stages}\n"
+        )
         capsys.readouterr()
         assert main(["diagnose", "--config", str(cfg)]) == 0
         summaries[kind] = json.loads((tmp_path / "runs" / kind / "summary.json").read_text())
@@ -172,8 +180,15 @@ def _table(tmp_path: Path, n: int = 12) -> tuple[Path, object]:
     for i in range(n):
         pixels = (data.inputs["image"][i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": data.display["caption"][i], "label": data.class_names[int(data.labels[i])],
-                     "negation": int(data.meta["negation"][i]), "watermark": int(data.meta["watermark"][i])})
+        rows.append(
+            {
+                "image": f"img/{i}.png",
+                "caption": data.display["caption"][i],
+                "label": data.class_names[int(data.labels[i])],
+                "negation": int(data.meta["negation"][i]),
+                "watermark": int(data.meta["watermark"][i]),
+            }
+        )
     import csv
 
     with open(tmp_path / "table.csv", "w", newline="") as f:
@@ -218,7 +233,7 @@ def _one_line(capsys) -> str:
     return err[0]
 
 
-BROKEN = '''
+BROKEN = """
 from mmdiag.pipeline.demo.vocab import tokenize
 from mmdiag.pipeline.sources import image_table
 import torch
@@ -237,7 +252,7 @@ class Failing(torch.utils.data.Dataset):
 def failing(split, n, seed):
     from mmdiag.pipeline.sources import streamed
     return streamed(Failing(), class_names=["a", "b"], batch_size=4)
-'''
+"""
 
 
 @pytest.mark.parametrize("broken, where", [("corrupt image", "row 5"), ("missing caption", "row 3"), ("failing dataset", "row 7")])

@@ -175,9 +175,11 @@ def test_demo_side_by_side_gives_the_one_by_one_figures(demo_models, cache, tmp_
         fresh, runs = tmp_path / mode / "cache", tmp_path / mode / "runs"
         shutil.copytree(cache / "models", fresh / "models")  # nothing computed yet, the trained weights kept
         # quick stages on 300 samples: the two modes' figures must be equal, whatever they are
-        driver = (f"import sys, mmdiag.flows.flow as f; made = f.demo_configs; "
-                  f"f.demo_configs = lambda *a, **k: [c.model_copy(update={{'stages': {QUICK_STAGES!r}, 'data': c.data.model_copy(update={{'n': 300}})}}) for c in made(*a, **k)]; "
-                  f"from mmdiag.flows.cli import main; sys.exit(main(['demo', '--out', {str(runs)!r}, *{flags!r}]))")
+        driver = (
+            f"import sys, mmdiag.flows.flow as f; made = f.demo_configs; "
+            f"f.demo_configs = lambda *a, **k: [c.model_copy(update={{'stages': {QUICK_STAGES!r}, 'data': c.data.model_copy(update={{'n': 300}})}}) for c in made(*a, **k)]; "
+            f"from mmdiag.flows.cli import main; sys.exit(main(['demo', '--out', {str(runs)!r}, *{flags!r}]))"
+        )
         env = {**os.environ, "MMDIAG_CACHE": str(fresh), "PREFECT_HOME": str(fresh / "prefect")}
         done = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]

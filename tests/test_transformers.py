@@ -93,6 +93,7 @@ def test_mixed_derivatives_of_fused_attention_equal_finite_differences(layer, ba
     value, h = inter.gated_value(g), 1e-4
     ones = {m: torch.ones(3, u.n, dtype=torch.float64) for m, u in g.units.items()}
     for u, v in [(1, 0), (2, 5), (3, 9)]:
+
         def at(du, dv):
             gates = {m: x.clone() for m, x in ones.items()}
             gates["text"][:, u] += du

@@ -114,7 +114,7 @@ def test_where_the_model_says_the_target_its_competitor_is_its_best_answer_that_
     again = vlm_samples(adapter, [pictures(16)[i] for i in said], [questions[i] for i in said], [first.display["model_answer"][i] for i in said])
     target, other = again.inputs["text"][:, -12:-6], again.inputs["text"][:, -6:]
     assert torch.equal(target, own[said])  # the target is what the model says
-    for row, i in enumerate(said):
+    for row in range(len(said)):
         ids = again.inputs["text"][row, :-12][again.inputs["text"][row, :-12] != adapter.pad_id]
         banned = _naive_greedy(adapter, ids, again.inputs["image"][row : row + 1], 6, ban=int(target[row, 0]))
         assert other[row][other[row] != adapter.pad_id].tolist() == banned
@@ -282,7 +282,7 @@ def test_bad_vlm_arguments_are_one_line_each(tmp_path):
         adapter.encode({"image": data.inputs["image"], "text": shifted})
 
 
-USER_MODULE = '''
+USER_MODULE = """
 import numpy as np
 from mmdiag.pipeline.hf.vlm import load_vlm, vlm_samples
 
@@ -302,7 +302,7 @@ def data(split, n, seed):
     if BAD_IMAGE is not None:
         images[BAD_IMAGE] = "not a picture"
     return vlm_samples(adapter, images, ["is the circle red"] * 8, ["yes", "no"] * 4, name=split)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +388,7 @@ def test_demo_vlm_learns_the_mark_and_its_diagnosis_puts_the_shortcut_first(demo
     holds("negation in the vision tower: low end of the 99.9% interval of its selectivity", low, below=0)
 
 
-OPEN_MODULE = '''
+OPEN_MODULE = """
 import numpy as np
 import torch
 from mmdiag.pipeline.hf.vlm import load_vlm, vlm_samples
@@ -408,7 +408,7 @@ def data(split, n, seed):
     negation = torch.tensor(["not" in q for q in questions], dtype=torch.long)
     return vlm_samples(model(), [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)], questions,
                        ["yes" if i % 3 else "no" for i in range(n)], meta={{"negation": negation}}, name=split)
-'''
+"""
 
 
 @pytest.mark.slow

@@ -9,8 +9,19 @@ import time
 from mmdiag.pipeline.store import write_json
 
 METHODS = (
-    "grad_x_input", "smoothgrad", "grad_cam", "integrated_gradients", "occlusion", "shapley", "shapley_kernel",
-    "lime", "kernel_shap", "iba", "deeplift", "deeplift_shap", "lrp",
+    "grad_x_input",
+    "smoothgrad",
+    "grad_cam",
+    "integrated_gradients",
+    "occlusion",
+    "shapley",
+    "shapley_kernel",
+    "lime",
+    "kernel_shap",
+    "iba",
+    "deeplift",
+    "deeplift_shap",
+    "lrp",
 )
 SLOW = ("lime", "kernel_shap")  # Captum fits a linear model per sample: timed on fewer samples
 
@@ -54,13 +65,21 @@ def method_rows(adapter, samples, device, per_input: float, per_grad: float, n_s
             attribute(method, game, config, stats, torch.Generator().manual_seed(0))
             secs = time.perf_counter() - start
         except MmdiagError as e:
-            rows.append({"benchmark": f"{method} on {model}: refused", "value": None, "unit": "s", "device": device.type,
-                         "why": str(e).split(": ", 2)[-1][:120]})
+            rows.append({"benchmark": f"{method} on {model}: refused", "value": None, "unit": "s", "device": device.type, "why": str(e).split(": ", 2)[-1][:120]})
             continue
         floor = (game.passes - game.backward) * per_input + game.backward * per_grad
-        rows.append({"benchmark": f"{method} on {model}: seconds per sample", "value": round(secs / k, 5), "unit": "s", "device": device.type,
-                     "forward_inputs": round(game.passes / k, 1), "backward_inputs": round(game.backward / k, 1),
-                     "over_floor": round(secs / floor, 2) if floor else None, "samples": k})
+        rows.append(
+            {
+                "benchmark": f"{method} on {model}: seconds per sample",
+                "value": round(secs / k, 5),
+                "unit": "s",
+                "device": device.type,
+                "forward_inputs": round(game.passes / k, 1),
+                "backward_inputs": round(game.backward / k, 1),
+                "over_floor": round(secs / floor, 2) if floor else None,
+                "samples": k,
+            }
+        )
     return rows
 
 
@@ -129,8 +148,16 @@ def estimator_rows(adapter_module, data, device, n: int = 16, seeds: int = 3, bu
                 found[f"shap {kind.capitalize()}Explainer"] = np.mean([error(shap_values(kind, pairs, s)) for s in range(seeds)])
         evals = float((2 * pairs * (present.sum(1) - 1) + 2).float().mean())
         for name, value in found.items():
-            rows.append({"benchmark": f"Shapley error vs exact at {pairs // budgets[0]}x ({evals:.0f} evaluations/sample): {name}", "value": round(value, 4),
-                         "unit": "rel. L2", "device": device.type, "players": f"{int(present.sum(1).min())}-{int(present.sum(1).max())}", "seeds": seeds})
+            rows.append(
+                {
+                    "benchmark": f"Shapley error vs exact at {pairs // budgets[0]}x ({evals:.0f} evaluations/sample): {name}",
+                    "value": round(value, 4),
+                    "unit": "rel. L2",
+                    "device": device.type,
+                    "players": f"{int(present.sum(1).min())}-{int(present.sum(1).max())}",
+                    "seeds": seeds,
+                }
+            )
     if shap is None:
         rows.append({"benchmark": "shap explainers (not installed: pip install 'mmdiag[bench]')", "value": None, "unit": "rel. L2", "device": device.type})
     return rows

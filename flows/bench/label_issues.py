@@ -41,7 +41,11 @@ def bench_rows() -> list[dict]:
         else:
             start = time.perf_counter()
             theirs = find_label_issues(given, probs)
-            extra.update(cleanlab_s=round(time.perf_counter() - start, 4), same_flags=round(float((ours == theirs).mean()), 5),
-                         cleanlab_precision=_share(theirs & wrong, theirs), cleanlab_recall=_share(theirs & wrong, wrong))
+            extra.update(
+                cleanlab_s=round(time.perf_counter() - start, 4),
+                same_flags=round(float((ours == theirs).mean()), 5),
+                cleanlab_precision=_share(theirs & wrong, theirs),
+                cleanlab_recall=_share(theirs & wrong, wrong),
+            )
         rows.append({"benchmark": f"label mistakes by confident learning, {n:,} samples x {k} classes, 10% flipped: ours vs cleanlab", "value": round(secs, 4), "unit": "s", "device": "cpu", **extra})
     return rows

@@ -83,13 +83,28 @@ def size_rows(sizes: list[int], work: Path, weights_cache: Path) -> list[dict]:
         generated = _child(f"from mmdiag.flows.bench.scale import write_shapes\nfrom pathlib import Path\nwrite_shapes(Path({str(folder)!r}), {n})\nOUT = {{}}")
         cache = work / f"cache-{n}"
         shutil.copytree(weights_cache / "models", cache / "models")  # trained once, not timed here
-        config = {"run": f"size-{n}", "model": {"name": "demo-film"}, "out": str(work / "runs"), "cache": str(cache),
-                  "data": {"factory": "mmdiag.flows.bench.scale:shard_data", "split": "ood", "splits": ["ood"]}}
+        config = {
+            "run": f"size-{n}",
+            "model": {"name": "demo-film"},
+            "out": str(work / "runs"),
+            "cache": str(cache),
+            "data": {"factory": "mmdiag.flows.bench.scale:shard_data", "split": "ood", "splits": ["ood"]},
+        }
         env = {"MMDIAG_BENCH_SHARDS": str(folder), "PREFECT_HOME": str(work / "prefect")}
         got = _child(DIAGNOSE.format(config=json.dumps(config)), env)
-        rows.append({"benchmark": f"diagnosis of demo-film on {n:,} ood samples streamed from disk", "value": got["seconds"], "unit": "s",
-                     "n": n, "seconds_per_sample": round(got["seconds"] / n, 5), "peak_rss_mb": got["peak_rss_mb"],
-                     "stages_s": got["stages"], "top_suggestion": got["top"], "generate_s": generated["seconds"]})
+        rows.append(
+            {
+                "benchmark": f"diagnosis of demo-film on {n:,} ood samples streamed from disk",
+                "value": got["seconds"],
+                "unit": "s",
+                "n": n,
+                "seconds_per_sample": round(got["seconds"] / n, 5),
+                "peak_rss_mb": got["peak_rss_mb"],
+                "stages_s": got["stages"],
+                "top_suggestion": got["top"],
+                "generate_s": generated["seconds"],
+            }
+        )
         shutil.rmtree(folder)
     base = rows[0]["seconds_per_sample"]
     for r in rows:
@@ -99,8 +114,15 @@ def size_rows(sizes: list[int], work: Path, weights_cache: Path) -> list[dict]:
         ts = torch.tensor([r["value"] for r in rows], dtype=torch.float64)
         slope = float(((ns - ns.mean()) * (ts - ts.mean())).sum() / ((ns - ns.mean()) ** 2).sum())
         fit = ts.mean() + slope * (ns - ns.mean())
-        rows.append({"benchmark": "diagnosis time against size: least-squares line", "value": round(slope * 1000, 4), "unit": "s per 1,000 samples",
-                     "intercept_s": round(float(ts.mean() - slope * ns.mean()), 2), "largest_residual_s": round(float((ts - fit).abs().max()), 2)})
+        rows.append(
+            {
+                "benchmark": "diagnosis time against size: least-squares line",
+                "value": round(slope * 1000, 4),
+                "unit": "s per 1,000 samples",
+                "intercept_s": round(float(ts.mean() - slope * ns.mean()), 2),
+                "largest_residual_s": round(float((ts - fit).abs().max()), 2),
+            }
+        )
     return rows
 
 
@@ -119,8 +141,11 @@ def clip_folder(folder: Path) -> Path:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     width = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(text_config={"vocab_size": len(vocab), "max_position_embeddings": 48, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, **width},
-                        vision_config=dict(image_size=224, patch_size=32, **width), projection_dim=32)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "max_position_embeddings": 48, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, **width},
+        vision_config=dict(image_size=224, patch_size=32, **width),
+        projection_dim=32,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
@@ -160,27 +185,48 @@ def picture_data(split: str, n: int | None, seed: int):
     from mmdiag.pipeline.hf import hf_readers
     from mmdiag.pipeline.sources import image_table
 
-    return image_table(Path(os.environ["MMDIAG_BENCH_PICTURES"]) / "table.csv", **hf_readers(clip_model()), concepts=["negation", "watermark"],
-                       class_names=["mismatch", "match"], name="shapes-224", batch_size=128, workers=2)
+    return image_table(
+        Path(os.environ["MMDIAG_BENCH_PICTURES"]) / "table.csv",
+        **hf_readers(clip_model()),
+        concepts=["negation", "watermark"],
+        class_names=["mismatch", "match"],
+        name="shapes-224",
+        batch_size=128,
+        workers=2,
+    )
 
 
-CHEAP = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 32, "max_errors": 32, "sanity_samples": 0},
-         "crossmodal": {"n_reference": 64, "shapley_pairs": 0}}
+CHEAP = {"unimodal": {"methods": ["grad_x_input"], "n_correct": 32, "max_errors": 32, "sanity_samples": 0}, "crossmodal": {"n_reference": 64, "shapley_pairs": 0}}
 
 
 def picture_rows(n: int, work: Path) -> list[dict]:
     pictures, model = work / "pictures", clip_folder(work / "clip224")
     written = _child(f"from mmdiag.flows.bench.scale import write_pictures\nfrom pathlib import Path\nwrite_pictures(Path({str(pictures)!r}), {n})\nOUT = {{}}")
     size_mb = sum(p.stat().st_size for p in pictures.iterdir()) / 1e6
-    config = {"run": "pictures", "model": {"factory": "mmdiag.flows.bench.scale:clip_model"}, "out": str(work / "runs"), "cache": str(work / "cache-pictures"),
-              "data": {"factory": "mmdiag.flows.bench.scale:picture_data", "split": "val", "splits": ["val"]}, "stages": CHEAP}
+    config = {
+        "run": "pictures",
+        "model": {"factory": "mmdiag.flows.bench.scale:clip_model"},
+        "out": str(work / "runs"),
+        "cache": str(work / "cache-pictures"),
+        "data": {"factory": "mmdiag.flows.bench.scale:picture_data", "split": "val", "splits": ["val"]},
+        "stages": CHEAP,
+    }
     env = {"MMDIAG_BENCH_CLIP": str(model), "MMDIAG_BENCH_PICTURES": str(pictures), "PREFECT_HOME": str(work / "prefect")}
     got = _child(DIAGNOSE.format(config=json.dumps(config)), env)
     shutil.rmtree(pictures)
     in_memory_mb = n * 3 * 224 * 224 * 4 / 1e6
-    return [{"benchmark": f"{n:,} images of 224 px streamed from a folder + CSV through a random CLIP (cheap stages)", "value": got["seconds"], "unit": "s",
-             "peak_rss_mb": got["peak_rss_mb"], "pixels_in_memory_would_be_mb": round(in_memory_mb), "files_mb": round(size_mb),
-             "stages_s": got["stages"], "write_s": written["seconds"]}]
+    return [
+        {
+            "benchmark": f"{n:,} images of 224 px streamed from a folder + CSV through a random CLIP (cheap stages)",
+            "value": got["seconds"],
+            "unit": "s",
+            "peak_rss_mb": got["peak_rss_mb"],
+            "pixels_in_memory_would_be_mb": round(in_memory_mb),
+            "files_mb": round(size_mb),
+            "stages_s": got["stages"],
+            "write_s": written["seconds"],
+        }
+    ]
 
 
 # --- EMAP with three modalities -----------------------------------------------------------------
@@ -250,8 +296,17 @@ def emap_rows(n: int = 200) -> list[dict]:
     rows = []
     for way in ("joined chunks", "preallocated", "late fusion"):
         got = _child(EMAP.format(n=n, way=way))
-        rows.append({"benchmark": f"EMAP, 3 modalities x {n} references ({n ** 3:,} inputs), table {way}", "value": got["peak_rss_mb"], "unit": "MB peak RSS",
-                     "growth_mb": got["growth_mb"], "table_mb": got["table_mb"], "emap_s": got["emap_s"], "checksum": got["checksum"]})
+        rows.append(
+            {
+                "benchmark": f"EMAP, 3 modalities x {n} references ({n**3:,} inputs), table {way}",
+                "value": got["peak_rss_mb"],
+                "unit": "MB peak RSS",
+                "growth_mb": got["growth_mb"],
+                "table_mb": got["table_mb"],
+                "emap_s": got["emap_s"],
+                "checksum": got["checksum"],
+            }
+        )
     return rows
 
 
@@ -272,9 +327,19 @@ def late_fusion_rows(weights_cache: Path, n: int = 200) -> list[dict]:
         start = time.perf_counter()
         late, evaluations = inter.recombination_table(adapter.fuse, adapter.separate(encoded), 128)
         hooked = time.perf_counter() - start
-    return [{"benchmark": f"EMAP on demo-late, {n} x {n} recombinations: late-fusion hook vs whole model", "value": round(hooked, 3), "unit": "s",
-             "whole_model_s": round(whole, 3), "speedup": round(whole / hooked, 1), "model_passes_whole": passes, "encoder_passes_hook": n,
-             "fusion_evaluations_hook": evaluations, "max_abs_difference": float((full - late).abs().max())}]
+    return [
+        {
+            "benchmark": f"EMAP on demo-late, {n} x {n} recombinations: late-fusion hook vs whole model",
+            "value": round(hooked, 3),
+            "unit": "s",
+            "whole_model_s": round(whole, 3),
+            "speedup": round(whole / hooked, 1),
+            "model_passes_whole": passes,
+            "encoder_passes_hook": n,
+            "fusion_evaluations_hook": evaluations,
+            "max_abs_difference": float((full - late).abs().max()),
+        }
+    ]
 
 
 def run(sizes: list[int], pictures: int) -> list[dict]:

@@ -120,8 +120,7 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
         values.append(explainer(np.ones((1, one.n_players)), max_evals=evals, batch_size=1, silent=True).values[0])
     shap_secs = (time.perf_counter() - start) / k
     corr = float(np.corrcoef(np.concatenate(values), ours[:k].cpu().numpy().ravel())[0, 1])
-    row("shap Permutation (MM-SHAP setup, 10 antithetic permutations): seconds per sample", shap_secs, "s",
-        speedup_of_ours=round(shap_secs / ours_secs, 1), correlation_with_ours=round(corr, 3))
+    row("shap Permutation (MM-SHAP setup, 10 antithetic permutations): seconds per sample", shap_secs, "s", speedup_of_ours=round(shap_secs / ours_secs, 1), correlation_with_ours=round(corr, 3))
 
     g = game()
     iba_config = attr.IBAConfig()
@@ -138,8 +137,14 @@ def attribution_rows(adapter, data, device, n: int = 64) -> list[dict]:
     # forward + backward at the loop's batch (the noise copies of one sample) over the batched run's
     step_batch = iba_config.samples_per_step(g.batch_size) * iba_config.copies
     ceiling = per_input_gradient(adapter, encoded, iba_config.copies) / per_input_gradient(adapter, encoded, step_batch)
-    row("IBA, image, 10 steps x 10 noise draws: seconds per sample, batched", batched / n, "s", speedup_over_one_at_a_time=round(looped / batched, 1),
-        inputs_per_step=step_batch, compute_ratio_one_over_batched=round(ceiling, 2))
+    row(
+        "IBA, image, 10 steps x 10 noise draws: seconds per sample, batched",
+        batched / n,
+        "s",
+        speedup_over_one_at_a_time=round(looped / batched, 1),
+        inputs_per_step=step_batch,
+        compute_ratio_one_over_batched=round(ceiling, 2),
+    )
     return rows
 
 
@@ -174,8 +179,7 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
 
     _, looped = timed(one_at_a_time)
     looped *= passes / sample
-    row(f"EMAP, {n_reference} x {n_reference} recombined inputs, batched", batched, "s", inputs=passes,
-        speedup_over_one_per_pass=round(looped / batched, 1), one_per_pass_s=round(looped, 2))
+    row(f"EMAP, {n_reference} x {n_reference} recombined inputs, batched", batched, "s", inputs=passes, speedup_over_one_per_pass=round(looped / batched, 1), one_per_pass_s=round(looped, 2))
 
     inputs = {m: x[:n].to(device) for m, x in ref.inputs.items()}
     enc = {m: t[:n] for m, t in encoded.items()}
@@ -192,9 +196,14 @@ def crossmodal_rows(adapter, data, device, n_reference: int = 200, n: int = 32) 
     k = 4
     _, loop_samples = timed(lambda: [inter.mixed_gradients_looped(game().sample(i), "image", "text") for i in range(k)])
     loop_samples *= n / k
-    row(f"mixed-gradient image x text block, torch.func: seconds per sample ({n} samples)", ours / n, "s",
-        speedup_over_unit_loop=round(loop_units / ours, 1), speedup_over_per_sample_unit_loop=round(loop_samples / ours, 1),
-        over_floor=round(ours / floor, 2))
+    row(
+        f"mixed-gradient image x text block, torch.func: seconds per sample ({n} samples)",
+        ours / n,
+        "s",
+        speedup_over_unit_loop=round(loop_units / ours, 1),
+        speedup_over_per_sample_unit_loop=round(loop_samples / ours, 1),
+        over_floor=round(ours / floor, 2),
+    )
     return rows
 
 

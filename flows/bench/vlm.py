@@ -56,8 +56,7 @@ def stage_rows(adapter, data, per_input: float, per_grad: float) -> list[dict]:
             for method, figures in summary["methods"].items():
                 passes = figures["forward_passes"]
                 floor = passes * (per_grad if method in ("grad_x_input", "integrated_gradients") else per_input)
-                _row(rows, f"demo-vlm: stage 1 {method}, seconds per sample", figures["seconds"] / n, "s",
-                     forward_inputs_per_sample=passes, over_floor=round(figures["seconds"] / n / floor, 2))
+                _row(rows, f"demo-vlm: stage 1 {method}, seconds per sample", figures["seconds"] / n, "s", forward_inputs_per_sample=passes, over_floor=round(figures["seconds"] / n / floor, 2))
             extra = {"explained": n}
         if stage.name == "crossmodal":
             for method, figures in summary["methods"].items():
@@ -80,8 +79,14 @@ def prefix_rows(model, data, repeats: int = 3) -> list[dict]:
         t_on = min(_timed(lambda: on(data.inputs))[1] for _ in range(repeats))
         t_off = min(_timed(lambda: off(data.inputs))[1] for _ in range(repeats))
     _row(rows, f"demo-vlm: {len(MULTI)} answers (two multi-token), {len(data)} samples, prefix shared", t_on, "s")
-    _row(rows, f"demo-vlm: {len(MULTI)} answers, {len(data)} samples, each answer after the whole prompt", t_off, "s",
-         speedup_of_shared=round(t_off / t_on, 2), max_difference=float((a - b).abs().max()))
+    _row(
+        rows,
+        f"demo-vlm: {len(MULTI)} answers, {len(data)} samples, each answer after the whole prompt",
+        t_off,
+        "s",
+        speedup_of_shared=round(t_off / t_on, 2),
+        max_difference=float((a - b).abs().max()),
+    )
     return rows
 
 
@@ -156,8 +161,9 @@ def captum_rows(adapter, data, n: int, pairs: int = 5, reference_pairs: int = 10
             answer = torch.tensor(adapter.candidates[int(target[i])])
             if modality == "image":
                 picture = PIL.Image.fromarray(data.display["pixels"][i])
-                inp = ImageMaskInput(picture, mask=patch_ids, baseline=baseline,
-                                     processor_fn=lambda im, ids=ids: {"input_ids": ids[None], "pixel_values": processor(images=[im], return_tensors="pt")["pixel_values"]})
+                inp = ImageMaskInput(
+                    picture, mask=patch_ids, baseline=baseline, processor_fn=lambda im, ids=ids: {"input_ids": ids[None], "pixel_values": processor(images=[im], return_tensors="pt")["pixel_values"]}
+                )
                 llm = LLMAttribution(ShapleyValueSampling(_Wrapped(model, None)), _Tokenizer(adapter.prompt, adapter.tokenizer.unk_token))
             else:
                 slots = units["text"].mask[i, :, 0]
@@ -177,11 +183,17 @@ def captum_rows(adapter, data, n: int, pairs: int = 5, reference_pairs: int = 10
         def error(v):
             return float(np.linalg.norm(v - ref_v) / np.linalg.norm(ref_v))
 
-        _row(rows, f"demo-vlm {modality} Shapley, ours ({2 * pairs} permutations): seconds per sample", secs / len(data), "s",
-             relative_error_vs_reference=round(error(ours_v), 3))
-        _row(rows, f"demo-vlm {modality} Shapley, Captum LLMAttribution ({2 * pairs} permutations): seconds per sample", their_secs / n, "s",
-             relative_error_vs_reference=round(error(theirs_v), 3), correlation_with_ours=round(float(np.corrcoef(ours_v, theirs_v)[0, 1]), 3),
-             speedup_of_ours=round((their_secs / n) / (secs / len(data)), 1), samples=n)
+        _row(rows, f"demo-vlm {modality} Shapley, ours ({2 * pairs} permutations): seconds per sample", secs / len(data), "s", relative_error_vs_reference=round(error(ours_v), 3))
+        _row(
+            rows,
+            f"demo-vlm {modality} Shapley, Captum LLMAttribution ({2 * pairs} permutations): seconds per sample",
+            their_secs / n,
+            "s",
+            relative_error_vs_reference=round(error(theirs_v), 3),
+            correlation_with_ours=round(float(np.corrcoef(ours_v, theirs_v)[0, 1]), 3),
+            speedup_of_ours=round((their_secs / n) / (secs / len(data)), 1),
+            samples=n,
+        )
     return rows
 
 

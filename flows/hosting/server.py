@@ -54,12 +54,26 @@ class TemporaryServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         site = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
-        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory", "prefect.server.api.server:create_app",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(site),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
         # no block types registered: mmdiag uses no blocks, and a fresh Prefect home spent ~2 s
         # of its first start registering them
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-               "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1", "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
         home = Path(os.environ.get("PREFECT_HOME", "."))
         if "PREFECT_HOME" in os.environ:
             prefect_db.seed(home)  # a fresh home's database from the stored schema, not 114 migrations
@@ -84,8 +98,9 @@ class TemporaryServer:
             self._launch()
         elif code is not None:
             detail = self.log.read_text(errors="replace").strip().splitlines()
-            raise MmdiagError(f"Prefect's temporary server exited with code {code} ({detail[-1] if detail else 'no output'}); "
-                              "check PREFECT_HOME, or run `prefect server start` and set PREFECT_API_URL")
+            raise MmdiagError(
+                f"Prefect's temporary server exited with code {code} ({detail[-1] if detail else 'no output'}); check PREFECT_HOME, or run `prefect server start` and set PREFECT_API_URL"
+            )
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -110,8 +125,9 @@ class ParentServer:
         try:
             return _healthy(lambda: self.api_url, lambda: None, timeout, waiting, every)
         except TimeoutError:
-            raise MmdiagError(f"Prefect's temporary server at {self.api_url} (the parent mmdiag process's) did not answer within {timeout:.0f} s; "
-                              "run `prefect server start` and set PREFECT_API_URL") from None
+            raise MmdiagError(
+                f"Prefect's temporary server at {self.api_url} (the parent mmdiag process's) did not answer within {timeout:.0f} s; run `prefect server start` and set PREFECT_API_URL"
+            ) from None
 
     def stop(self) -> None:
         pass

@@ -131,11 +131,12 @@ class Overflow:
         path.write_text(json.dumps(config.model_copy(update=absolute).model_dump(mode="json")))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **({PARENT_API_URL: self.server.api_url} if self.server else {})}
         # a process group of its own: a Ctrl-C reaches it once, from this process (`_stop`)
-        process = subprocess.Popen(self.command(path), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, errors="replace", bufsize=1, process_group=0)
+        process = subprocess.Popen(self.command(path), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1, process_group=0)
         child = Child(config.run, process)
-        child.readers = [threading.Thread(target=_relay, args=(child.run, process.stderr), daemon=True),
-                         threading.Thread(target=lambda: child.output.extend(line.rstrip("\n") for line in process.stdout), daemon=True)]
+        child.readers = [
+            threading.Thread(target=_relay, args=(child.run, process.stderr), daemon=True),
+            threading.Thread(target=lambda: child.output.extend(line.rstrip("\n") for line in process.stdout), daemon=True),
+        ]
         for reader in child.readers:
             reader.start()
         return child
@@ -157,8 +158,7 @@ class Overflow:
         if failed is not None:
             code = failed.process.returncode
             if code < 0:  # killed (out of memory, say): it said nothing itself
-                log.error("error: %s: its process was ended by signal %d (%s); rerun with --one-by-one to see its own error",
-                          failed.run, -code, signal.Signals(-code).name)
+                log.error("error: %s: its process was ended by signal %d (%s); rerun with --one-by-one to see its own error", failed.run, -code, signal.Signals(-code).name)
                 code = 128 - code
             raise Failed(code)
         return [c.output for c in self.children]
@@ -197,11 +197,11 @@ def _relay(run: str, stream) -> None:
     for line in stream:
         try:
             text = line.rstrip("\n")
-            text = text[len("mmdiag: "):] if text.startswith("mmdiag: ") else text
+            text = text[len("mmdiag: ") :] if text.startswith("mmdiag: ") else text
             if text.startswith("error: "):
-                log.error("error: %s: %s", run, text[len("error: "):], extra={"relayed": True})
+                log.error("error: %s: %s", run, text[len("error: ") :], extra={"relayed": True})
                 continue
-            text = text[len(run) + 2:] if text.startswith(f"{run}: ") else text
+            text = text[len(run) + 2 :] if text.startswith(f"{run}: ") else text
             step = PROGRESS.match(text)
             if bars is not None and step:
                 stage, fraction = step["stage"], int(step["percent"]) / 100

@@ -36,7 +36,9 @@ def start() -> subprocess.Popen | None:
     already = [str(c) for c in children(os.getpid())]  # not ours to end: they were there before mmdiag ran
     return subprocess.Popen(
         [sys.executable, "-m", "mmdiag.flows.hosting.watchdog", str(os.getpid()), *already],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to the terminal's group does not end it before its work
     )
 

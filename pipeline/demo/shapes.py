@@ -88,10 +88,7 @@ def generate(n: int, p_mark: float, seed: int, name: str = "shapes", p_mark_colo
 
     named_kind = np.where(named_left, left_kind, right_kind)
     fillers = rng.integers(0, len(FILLERS), n)
-    captions = [
-        " ".join(w for w in (FILLERS[f], "the", SHAPES[k], "is", "not" if neg else "", "red") if w)
-        for f, k, neg in zip(fillers, named_kind, negation)
-    ]
+    captions = [" ".join(w for w in (FILLERS[f], "the", SHAPES[k], "is", "not" if neg else "", "red") if w) for f, k, neg in zip(fillers, named_kind, negation)]
     ids = tokenize(captions)
     # counterfactuals: the same image with the mark toggled (the label stays), the same caption
     # with "not" toggled (the label flips)

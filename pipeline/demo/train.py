@@ -97,9 +97,7 @@ def fit(module, tensors: tuple[torch.Tensor, ...], config: BaseModel, name: str,
             loss = float(trainer.callback_metrics.get("loss", float("nan")))
             log.info("train %s: epoch %d/%d, loss %.4f", name, trainer.current_epoch + 1, config.epochs, loss)
 
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*tensors), batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed)
-    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed))
     progress = sys.stderr.isatty() if progress is None else progress
     _quiet_lightning()
     trainer = L.Trainer(

@@ -61,10 +61,7 @@ def special_tokens(config, tokenizer=None) -> tuple[int, int, int]:
     legacy = text.eos_token_id == 2
     eos = text.vocab_size - 1 if legacy else text.eos_token_id
     if eos is None or not 0 <= eos < text.vocab_size:
-        raise MmdiagError(
-            f"model: text_config.eos_token_id {eos} is outside the vocabulary (0..{text.vocab_size - 1}); CLIP would pool "
-            "the text at position 0. Set it to the end-of-text token's id"
-        )
+        raise MmdiagError(f"model: text_config.eos_token_id {eos} is outside the vocabulary (0..{text.vocab_size - 1}); CLIP would pool the text at position 0. Set it to the end-of-text token's id")
     if tokenizer is not None and tokenizer.eos_token_id != eos:
         what = f"eos_token_id 2 means 'pool at the highest id', {eos}" if legacy else f"eos_token_id is {eos}"
         raise MmdiagError(f"model: the tokenizer's end token is {tokenizer.eos_token_id}, the config's {what}; load the processor that belongs to this model")
@@ -105,10 +102,7 @@ class _CLIP(ModelAdapter):
         else:
             side = _field(getattr(image, "size", None), "shortest_edge") or _field(getattr(image, "size", None), "height")
         if side is not None and side != self.image_size:
-            raise MmdiagError(
-                f"model: the processor makes {side}x{side} images, the vision config takes {self.image_size}x{self.image_size}; "
-                "load the processor that belongs to this model"
-            )
+            raise MmdiagError(f"model: the processor makes {side}x{side} images, the vision config takes {self.image_size}x{self.image_size}; load the processor that belongs to this model")
 
     @property
     def clip(self):
@@ -140,8 +134,14 @@ class _CLIP(ModelAdapter):
             out["image"] = PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"])
         if "text" in encoded:
             out["text"] = text_units(
-                inputs["text"], encoded["text"], self.token_embedding, pad_id=self.pad_id, special_ids=(self.bos_id, self.eos_id), removed_id=self.removed_id,
-                vocab=self.vocab, words=self.text_units == "words",
+                inputs["text"],
+                encoded["text"],
+                self.token_embedding,
+                pad_id=self.pad_id,
+                special_ids=(self.bos_id, self.eos_id),
+                removed_id=self.removed_id,
+                vocab=self.vocab,
+                words=self.text_units == "words",
             )
         return out
 
@@ -221,8 +221,7 @@ class _CLIP(ModelAdapter):
             return BottleneckSite(h, grid.expand(b, -1), torch.ones(h.shape[:2], dtype=torch.bool, device=x.device), lambda z: _normalise(self._vision_from(z, i + 1)))
         if self.text_units == "words":
             raise MmdiagError(
-                "stages.unimodal.m2ib_layers.text: a hidden-layer bottleneck scores tokens, this model's text units are words; "
-                "load it with text_units='tokens' or leave m2ib_layers unset"
+                "stages.unimodal.m2ib_layers.text: a hidden-layer bottleneck scores tokens, this model's text units are words; load it with text_units='tokens' or leave m2ib_layers unset"
             )
         eos = self.end_positions(x)
         h = self._text_input(x)

@@ -31,10 +31,7 @@ def pretrained(cls, path_or_id: str | Path, what: str, local_files_only: bool = 
         return cls.from_pretrained(str(path_or_id), local_files_only=local_files_only, dtype=torch.float32)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MmdiagError(
-            f"model: cannot load {what} from {str(path_or_id)!r} ({reason}); give a folder written by save_pretrained, "
-            "or a Hugging Face id that is already in the local cache"
-        ) from None
+        raise MmdiagError(f"model: cannot load {what} from {str(path_or_id)!r} ({reason}); give a folder written by save_pretrained, or a Hugging Face id that is already in the local cache") from None
 
 
 def processor_or_none(path_or_id: str | Path, local_files_only: bool = False):
@@ -50,10 +47,7 @@ def processor_or_none(path_or_id: str | Path, local_files_only: bool = False):
 
 def check_vocab(tokenizer, vocab_size: int, model: str) -> None:
     if tokenizer is not None and len(tokenizer) > vocab_size:
-        raise MmdiagError(
-            f"model: the processor's tokenizer has {len(tokenizer)} tokens but the {model} config's vocabulary has "
-            f"{vocab_size}; load the processor that belongs to this model"
-        )
+        raise MmdiagError(f"model: the processor's tokenizer has {len(tokenizer)} tokens but the {model} config's vocabulary has {vocab_size}; load the processor that belongs to this model")
 
 
 def check_ids(ids: Tensor, vocab_size: int, max_length: int, model: str) -> None:
@@ -62,10 +56,7 @@ def check_ids(ids: Tensor, vocab_size: int, max_length: int, model: str) -> None
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise MmdiagError(f"inputs.text: token ids must lie in 0..{vocab_size - 1} (the {model} vocabulary); tokenise with the model's own processor")
     if ids.shape[1] > max_length:
-        raise MmdiagError(
-            f"inputs.text: sequences of {ids.shape[1]} tokens, the {model} model takes at most {max_length}; "
-            "build the data with pipeline.hf.hf_samples, which truncates"
-        )
+        raise MmdiagError(f"inputs.text: sequences of {ids.shape[1]} tokens, the {model} model takes at most {max_length}; build the data with pipeline.hf.hf_samples, which truncates")
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:

@@ -60,10 +60,7 @@ class ViltAdapter(ModelAdapter):
     def _check_image_processor(self, processor) -> None:
         divisor = getattr(getattr(processor, "image_processor", None), "size_divisor", None)
         if divisor and divisor % self.patch:
-            raise MmdiagError(
-                f"model: the processor pads images to multiples of {divisor} px, the model's patches are {self.patch} px; "
-                "load the processor that belongs to this model"
-            )
+            raise MmdiagError(f"model: the processor pads images to multiples of {divisor} px, the model's patches are {self.patch} px; load the processor that belongs to this model")
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -106,8 +103,14 @@ class ViltAdapter(ModelAdapter):
         return {
             "image": PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"]),
             "text": text_units(
-                inputs["text"], encoded["text"], self.word_embeddings, pad_id=self.pad_id, special_ids=self.special_ids, removed_id=self.removed_id,
-                vocab=self.vocab, words=self.text_units == "words",
+                inputs["text"],
+                encoded["text"],
+                self.word_embeddings,
+                pad_id=self.pad_id,
+                special_ids=self.special_ids,
+                removed_id=self.removed_id,
+                vocab=self.vocab,
+                words=self.text_units == "words",
             ),
         }
 

@@ -143,9 +143,7 @@ class Prompt:
             & (ids[:, length - s :] == torch.tensor(self.suffix, dtype=ids.dtype, device=ids.device)).all(1)
         )
         if not ok.all():
-            raise MmdiagError(
-                f"inputs.text: row {int((~ok).nonzero()[0])} is not a left-padded prompt of this model's template {self.template!r}; build the data with pipeline.hf.vlm_samples"
-            )
+            raise MmdiagError(f"inputs.text: row {int((~ok).nonzero()[0])} is not a left-padded prompt of this model's template {self.template!r}; build the data with pipeline.hf.vlm_samples")
         return (positions >= start[:, None] + p) & (positions < length - s)
 
     def labels(self, ids: Tensor) -> list[list[str]]:
@@ -224,8 +222,7 @@ class VLMAdapter(ModelAdapter):
             close = matches(table, table[0, 0])[0]  # the tolerance the padding is found with
         if close[1] or close[2]:
             raise MmdiagError(
-                "model: the pad token's embedding is within rounding of the unknown or the image token's, so removed words or placeholders "
-                "would read as padding; give the pad token a row of its own"
+                "model: the pad token's embedding is within rounding of the unknown or the image token's, so removed words or placeholders would read as padding; give the pad token a row of its own"
             )
         return pad, unk
 
