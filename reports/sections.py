@@ -12,38 +12,39 @@ import numpy as np
 from mmdiag.pipeline.registry import Registry
 from mmdiag.reports import figures, graphs
 from mmdiag.reports import samples as sp
+from mmdiag.stages import summaries as sm
 from mmdiag.stages.base import StageResult
 
 
 def discovery(summary: dict, ev: sp.Evaluated) -> dict:
     """The features the model was found to follow, each with what it agrees with."""
-    s = summary["discovery"]
+    s: sm.DiscoverySummary = summary["discovery"]
     rows = []
     for r in s["reliable"]:
         where = f'"{r["word"]}"' if "word" in r else (f"box {r['box']}" if "box" in r else r.get("transform"))
         status = f"annotated as {r['annotated_as']}: discovery agrees" if r.get("annotated_as") else f"within {r['within']}" if r.get("within") else "found by mmdiag"
         rows.append({**r, "where": where, "status": status, "pushes_to": ev.class_name(int(r["push"]))})
-    return {"n": s["n"], "candidates": s["candidates"], "passes": s.get("forward_passes_per_sample"), "fdr": s.get("fdr"), "rows": rows}
+    return {"n": s["n"], "candidates": s["candidates"], "passes": s["forward_passes_per_sample"], "fdr": s["fdr"], "rows": rows}
 
 
 def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict:
-    s = summary["unimodal"]
-    shares = s.get("modality_share") or {}
-    ablation = {m: v for m, v in (s.get("modality_ablation") or {}).items() if m not in ("interaction", "pairs")}
-    methods = s.get("methods") or {}
-    regions = sorted({r for m in methods.values() for r in (m.get("truth") or {})})
+    s: sm.UnimodalSummary = summary["unimodal"]
+    shares = s.get("modality_share", {})  # with shapley among the methods
+    ablation = {m: v for m, v in s["modality_ablation"].items() if m not in ("interaction", "pairs")}
+    methods = s["methods"]
+    regions = sorted({r for m in methods.values() for r in m["truth"]})
     out = {
-        "headline": {k: s.get(k) for k in ("n_explained", "n_errors_explained")},
-        "skipped": s.get("skipped") or [],
+        "headline": {k: s[k] for k in ("n_explained", "n_errors_explained")},
+        "skipped": s["skipped"],
         "shares": [{"modality": m, **v} for m, v in shares.items()],
         "ablation": [{"modality": m, **v} for m, v in ablation.items()],
-        "interaction": (s.get("modality_ablation") or {}).get("interaction"),
-        "pairs": [{"pair": k, **v} for k, v in ((s.get("modality_ablation") or {}).get("pairs") or {}).items()],
+        "interaction": s["modality_ablation"]["interaction"],
+        "pairs": [{"pair": k, **v} for k, v in s["modality_ablation"]["pairs"].items()],
         "methods": [{"name": n, **{k: v for k, v in m.items() if k != "truth"}} for n, m in methods.items()],
         "regions": regions,
         "region_modality": {r: _region_modality(ev, r) for r in regions},
         "reliance": modality_reliance(summary),
-        "truth": [{"method": n, "regions": {r: (m.get("truth") or {}).get(r) for r in regions}} for n, m in methods.items()],
+        "truth": [{"method": n, "regions": {r: m["truth"].get(r) for r in regions}} for n, m in methods.items()],
         "figures": [],
     }
     if shares:
@@ -51,7 +52,7 @@ def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -
             {"title": "Modality shares (MM-SHAP)", "uri": figures.bars(list(shares), [v["mean"] or 0 for v in shares.values()], [v["std"] or 0 for v in shares.values()], "share of |attribution|")}
         )
     if regions:
-        series = {n: [((m.get("truth") or {}).get(r) or {}).get("enrichment") for r in regions] for n, m in methods.items()}
+        series = {n: [m["truth"][r]["enrichment"] if r in m["truth"] else None for r in regions] for n, m in methods.items()}
         out["figures"].append({"title": "Attribution on the truth regions", "uri": figures.grouped(regions, series, "enrichment (mass / area)", reference=1.0)})
     out["figures"] += mean_maps(results, ev)
     return out
@@ -81,18 +82,16 @@ def mean_maps(results: dict[str, StageResult], ev: sp.Evaluated) -> list[dict]:
 
 
 def crossmodal(summary: dict, results: dict[str, StageResult]) -> dict:
-    s = summary["crossmodal"]
+    s: sm.CrossmodalSummary = summary["crossmodal"]
     out = {
-        "headline": {k: s.get(k) for k in ("full_accuracy", "additive_accuracy", "interaction_share", "n_reference", "modality_interaction")},
-        "pairs": s.get("top_pairs") or [],
-        "follows": sorted((s.get("additive_follows") or {}).items(), key=lambda kv: -kv[1]),
-        "graph": graphs.layout(graphs.from_pairs(s.get("top_pairs") or []), max_edges=12),
-        "figures": [],
-    }
-    if s.get("full_accuracy") is not None and s.get("additive_accuracy") is not None:
-        out["figures"].append(
+        "headline": {k: s[k] for k in ("full_accuracy", "additive_accuracy", "interaction_share", "n_reference", "modality_interaction")},
+        "pairs": s["top_pairs"],
+        "follows": sorted(s["additive_follows"].items(), key=lambda kv: -kv[1]),
+        "graph": graphs.layout(graphs.from_pairs(s["top_pairs"]), max_edges=12),
+        "figures": [
             {"title": "EMAP: the model and its additive projection", "uri": figures.bars(["full model", "additive projection"], [s["full_accuracy"], s["additive_accuracy"]], xlabel="accuracy")}
-        )
+        ],
+    }
     arrays = results["crossmodal"].arrays
     if {"dime.unimodal", "dime.interaction"} <= set(arrays):
         out["figures"].append({"title": "DIME per reference sample", "uri": figures.scatter(arrays["dime.unimodal"], arrays["dime.interaction"], "unimodal contribution", "interaction")})
@@ -100,20 +99,21 @@ def crossmodal(summary: dict, results: dict[str, StageResult]) -> dict:
 
 
 def representation(summary: dict) -> dict:
-    s = summary["representation"]
-    probes = s.get("probes") or {}
+    s: sm.RepresentationSummary | sm.Skipped = summary["representation"]
+    if set(s) == {"skipped"}:  # the whole stage, with its reason
+        return {"layers": [], "probes": [], "features": [], "n_features": 0, "unassigned_share": None, "skipped": [], "stage_skipped": s["skipped"], "figures": []}
+    probes = s["probes"]
     layers = list(dict.fromkeys(layer for by_layer in probes.values() for layer in by_layer))
     table = [{"concept": c, "layers": {layer: by_layer.get(layer) for layer in layers}} for c, by_layer in probes.items()]
-    features = sorted(s.get("features") or [], key=lambda f: -abs((f.get("auroc") or 0.5) - 0.5))
-    skipped = s.get("skipped") or []
+    features = sorted(s["features"], key=lambda f: -abs((f["auroc"] if f["auroc"] is not None else 0.5) - 0.5))
     out = {
         "layers": layers,
         "probes": table,
         "features": features[:15],
-        "n_features": len(s.get("features") or []),
-        "unassigned_share": s.get("unassigned_share"),
-        "skipped": [] if isinstance(skipped, str) else skipped,
-        "stage_skipped": skipped if isinstance(skipped, str) else None,
+        "n_features": len(s["features"]),
+        "unassigned_share": s["unassigned_share"],
+        "skipped": s["skipped"],
+        "stage_skipped": None,
         "figures": [],
     }
     if probes and layers:
@@ -128,15 +128,17 @@ def representation(summary: dict) -> dict:
 
 
 def composition(summary: dict) -> dict:
-    s = summary["composition"]
-    path = s.get("path") or {}
+    s: sm.CompositionSummary | sm.Skipped = summary["composition"]
+    if set(s) == {"skipped"}:  # the whole stage, with its reason
+        return {"stage_skipped": s["skipped"], "headline": {}, "per_class": [], "figures": []}
+    path = s["path"]
     out = {
-        "stage_skipped": s.get("skipped"),
-        "headline": {"fidelity": s.get("fidelity"), **{f"features_{k}": v for k, v in (s.get("n_features") or {}).items()}, **{f"simulation_{k}": v for k, v in (s.get("simulation") or {}).items()}},
-        "per_class": [{"name": c, "features": f} for c, f in (s.get("per_class") or {}).items()],
+        "stage_skipped": None,
+        "headline": {"fidelity": s["fidelity"], **{f"features_{k}": v for k, v in s["n_features"].items()}, **{f"simulation_{k}": v for k, v in s["simulation"].items()}},
+        "per_class": [{"name": c, "features": f} for c, f in s["per_class"].items()],
         "figures": [],
     }
-    if path.get("n_features"):
+    if path["n_features"]:
         out["figures"].append({"title": "Sparsity path: held-out fidelity against the number of features", "uri": figures.line(path["n_features"], path["fidelity"], "features used", "fidelity")})
     return out
 
@@ -147,9 +149,9 @@ def errors(analysis: dict) -> dict:
     out = {
         "slices": e["slices"],
         "categories": e["categories"],
-        "association_only": e.get("association_only", 0),
-        "disagreement": e.get("disagreement") or [],
-        "notes": e.get("notes") or [],
+        "association_only": e["association_only"],
+        "disagreement": e["disagreement"],
+        "notes": e["notes"],
         "n": e["n"],
         "error_rate": base,
         "figures": [],
@@ -164,27 +166,28 @@ def errors(analysis: dict) -> dict:
 
 def intervention(summary: dict) -> dict:
     """Every region's, modality's and counterfactual's intervention, each beside its null."""
-    s = summary["intervention"]
-    uni = (summary.get("unimodal") or {}).get("modality_share") or {}
+    s: sm.InterventionSummary = summary["intervention"]
+    shares = summary["unimodal"].get("modality_share", {}) if "unimodal" in summary else {}  # MM-SHAP, beside the interventions
     return {
         "n": s["n"],
         "null_sets": s["null_sets"],
-        "passes": s.get("forward_passes_per_sample"),
+        "passes": s["forward_passes_per_sample"],
         "regions": [{"key": k, **v} for k, v in s["regions"].items()],
-        "modalities": [{"modality": m, "mm_shap": (uni.get(m) or {}).get("mean"), **v} for m, v in s["modalities"].items()],
-        "pairs": [{"pair": k, **v} for k, v in (s.get("pairs") or {}).items()],
-        "counterfactuals": [{"concept": c, **v} for c, v in (s.get("counterfactuals") or {}).items()],
+        "modalities": [{"modality": m, "mm_shap": shares[m]["mean"] if m in shares else None, **v} for m, v in s["modalities"].items()],
+        "pairs": [{"pair": k, **v} for k, v in s["pairs"].items()],
+        "counterfactuals": [{"concept": c, **v} for c, v in s["counterfactuals"].items()],
     }
 
 
 def modality_reliance(summary: dict) -> dict[str, float]:
     """Each modality's share of the modality-level logit change: every sample's (interventions)
     or the explained samples' (stage 1)."""
-    inter = (summary.get("intervention") or {}).get("modalities") or {}
-    if inter:
-        return {m: v["share"]["value"] for m, v in inter.items()}
-    ablation = (summary.get("unimodal") or {}).get("modality_ablation") or {}
-    return {m: v["share"] for m, v in ablation.items() if isinstance(v, dict) and v.get("share") is not None}
+    if "intervention" in summary and summary["intervention"]["modalities"]:
+        return {m: v["share"]["value"] for m, v in summary["intervention"]["modalities"].items()}
+    if "unimodal" not in summary:
+        return {}
+    ablation = summary["unimodal"]["modality_ablation"]
+    return {m: v["share"] for m, v in ablation.items() if m not in ("interaction", "pairs") and v["share"] is not None}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmdiag.flows.summary import check
 from mmdiag.pipeline.data import SampleSet
 from mmdiag.stages.base import StageResult
 
@@ -100,6 +101,7 @@ def model_summary(data: SampleSet, pred: np.ndarray) -> dict:
         "n_errors": int((~correct).sum()),
         "splits": {"ood": {"n": len(pred), "accuracy": round(float(correct.mean()), 4)}},
         "slices": [],
+        "fusion": None,  # not declared
     }
 
 
@@ -130,7 +132,12 @@ def unimodal_result(data: SampleSet, pred: np.ndarray, scenario: str, rows: np.n
         "n_errors_explained": int((pred[rows] != data.labels.numpy()[rows]).sum()),
         "skipped": [],
         "modality_share": {"image": {"mean": 0.7, "std": 0.1}, "text": {"mean": 0.3, "std": 0.1}},
-        "modality_ablation": {"image": {"shapley": 0.5, "abs_shapley": 0.9}, "text": {"shapley": 0.2, "abs_shapley": 0.4}, "interaction": {"mean": 0.3, "abs_mean": 0.5}},
+        "modality_ablation": {
+            "image": {"shapley": 0.5, "abs_shapley": 0.9, "share": 0.69},
+            "text": {"shapley": 0.2, "abs_shapley": 0.4, "share": 0.31},
+            "interaction": {"mean": 0.3, "abs_mean": 0.5},
+            "pairs": {"image×text": {"mean": 0.3, "abs_mean": 0.5}},
+        },
         "methods": {
             "shapley": {
                 "deletion_auc": 0.3,
@@ -200,6 +207,10 @@ def crossmodal_result(data: SampleSet, pred: np.ndarray, scenario: str, rows: np
             {"units": ["r0c0", "red"], "modalities": ["image", "text"], "count": 5, "mean_weight": -0.1},
         ],
         "additive_follows": {"mark": 0.98 if scenario == "additive" else 0.7, "negation": 0.5},
+        "full_follows": {"mark": 0.7, "negation": 0.5},
+        "dime": {"unimodal_abs_mean": 0.5, "interaction_abs_mean": 0.02 if scenario == "additive" else 0.4},
+        "n_explained": len(rows),
+        "methods": {"emap": {"forward_passes": 240}, "mixed_gradients": {"forward_passes": 3 * len(rows), "path": "forward-over-reverse"}},
     }
     arrays = {
         "ids": data.ids.numpy()[rows],
@@ -228,7 +239,16 @@ def representation_result(data: SampleSet, pred: np.ndarray, colour_selectivity:
     features = [{"feature": f, "concept": concepts.get(f), "auroc": 0.95 if concepts.get(f) else 0.5, "modality_dependence": {"image": 0.5, "text": 0.5}} for f in range(d)]
     probes = {c: {layer: {"accuracy": 0.9, "control": 0.5, "selectivity": 0.4, "n": n, "n_test": n // 3} for layer in LAYERS} for c in ("mark", "negation", "colour", "shape")}
     probes["colour"]["decision"] = {"accuracy": 0.5 + colour_selectivity, "control": 0.5, "selectivity": colour_selectivity, "n": n, "n_test": n // 3}
-    summary = {"probes": probes, "features": features, "unassigned_share": 0.5, "skipped": []}
+    summary = {
+        "n": n,
+        "layers": {layer: {"shape": [d], "width": d} for layer in LAYERS},
+        "probes": probes,
+        "features": features,
+        "assigned": {c: 1 for c in concepts.values() if c is not None},
+        "unassigned_share": 0.5,
+        "dead_features": 0,
+        "skipped": [],
+    }
     arrays = {
         "ids": data.ids.numpy(),
         "decision": decision.astype(np.float32),
@@ -263,6 +283,10 @@ def composition_result(data: SampleSet, pred: np.ndarray, decision: np.ndarray) 
             name: [{"feature": 0, "weight": float(weights[k, 0]), "concept": "mark"}, {"feature": 3, "weight": float(weights[k, 1]), "concept": None}] for k, name in enumerate(data.class_names)
         },
         "simulation": {"top3": 0.9, "top5": 0.95},
+        "dropped": {"constant": []},
+        "n_samples": {"fit": len(pred) * 2 // 3, "heldout": len(pred) - len(pred) * 2 // 3},
+        "errors": {"n": int(wrong.sum()), "top_push": [{"feature": 0, "mean_push": 1.0, "concept": "mark"}]},
+        "exact": {"applies": False, "reason": "a fixture"},
     }
     arrays = {
         "ids": data.ids.numpy(),
@@ -300,6 +324,7 @@ def run(scenario: str = "shortcut", stages=STAGES, data: SampleSet | None = None
         if name in results:
             summary[name] = results[name].summary
     summary["stages"] = {name: {"seconds": 0.5, "cached": name == "model", "key": "feedc0ffee", "model": "0123456789abcdef"} for name in results}
+    check(summary)  # shaped as a run's (flows/summary.py), so the report reads what a run writes
     return summary, results, data
 
 
