@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         "to compute, the others start beside it, one process and one thread each)",
     )
     demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a first look: the same stages and report with fewer samples explained, two attribution methods and a smaller EMAP reference set (its figures differ from the full demo's)",
+    )
+    demo.add_argument(
         "--fix", action="store_true", help="then apply demo-film's top suggestion (retrain), diagnose the fixed model as OUT/demo-film-fixed and write the before/after page OUT/demo-film-fix.html"
     )
 

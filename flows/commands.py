@@ -89,7 +89,7 @@ def demo(args: argparse.Namespace) -> int:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         raise MmdiagError(f"--models: {unknown[0]!r} is not a built-in model; choose from {', '.join(MODELS)}")
-    first, *later = demo_configs(args.out, device=args.device, models=tuple(args.models))
+    first, *later = demo_configs(args.out, device=args.device, models=tuple(args.models), quick=args.quick)
     server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer.get()
     try:
         # --fix retrains after the runs: with this process's threads, not the one a run beside others keeps
@@ -110,7 +110,7 @@ def demo(args: argparse.Namespace) -> int:
         from mmdiag.flows.fix import fix_demo
 
         log.info("demo-film: applying the top suggestion and diagnosing the retrained model")
-        print(fix_demo(args.out, args.device))
+        print(fix_demo(args.out, args.device, quick=args.quick))
     return 0
 
 

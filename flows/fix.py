@@ -9,7 +9,7 @@ from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.store import read_json, write_text
 
 
-def fix_demo(out: Path, device: str = "auto", name: str = "demo-film") -> Path:
+def fix_demo(out: Path, device: str = "auto", name: str = "demo-film", quick: bool = False) -> Path:
     """Retrain `name` as its top suggestion says, diagnose it as OUT/NAME-fixed, and write
     OUT/NAME-fix.html (the comparison of the two runs). Returns the page's path."""
     from mmdiag import reports
@@ -22,7 +22,7 @@ def fix_demo(out: Path, device: str = "auto", name: str = "demo-film") -> Path:
     if not summary.get("suggestions"):
         raise MmdiagError(f"--fix: the diagnosis of {name} made no suggestion; there is nothing to apply")
     fixed = apply_fix(name, summary["suggestions"][0]["action"])
-    config = demo_configs(out, device=device, models=(fixed,))[0].model_copy(update={"run": f"{name}-fixed"})
+    config = demo_configs(out, device=device, models=(fixed,), quick=quick)[0].model_copy(update={"run": f"{name}-fixed"})
     after = run(config)
     diff = compare(before, after)
     page = Path(out) / f"{name}-fix.html"

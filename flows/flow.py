@@ -364,11 +364,22 @@ def _wait_for(server: TemporaryServer, run: str) -> str:
     return url
 
 
-def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late")) -> list[DiagConfig]:
-    """The embedded default: each demo model diagnosed on the shapes data, `ood` analysed."""
+# `mmdiag demo --quick`: every stage and the report; small stage-1 and stage-2 settings, discovery
+# of words and transforms only (its image places are most of its candidates); the rest at defaults
+QUICK_STAGES = {
+    "unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0},
+    "crossmodal": {"n_reference": 40, "shapley_draws": 4},
+    "discovery": {"kinds": ["word", "transform"]},
+}
+
+
+def demo_configs(out: Path, device: str = "auto", models: tuple[str, ...] = ("demo-film", "demo-late"), quick: bool = False) -> list[DiagConfig]:
+    """The embedded default: each demo model diagnosed on the shapes data, `ood` analysed
+    (`quick`: with QUICK_STAGES)."""
     from mmdiag.pipeline.demo.catalog import data_for
 
-    return [DiagConfig(run=name, model={"name": name}, data={"name": data_for(name), "split": "ood"}, device=device, out=out) for name in models]
+    stages = QUICK_STAGES if quick else {}
+    return [DiagConfig(run=name, model={"name": name}, data={"name": data_for(name), "split": "ood"}, device=device, out=out, stages=stages) for name in models]
 
 
 def spec_for_new_model(config: DiagConfig, weights: Path) -> ModelSpec:

@@ -55,25 +55,6 @@ def demo_models(cache):
     return load
 
 
-# small stage-1 and stage-2 settings for whole demo runs, discovery of words and transforms
-# only (its places, 94 of the 118 candidates on demo-film, are tested in tests/test_discovery.py);
-# the other stages at their defaults
-QUICK_STAGES = {
-    "unimodal": {"methods": ["grad_x_input", "shapley"], "n_correct": 10, "max_errors": 10, "shapley_pairs": 1, "sanity_samples": 0},
-    "crossmodal": {"n_reference": 40, "shapley_draws": 4},
-    "discovery": {"kinds": ["word", "transform"]},
-}
-
-
-@pytest.fixture
-def quick_demo(monkeypatch):
-    """`mmdiag demo` in this process runs with QUICK_STAGES."""
-    from mmdiag.flows import flow
-
-    made = flow.demo_configs
-    monkeypatch.setattr(flow, "demo_configs", lambda *a, **k: [c.model_copy(update={"stages": QUICK_STAGES}) for c in made(*a, **k)])
-
-
 @pytest.fixture
 def toy(monkeypatch, tmp_path, cache):
     """Only the toy stages (tests/toy_stages.py) are registered; `computed()` tells (and

@@ -21,7 +21,7 @@ def test_a_built_in_model_by_name_in_a_jupyter_kernel_then_the_cli_finds_every_s
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     demo_models("demo-late")  # trained once for the session, into the shared weights cache
-    settings = {"data": {"name": "shapes", "split": "ood", "n": 400}, "stages": QUICK, "out": str(tmp_path / "nb"), "cache": str(cache)}
+    settings = {"data": {"name": "shapes", "split": "ood", "n": 200}, "stages": QUICK, "out": str(tmp_path / "nb"), "cache": str(cache)}
     cell = f"import mmdiag\nd = mmdiag.diagnose(model='demo-late', **{settings!r})\nd"
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -295,9 +295,10 @@ def test_rows_that_disagree_are_refused_with_their_row():
 
 def test_a_table_read_with_a_hugging_face_processor_equals_hf_samples(tmp_path):
     from PIL import Image
-    from test_hf import CAPTIONS, images, save_clip
 
     from mmdiag.pipeline.hf import hf_readers, hf_samples, load_clip
+
+    from test_hf import CAPTIONS, images, save_clip
 
     clip = load_clip(save_clip(tmp_path / "clip"), local_files_only=True)
     pictures = images(len(CAPTIONS))

@@ -87,11 +87,11 @@ def test_the_fixed_data_gives_the_rule_where_it_can_be_seen(demo_models):
 
 @pytest.mark.slow
 @pytest.mark.trained
-def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys, quick_demo):
+def test_demo_writes_both_run_folders(demo_models, tmp_path, capsys):
     from mmdiag.flows.cli import main
 
     demo_models("demo-film"), demo_models("demo-late"), demo_models("demo-film-clean")  # trained into the session's cache (--fix retrains the clean one)
-    assert main(["demo", "--out", str(tmp_path), "--fix"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--fix", "--quick"]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[:4] == [str(tmp_path / r / f) for r in ("demo-film", "demo-late") for f in ("summary.json", "report.html")]
     assert "beside" not in err  # --fix: the models one by one
@@ -167,7 +167,7 @@ def test_demo_side_by_side_gives_the_one_by_one_figures(demo_models, cache, tmp_
 
     if not side_by_side.worth_it(2):
         pytest.skip(f"{side_by_side.cores()} cores: the models go one by one")
-    from conftest import QUICK_STAGES
+    from mmdiag.flows.flow import QUICK_STAGES
 
     demo_models("demo-film"), demo_models("demo-late")
     summaries = {}

@@ -162,10 +162,9 @@ def test_every_stage_runs_on_a_plain_transformer(layer, batch_first, data):
 @pytest.mark.slow
 @pytest.mark.trained
 def test_the_demo_transformer_is_diagnosed_by_the_flow(cache, tmp_path, monkeypatch):
-    from conftest import QUICK_STAGES
-
     from mmdiag.flows import flow
     from mmdiag.flows.cli import main
+    from mmdiag.flows.flow import QUICK_STAGES
 
     # quick stage 1; EMAP on 150 references (its full - additive gap is the property asserted)
     stages = {**QUICK_STAGES, "crossmodal": {"n_reference": 150, "shapley_draws": 4}}

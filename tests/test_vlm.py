@@ -425,3 +425,25 @@ def test_an_open_answer_vlm_from_a_folder_through_every_stage_of_the_flow(folder
     assert "apparently" in page  # the question's words are the report's text units
     assert main(["diagnose", "--config", str(cfg)]) == 0  # and a second run is taken from the cache
     assert all(s["cached"] for s in json.loads((run / "summary.json").read_text())["stages"].values())
+
+
+def test_vlm_and_hf_samples_take_the_links_a_diagnosis_needs(tmp_path):
+    """truth_concepts and class_concepts reach the SampleSet, and are checked as any SampleSet's."""
+    from mmdiag.pipeline.hf import hf_samples, load_clip
+
+    from test_hf import images, save_clip
+
+    vlm = vlm_kit.adapter("llava")
+    clip = load_clip(save_clip(tmp_path / "clip"), local_files_only=True)
+    for adapter, make in (
+        (vlm, lambda **k: vlm_samples(vlm, pictures(4), QUESTIONS, ["yes", "no"] * 2, **k)),
+        (clip, lambda **k: hf_samples(clip, images(4), ["a cat", "a dog"] * 2, [1, 0] * 2, **k)),
+    ):
+        side = adapter.image_size
+        corner = torch.zeros(4, side, side, dtype=torch.bool)
+        corner[:, :4, :4] = True
+        links = {"meta": {"mark": torch.tensor([0, 1, 0, 1]), "said": torch.tensor([1, 0, 0, 1])}, "truth": {"image": {"corner": corner}}}
+        data = make(**links, truth_concepts={"image": {"corner": "mark"}}, class_concepts=["said"])
+        assert data.concept_of("image", "corner") == "mark" and data.class_concepts == ["said"]
+        with pytest.raises(MmdiagError, match=r"truth_concepts\.image\.corner links to 'nope', which is not a meta concept"):
+            make(**links, truth_concepts={"image": {"corner": "nope"}})

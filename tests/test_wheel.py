@@ -33,6 +33,8 @@ def test_the_wheel_holds_mmdiag_alone_and_runs_the_demo_from_a_fresh_virtualenv(
     env.pop("PYTHONPATH", None)
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import mmdiag.flows, sys; print(mmdiag.flows.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site))
-    demo = subprocess.run([str(venv / "bin" / "mmdiag"), "demo", "--models", "demo-late", "--out", str(tmp_path / "runs")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    demo = subprocess.run(
+        [str(venv / "bin" / "mmdiag"), "demo", "--models", "demo-late", "--quick", "--out", str(tmp_path / "runs")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "runs" / "demo-late" / "report.html").is_file()

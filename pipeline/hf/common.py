@@ -133,13 +133,16 @@ def hf_samples(
     class_names: Sequence[str] | None = None,
     meta: dict[str, Tensor] | None = None,
     truth: dict[str, dict[str, Tensor]] | None = None,
+    truth_concepts: dict[str, dict[str, str]] | None = None,
+    class_concepts: list[str] | None = None,
     name: str = "data",
 ) -> SampleSet:
     """A SampleSet for a Hugging Face adapter, made with its own processor: inputs hold the
     processed `pixel_values` (normalised) and the token ids (truncated to the model's maximum
     length, with a warning). `images`: PIL images or (H, W, 3) uint8 arrays; `texts`: one per
     image (None for zero-shot CLIP, whose only modality is the image). Truth masks go over the
-    processed pixel grid."""
+    processed pixel grid; `truth_concepts` ({modality: {region: concept of meta}}) and
+    `class_concepts` link them to the concepts, as in any SampleSet."""
     processor = getattr(adapter, "processor", None)
     if processor is None:
         raise MmdiagError("data: the model was loaded without a processor; load it from a folder that has one, or pass processor=")
@@ -159,6 +162,8 @@ def hf_samples(
         labels=torch.as_tensor(labels, dtype=torch.long),
         meta=dict(meta or {}),
         truth=dict(truth or {}),
+        truth_concepts=dict(truth_concepts or {}),
+        class_concepts=class_concepts,
         display=display,
         class_names=list(class_names if class_names is not None else adapter.class_names),
         name=name,

@@ -530,12 +530,15 @@ def vlm_samples(
     meta: dict[str, Tensor] | None = None,
     truth: dict[str, dict[str, Tensor]] | None = None,
     length: int | None = None,
+    truth_concepts: dict[str, dict[str, str]] | None = None,
+    class_concepts: list[str] | None = None,
     name: str = "data",
 ) -> SampleSet:
     """A SampleSet for a VLM adapter: the images through its image processor, each question in
     its prompt template (left-padded to one length), each sample's answer one of the
     adapter's candidates (its label). Truth masks: images over the processed pixel grid, text
-    over the prompt's token positions.
+    over the prompt's token positions; `truth_concepts` ({modality: {region: concept of meta}})
+    and `class_concepts` link them to the concepts, as in any SampleSet.
 
     In open mode (load_vlm(..., answers=None)) `answers` are each sample's own target answers:
     the text input then ends with the target (and the end token) and the model's best other
@@ -579,6 +582,8 @@ def vlm_samples(
         labels=labels,
         meta=dict(meta or {}),
         truth=dict(truth or {}),
+        truth_concepts=dict(truth_concepts or {}),
+        class_concepts=class_concepts,
         display={"text": words(ids, ~adapter.question(ids), adapter.prompt.vocab)[1], **display},
         class_names=list(adapter.class_names),
         name=name,
