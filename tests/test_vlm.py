@@ -447,3 +447,32 @@ def test_vlm_and_hf_samples_take_the_links_a_diagnosis_needs(tmp_path):
         assert data.concept_of("image", "corner") == "mark" and data.class_concepts == ["said"]
         with pytest.raises(MmdiagError, match=r"truth_concepts\.image\.corner links to 'nope', which is not a meta concept"):
             make(**links, truth_concepts={"image": {"corner": "nope"}})
+
+
+def test_vlm_samples_make_counterfactuals_as_they_make_the_samples():
+    adapter = vlm_kit.adapter("llava")
+    asked, flipped_questions = QUESTIONS, ["is the square red", "look", "is the circle red", "apparently is the triangle not red"]
+    flips = {"images": pictures(4, seed=1), "questions": flipped_questions, "answers": ["no", "yes"] * 2, "valid": [True, True, False, True]}
+    data = vlm_samples(adapter, pictures(4), asked, ["yes", "no"] * 2, meta={"flip": torch.tensor([0, 1, 0, 1])}, counterfactuals={"flip": flips})
+    cf = data.counterfactuals["flip"]
+    alone = vlm_samples(adapter, flips["images"], flipped_questions, flips["answers"], length=data.inputs["text"].shape[1])
+    assert torch.equal(cf.inputs["image"], alone.inputs["image"]) and torch.equal(cf.inputs["text"], alone.inputs["text"])
+    assert cf.labels.tolist() == alone.labels.tolist() and cf.valid.tolist() == [True, True, False, True]
+    # the samples and their counterfactuals share one prompt length: the longer of the two sets
+    longest = max(vlm_samples(adapter, pictures(4), q, ["yes"] * 4).inputs["text"].shape[1] for q in (asked, flipped_questions))
+    assert data.inputs["text"].shape[1] == cf.inputs["text"].shape[1] == longest
+    for bad, message in [
+        ({"images": pictures(3)}, r"counterfactuals\.flip\.images: 3 entries for 4 samples"),
+        ({"pictures": pictures(4)}, r"counterfactuals\.flip: give a mapping with some of images, questions, answers, valid"),
+        ({"answers": ["no"] * 4}, r"counterfactuals\.flip: give the flipped samples' images, questions or both"),
+        ({"images": pictures(4), "answers": ["maybe"] * 4}, r"counterfactuals\.flip\.answers: 'maybe' is not one of the model's candidate answers"),
+    ]:
+        with pytest.raises(MmdiagError, match=message):
+            vlm_samples(adapter, pictures(4), asked, ["yes", "no"] * 2, meta={"flip": torch.tensor([0, 1, 0, 1])}, counterfactuals={"flip": bad})
+    # the interventions flip the concept with it, on the samples that have one
+    from mmdiag.pipeline.resolve import predict
+    from mmdiag.stages import Context, registry
+
+    stage = registry.get("intervention")
+    result = stage.run(Context(adapter, data, torch.device("cpu"), 0, predict(adapter, data, torch.device("cpu"))), stage.config(), {})
+    assert result.summary["counterfactuals"]["flip"]["n"] == 3

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mmdiag.pipeline.adapter import ModelAdapter
-from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.data import Counterfactual, SampleSet
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.hf.common import check_vocab, matches, pretrained, processor_or_none, vocabulary
 from mmdiag.pipeline.hf.words import word_units, words
@@ -532,13 +532,18 @@ def vlm_samples(
     length: int | None = None,
     truth_concepts: dict[str, dict[str, str]] | None = None,
     class_concepts: list[str] | None = None,
+    counterfactuals: dict[str, dict[str, Sequence]] | None = None,
     name: str = "data",
 ) -> SampleSet:
     """A SampleSet for a VLM adapter: the images through its image processor, each question in
     its prompt template (left-padded to one length), each sample's answer one of the
     adapter's candidates (its label). Truth masks: images over the processed pixel grid, text
     over the prompt's token positions; `truth_concepts` ({modality: {region: concept of meta}})
-    and `class_concepts` link them to the concepts, as in any SampleSet.
+    and `class_concepts` link them to the concepts, as in any SampleSet. `counterfactuals`:
+    {concept: {"images": [...], "questions": [...], "answers": [...], "valid": [...]}}, each
+    sample with the concept flipped (images and questions as for the samples, one per sample; the
+    answers the flipped samples have, if known; which samples have one), made into the
+    SampleSet's counterfactuals the same way (closed set only for questions and answers).
 
     In open mode (load_vlm(..., answers=None)) `answers` are each sample's own target answers:
     the text input then ends with the target (and the end token) and the model's best other
@@ -555,17 +560,10 @@ def vlm_samples(
     unknown = [] if adapter.open else sorted({a for a in answers if a not in adapter.answers})
     if unknown:
         raise MmdiagError(f"data.answers: {unknown[0]!r} is not one of the model's candidate answers ({', '.join(adapter.answers)})")
-    pixels = []
-    for i, picture in enumerate(images):
-        try:
-            pixels.append(adapter.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0].float())
-        except Exception as e:  # the processor's own errors, of many types
-            raise MmdiagError(f"data.images: the processor cannot take image {i} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); give RGB images (PIL or H x W x 3 uint8)") from None
-    pixels = torch.stack(pixels)
-    if tuple(pixels.shape[1:]) != (3, adapter.image_size, adapter.image_size):
-        raise MmdiagError(
-            f"data.images: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.image_size}, {adapter.image_size}); load the processor that belongs to this model"
-        )
+    pixels = _pixels(adapter, images, "data.images")
+    flips = _flips(counterfactuals or {}, len(images), adapter)
+    if length is None:  # one length for the questions and their counterfactuals
+        length = max(adapter.prompt(q).shape[1] for q in [questions, *(f["questions"] for f in flips.values() if f.get("questions") is not None)])
     ids = adapter.prompt(questions, length)
     display = {"caption": questions}
     if adapter.open:
@@ -574,6 +572,7 @@ def vlm_samples(
     else:
         index = {a: i for i, a in enumerate(adapter.answers)}
         labels = torch.tensor([index[a] for a in answers], dtype=torch.long)
+    made = {c: _counterfactual(adapter, f, length, c) for c, f in flips.items()}
     text = truth.get("text") if truth else None
     if text:  # masks over the prompt's positions: the answers after it are never a region
         truth = {**truth, "text": {r: torch.cat([m, m.new_zeros(len(m), ids.shape[1] - m.shape[1])], 1) if m.shape[1] < ids.shape[1] else m for r, m in text.items()}}
@@ -584,10 +583,65 @@ def vlm_samples(
         truth=dict(truth or {}),
         truth_concepts=dict(truth_concepts or {}),
         class_concepts=class_concepts,
+        counterfactuals=made,
         display={"text": words(ids, ~adapter.question(ids), adapter.prompt.vocab)[1], **display},
         class_names=list(adapter.class_names),
         name=name,
     )
+
+
+def _pixels(adapter: VLMAdapter, images: list, field: str) -> Tensor:
+    """The processor's pixel values (N, 3, S, S), one image at a time (one line naming the bad one)."""
+    pixels = []
+    for i, picture in enumerate(images):
+        try:
+            pixels.append(adapter.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0].float())
+        except Exception as e:  # the processor's own errors, of many types
+            raise MmdiagError(f"{field}: the processor cannot take image {i} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); give RGB images (PIL or H x W x 3 uint8)") from None
+    pixels = torch.stack(pixels)
+    if tuple(pixels.shape[1:]) != (3, adapter.image_size, adapter.image_size):
+        raise MmdiagError(
+            f"{field}: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.image_size}, {adapter.image_size}); load the processor that belongs to this model"
+        )
+    return pixels
+
+
+FLIP_KEYS = ("images", "questions", "answers", "valid")
+
+
+def _flips(given: dict, n: int, adapter: VLMAdapter) -> dict[str, dict]:
+    """The counterfactuals' lists, checked: known keys, one entry per sample, something flipped."""
+    out = {}
+    for concept, spec in given.items():
+        where = f"data.counterfactuals.{concept}"
+        if not isinstance(spec, dict) or set(spec) - set(FLIP_KEYS):
+            raise MmdiagError(f"{where}: give a mapping with some of {', '.join(FLIP_KEYS)}")
+        if spec.get("images") is None and spec.get("questions") is None:
+            raise MmdiagError(f"{where}: give the flipped samples' images, questions or both")
+        if adapter.open and (spec.get("questions") is not None or spec.get("answers") is not None):
+            raise MmdiagError(f"{where}: open answers take counterfactual images only; load the model with a closed set of answers to flip questions")
+        for key in FLIP_KEYS:
+            if spec.get(key) is not None and len(spec[key]) != n:
+                raise MmdiagError(f"{where}.{key}: {len(spec[key])} entries for {n} samples; give one per sample")
+        out[concept] = {k: list(v) for k, v in spec.items() if v is not None}
+    return out
+
+
+def _counterfactual(adapter: VLMAdapter, flip: dict, length: int, concept: str) -> Counterfactual:
+    where = f"data.counterfactuals.{concept}"
+    inputs = {}
+    if "images" in flip:
+        inputs["image"] = _pixels(adapter, flip["images"], f"{where}.images")
+    if "questions" in flip:
+        inputs["text"] = adapter.prompt([str(q) for q in flip["questions"]], length)
+    labels = None
+    if "answers" in flip:
+        unknown = sorted({str(a) for a in flip["answers"] if str(a) not in adapter.answers})
+        if unknown:
+            raise MmdiagError(f"{where}.answers: {unknown[0]!r} is not one of the model's candidate answers ({', '.join(adapter.answers)})")
+        labels = torch.tensor([adapter.answers.index(str(a)) for a in flip["answers"]], dtype=torch.long)
+    valid = torch.tensor([bool(v) for v in flip["valid"]]) if "valid" in flip else None
+    return Counterfactual(inputs, labels, valid)
 
 
 def _with_answers(adapter: VLMAdapter, pixels: Tensor, ids: Tensor, answers: list[str], batch: int = 64) -> tuple[Tensor, list[str]]:
