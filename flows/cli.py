@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--unused-since", type=_date, metavar="DATE", help="with prune: remove the results not used since DATE (YYYY-MM-DD) instead")
     cache.add_argument("--keep-models", action="store_true", help="with clear: keep the trained weights")
 
-    sub.add_parser("stages", help="list the analysis stages, what each reads and writes")
+    listing = sub.add_parser("stages", help="list the analysis stages (what each reads and writes) and the registered methods, rules, findings and sections")
+    listing.add_argument("--plugins", nargs="+", default=[], metavar="MODULE", help="import these modules first (as a config's plugins: their registrations are listed)")
 
     bench = sub.add_parser("bench", help="run the benchmarks: print a table and write JSON")
     bench.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the results (default: bench.json)")

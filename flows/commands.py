@@ -180,15 +180,26 @@ def example(args: argparse.Namespace) -> int:
 
 
 def stages(args: argparse.Namespace) -> int:
-    """`mmdiag stages`: the registered stages, what each reads and writes."""
-    from mmdiag.stages import registry
+    """`mmdiag stages [--plugins MODULE ...]`: the registered stages, what each reads and writes,
+    and the records of every other extension point, after importing the plugins."""
+    from mmdiag.reports import evidence, sections, suggest
+    from mmdiag.stages import methods, registry
 
+    registry.load_plugins(args.plugins)
     listed = registry.stages()
     print("model      evaluation: reads the model and data; writes model.* (accuracy, splits, slices)")
     for st in listed:
         print(f"{st.name:<10} reads: {', '.join(st.reads) or 'model'}; writes: {', '.join(st.writes) or st.name + '.*'}")
     if not listed:
         print("(no analysis stages registered yet)")
+    print()
+    for what, records in (
+        ("attribution methods", methods.METHODS),
+        ("per-error rules, in the order tried", evidence.RULES),
+        ("finding rules", suggest.FINDINGS),
+        ("report sections", sections.SECTIONS),
+    ):
+        print(f"{what}: {', '.join(records.names())}")
     return 0
 
 

@@ -129,3 +129,16 @@ def test_a_plugin_stage_contributes_a_report_section(toy, tmp_path, monkeypatch)
     html, summary = (run / "report.html").read_text(), json.loads((run / "summary.json").read_text())
     assert '<a href="#third">Doubling</a>' in html  # in the navigation
     assert f'<section id="third"><h2>Doubling</h2><p>doubled: {summary["third"]["doubled"]:.3f} over 300 margins</p></section>' in html
+
+
+def test_mmdiag_stages_lists_every_registry_with_the_plugins_registrations(capsys):
+    from mmdiag.flows.cli import main
+
+    assert main(["stages", "--plugins", "toy_method"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    listed = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in out if line.split(": ", 1)[0].endswith(("methods", "tried", "rules", "sections"))}
+    assert "leave_one_in" in listed["attribution methods"] and "shapley" in listed["attribution methods"]
+    assert listed["per-error rules, in the order tried"][:3] == ["shortcut", "ignored_modality", "label"]
+    assert "label_noise" in listed["finding rules"] and listed["report sections"][0] == "discovery"
+    assert main(["stages", "--plugins", "no_such_module"]) == 2
+    assert "plugins: cannot import 'no_such_module'" in capsys.readouterr().err

@@ -301,3 +301,20 @@ def test_stage1_m2ib_after_a_hidden_layer(clip, pairs):
     assert maps.shape[1] == result.arrays["sizes"].sum() and (maps >= 0).all() and maps.sum() > 0
     with pytest.raises(MmdiagError, match="m2ib_layers.image"):
         run(ctx, config.model_copy(update={"m2ib_layers": {"image": "vision.layer99"}}), {})
+
+
+def test_hf_samples_make_counterfactuals_as_they_make_the_samples(clip):
+    texts, flipped = ["a cat", "a dog", "a cat on a mat", "a dog"], ["a dog", "a cat", "a dog on a long red mat today", "a cat"]
+    data = hf_samples(clip, images(4), texts, [1, 0, 1, 0], meta={"animal": torch.tensor([0, 1, 0, 1])},
+                      counterfactuals={"animal": {"images": images(4, seed=1), "texts": flipped, "labels": [0, 1, 0, 1], "valid": [True, True, True, False]}})  # fmt: skip
+    cf = data.counterfactuals["animal"]
+    # made as the samples are: the same pixels, and the texts padded to one width with theirs
+    alone = hf_samples(clip, images(4, seed=1), flipped, [0, 1, 0, 1])
+    assert torch.equal(cf.inputs["image"], alone.inputs["image"]) and torch.equal(cf.inputs["text"], alone.inputs["text"])
+    assert data.inputs["text"].shape == cf.inputs["text"].shape
+    pad = clip.processor.tokenizer.pad_token_id
+    plain = hf_samples(clip, images(4), texts, [1, 0, 1, 0]).inputs["text"]
+    assert torch.equal(data.inputs["text"][:, : plain.shape[1]], plain) and (data.inputs["text"][:, plain.shape[1] :] == pad).all()
+    assert cf.labels.tolist() == [0, 1, 0, 1] and cf.valid.tolist() == [True, True, True, False]
+    with pytest.raises(MmdiagError, match=r"counterfactuals\.animal\.texts: 3 entries for 4 samples"):
+        hf_samples(clip, images(4), texts, [1, 0, 1, 0], meta={"animal": torch.tensor([0, 1, 0, 1])}, counterfactuals={"animal": {"texts": flipped[:3]}})

@@ -464,7 +464,7 @@ def test_vlm_samples_make_counterfactuals_as_they_make_the_samples():
     for bad, message in [
         ({"images": pictures(3)}, r"counterfactuals\.flip\.images: 3 entries for 4 samples"),
         ({"pictures": pictures(4)}, r"counterfactuals\.flip: give a mapping with some of images, questions, answers, valid"),
-        ({"answers": ["no"] * 4}, r"counterfactuals\.flip: give the flipped samples' images, questions or both"),
+        ({"answers": ["no"] * 4}, r"counterfactuals\.flip: give the flipped samples' images or questions"),
         ({"images": pictures(4), "answers": ["maybe"] * 4}, r"counterfactuals\.flip\.answers: 'maybe' is not one of the model's candidate answers"),
     ]:
         with pytest.raises(MmdiagError, match=message):

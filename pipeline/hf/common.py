@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmdiag.pipeline.data import SampleSet
+from mmdiag.pipeline.data import Counterfactual, SampleSet
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.units import Tokens, Units
 
@@ -124,6 +124,30 @@ class BottleneckSite:
     rest: Callable[[Tensor], Tensor]  # layer output (B * K, T, D), K copies per sample -> that modality's shared embedding
 
 
+def counterfactual_lists(given: dict, n: int, keys: tuple[str, ...], inputs: tuple[str, ...]) -> dict[str, dict[str, list]]:
+    """A sample builder's counterfactuals, checked: {concept: {key: one entry per sample}} with
+    only `keys`, and at least one of `inputs` (what is flipped) given."""
+    out = {}
+    for concept, spec in given.items():
+        where = f"data.counterfactuals.{concept}"
+        if not isinstance(spec, dict) or set(spec) - set(keys):
+            raise MmdiagError(f"{where}: give a mapping with some of {', '.join(keys)}")
+        if all(spec.get(k) is None for k in inputs):
+            raise MmdiagError(f"{where}: give the flipped samples' {' or '.join(inputs)}")
+        for key, values in spec.items():
+            if values is not None and len(values) != n:
+                raise MmdiagError(f"{where}.{key}: {len(values)} entries for {n} samples; give one per sample")
+        out[concept] = {k: list(v) for k, v in spec.items() if v is not None}
+    return out
+
+
+def _pixels(processor, images: list, field: str) -> Tensor:
+    processed = processor.image_processor(images=images, return_tensors="pt")
+    if "pixel_mask" in processed and not bool(processed["pixel_mask"].all()):
+        raise MmdiagError(f"{field}: the images differ in size after processing (padding was added); resize them to one size first")
+    return processed["pixel_values"].float()
+
+
 def hf_samples(
     adapter: Any,
     images: Sequence,
@@ -135,6 +159,7 @@ def hf_samples(
     truth: dict[str, dict[str, Tensor]] | None = None,
     truth_concepts: dict[str, dict[str, str]] | None = None,
     class_concepts: list[str] | None = None,
+    counterfactuals: dict[str, dict[str, Sequence]] | None = None,
     name: str = "data",
 ) -> SampleSet:
     """A SampleSet for a Hugging Face adapter, made with its own processor: inputs hold the
@@ -142,21 +167,39 @@ def hf_samples(
     length, with a warning). `images`: PIL images or (H, W, 3) uint8 arrays; `texts`: one per
     image (None for zero-shot CLIP, whose only modality is the image). Truth masks go over the
     processed pixel grid; `truth_concepts` ({modality: {region: concept of meta}}) and
-    `class_concepts` link them to the concepts, as in any SampleSet."""
+    `class_concepts` link them to the concepts, as in any SampleSet. `counterfactuals`:
+    {concept: {"images": [...], "texts": [...], "labels": [...], "valid": [...]}}, each sample
+    with the concept flipped (one entry per sample; the flipped samples' labels if known; which
+    samples have one), made the way the samples are (texts padded to one length with theirs)."""
     processor = getattr(adapter, "processor", None)
     if processor is None:
         raise MmdiagError("data: the model was loaded without a processor; load it from a folder that has one, or pass processor=")
-    processed = processor.image_processor(images=list(images), return_tensors="pt")
-    pixels = processed["pixel_values"].float()
-    if "pixel_mask" in processed and not bool(processed["pixel_mask"].all()):
-        raise MmdiagError("data: the images differ in size after processing (padding was added); resize them to one size first")
-    inputs, display = {"image": pixels}, {}
+    pixels = _pixels(processor, list(images), "data")
+    flips = counterfactual_lists(counterfactuals or {}, len(pixels), ("images", "texts", "labels", "valid"), ("images", "texts"))
+    inputs, display, flipped = {"image": pixels}, {}, {c: {} for c in flips}
+    for c, f in flips.items():
+        if "images" in f:
+            flipped[c]["image"] = _pixels(processor, f["images"], f"data.counterfactuals.{c}.images")
     if "text" in adapter.modalities:
         if texts is None or len(texts) != len(pixels):
             raise MmdiagError(f"data: give one text per image ({len(pixels)} images)")
-        ids, mask = tokenize(processor.tokenizer, texts, adapter.max_length)
+        extra = [(c, f["texts"]) for c, f in flips.items() if "texts" in f]
+        ids, mask = tokenize(processor.tokenizer, [*texts, *(t for _, ts in extra for t in ts)], adapter.max_length)  # one width for all
+        for k, (c, _) in enumerate(extra, 1):
+            flipped[c]["text"] = ids[k * len(pixels) : (k + 1) * len(pixels)]
+        ids, mask = ids[: len(pixels)], mask[: len(pixels)]
         inputs["text"] = ids
         display = {"text": [processor.tokenizer.convert_ids_to_tokens(row[: int(n)]) for row, n in zip(ids.tolist(), mask.sum(1))], "caption": list(texts)}
+    elif any("texts" in f for f in flips.values()):
+        raise MmdiagError("data.counterfactuals: this model takes no text; flip images only")
+    made = {
+        c: Counterfactual(
+            flipped[c],
+            torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else None,
+            torch.tensor([bool(v) for v in f["valid"]]) if "valid" in f else None,
+        )
+        for c, f in flips.items()
+    }
     return SampleSet(
         inputs=inputs,
         labels=torch.as_tensor(labels, dtype=torch.long),
@@ -164,6 +207,7 @@ def hf_samples(
         truth=dict(truth or {}),
         truth_concepts=dict(truth_concepts or {}),
         class_concepts=class_concepts,
+        counterfactuals=made,
         display=display,
         class_names=list(class_names if class_names is not None else adapter.class_names),
         name=name,

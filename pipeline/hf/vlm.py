@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from mmdiag.pipeline.adapter import ModelAdapter
 from mmdiag.pipeline.data import Counterfactual, SampleSet
 from mmdiag.pipeline.errors import MmdiagError
-from mmdiag.pipeline.hf.common import check_vocab, matches, pretrained, processor_or_none, vocabulary
+from mmdiag.pipeline.hf.common import check_vocab, counterfactual_lists, matches, pretrained, processor_or_none, vocabulary
 from mmdiag.pipeline.hf.words import word_units, words
 from mmdiag.pipeline.units import PatchGrid
 
@@ -610,20 +610,11 @@ FLIP_KEYS = ("images", "questions", "answers", "valid")
 
 
 def _flips(given: dict, n: int, adapter: VLMAdapter) -> dict[str, dict]:
-    """The counterfactuals' lists, checked: known keys, one entry per sample, something flipped."""
-    out = {}
-    for concept, spec in given.items():
-        where = f"data.counterfactuals.{concept}"
-        if not isinstance(spec, dict) or set(spec) - set(FLIP_KEYS):
-            raise MmdiagError(f"{where}: give a mapping with some of {', '.join(FLIP_KEYS)}")
-        if spec.get("images") is None and spec.get("questions") is None:
-            raise MmdiagError(f"{where}: give the flipped samples' images, questions or both")
-        if adapter.open and (spec.get("questions") is not None or spec.get("answers") is not None):
-            raise MmdiagError(f"{where}: open answers take counterfactual images only; load the model with a closed set of answers to flip questions")
-        for key in FLIP_KEYS:
-            if spec.get(key) is not None and len(spec[key]) != n:
-                raise MmdiagError(f"{where}.{key}: {len(spec[key])} entries for {n} samples; give one per sample")
-        out[concept] = {k: list(v) for k, v in spec.items() if v is not None}
+    """The counterfactuals' lists, checked (open answers flip images only)."""
+    out = counterfactual_lists(given, n, FLIP_KEYS, ("images", "questions"))
+    for concept, flip in out.items():
+        if adapter.open and ("questions" in flip or "answers" in flip):
+            raise MmdiagError(f"data.counterfactuals.{concept}: open answers take counterfactual images only; load the model with a closed set of answers to flip questions")
     return out
 
 
