@@ -30,20 +30,21 @@ from mmdiag.pipeline.store import ContentHash
 class Counterfactual:
     """The samples with one concept flipped: the raw inputs of the modalities that change
     (all rows), the labels the flipped samples have (None: unknown) and which rows have a
-    counterfactual at all (None: every row). `null`: the same rows changed as much at random
-    (a flip that no more than any change of its size does is no evidence; None: no null)."""
+    counterfactual at all (None: every row). `null`: the same rows changed as much at random,
+    one set of inputs per draw (a flip that no more than a typical change of its size does is
+    no evidence; None: no null)."""
 
     inputs: dict[str, Tensor]
     labels: Tensor | None = None
     valid: Tensor | None = None
-    null: dict[str, Tensor] | None = None
+    null: list[dict[str, Tensor]] | None = None
 
     def subset(self, index: Tensor) -> Counterfactual:
         return Counterfactual(
             {m: x[index] for m, x in self.inputs.items()},
             None if self.labels is None else self.labels[index],
             None if self.valid is None else self.valid[index],
-            None if self.null is None else {m: x[index] for m, x in self.null.items()},
+            None if self.null is None else [{m: x[index] for m, x in draw.items()} for draw in self.null],
         )
 
 
@@ -190,7 +191,7 @@ class SampleSet(torch.utils.data.Dataset):
         for c, cf in self.counterfactuals.items():
             if c not in self.meta:
                 raise MmdiagError(f"{where}: counterfactuals.{c} is not a meta concept; name the concept the counterfactual flips")
-            for part, given in (("inputs", cf.inputs), ("null", cf.null or {})):
+            for part, given in (("inputs", cf.inputs), *((f"null[{k}]", draw) for k, draw in enumerate(cf.null or ()))):
                 for m, x in given.items():
                     if m not in self.inputs:
                         raise MmdiagError(f"{where}: counterfactuals.{c}.{part}.{m} is not an input modality ({', '.join(self.inputs)})")

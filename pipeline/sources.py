@@ -196,7 +196,7 @@ class StreamedSampleSet(SampleSet):
                     {m: x.view(index) for m, x in cf.inputs.items()},
                     None if cf.labels is None else cf.labels[index],
                     None if cf.valid is None else cf.valid[index],
-                    None if cf.null is None else {m: x.view(index) for m, x in cf.null.items()},
+                    None if cf.null is None else [{m: x.view(index) for m, x in draw.items()} for draw in cf.null],
                 )
                 for c, cf in self.counterfactuals.items()
             },

@@ -11,8 +11,10 @@ thresholds:
 
 - shortcut: a shortcut finding's concept points to the predicted class against the label, and
   removing its region (or flipping it) makes this prediction right, or moves it towards the
-  true class more than every one of its null removals; where no intervention applies to this
-  sample (the region is absent, no counterfactual), following the concept is the evidence;
+  true class more than every one of its null removals (a counterfactual with a null, a found
+  transform's random changes as large: more than their median); where no intervention applies
+  to this sample (the region is absent, no counterfactual), following the concept is an
+  association only;
 - ignored_modality: a modality the findings call ignored shows what this sample needs (its
   relevant truth regions) and removing it does not change this prediction;
 - label: confident learning (reports/label_issues.py) flags the error as a likely label mistake,
@@ -164,9 +166,9 @@ def counterfactual_effect(src: Sources, concept: str, row: int) -> dict | None:
     if a is None or not a["valid"] or (a["label"] >= 0 and a["label"] != src.ev.labels[row]):
         return None
     out = {"concept": concept, "fixes": bool(a["pred_after"] == src.ev.labels[row]), "towards_truth": _r(a["d_true"] - a["d_pred"])}
-    if "null.pred_after" in a:  # a change with a null: the random change as large must do less
-        out["null_fixes"] = bool(a["null.pred_after"] == src.ev.labels[row])
-        out["null_towards_truth"] = _r(a["null.d_true"] - a["null.d_pred"])
+    if "null.pred_after" in a:  # a change with a null: a typical random change as large must do less
+        out["null_fixes"] = _r((a["null.pred_after"] == src.ev.labels[row]).mean())
+        out["null_towards_truth_median"] = _r(np.median(a["null.d_true"] - a["null.d_pred"]))
     return out
 
 
@@ -236,7 +238,7 @@ def label_evidence(src: Sources, row: int) -> dict:
     for c, cf in ev.data.counterfactuals.items():  # a found transform's null: a random change as large
         a = src.intervened(f"counterfactual.{c}", row) if cf.null else None
         if a is not None and a["valid"] and "null.pred_after" in a:
-            kept.append(bool(a["null.pred_after"] == pred))
+            kept.extend((np.asarray(a["null.pred_after"]) == pred).tolist())
     told = -1 if src.consensus is None else int(src.consensus[row])
     return {
         "flagged": row in src.label_issues,
@@ -421,11 +423,13 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
     follows = None
     for c in found["concepts"]:
         cf = c["counterfactual"]
-        # it makes the prediction right and its null (a random change as large) does not, or it
-        # moves the true class's logit against the predicted one further than the null, as a
-        # region's removal must beat its nulls
-        beyond = cf is not None and cf.get("null_towards_truth") is not None and cf["towards_truth"] > cf["null_towards_truth"]
-        if cf is not None and ((cf["fixes"] and not cf.get("null_fixes")) or beyond):
+        # it makes the prediction right and most draws of its null (a random change as large) do
+        # not, or it moves the true class's logit against the predicted one further than the
+        # median draw: a found transform's null changes the very property (colour) a model may
+        # rightly read, so it is judged against a typical draw, not the most extreme of a few
+        null_fixes = cf.get("null_fixes") if cf is not None else None
+        beyond = cf is not None and cf.get("null_towards_truth_median") is not None and cf["towards_truth"] > cf["null_towards_truth_median"]
+        if cf is not None and ((cf["fixes"] and (null_fixes is None or null_fixes < 0.5)) or beyond):
             return True, {"concept": c["concept"], "points_to": c["points_to"], "evidence": "counterfactual", **cf}
         for e in c["regions"]:
             beyond = e["null_towards_truth_max"] is not None and e["towards_truth"] > e["null_towards_truth_max"]
@@ -528,7 +532,11 @@ def _f(x, digits: int = 2) -> str:
 
 def shortcut_sentence(g: dict) -> str:
     if g["evidence"] == "counterfactual":
-        return f"Flipping {g['concept']} (label unchanged) makes this prediction {'right' if g['fixes'] else 'move'}: the true class gains {_f(g['towards_truth'])} logits over the predicted one."
+        null = ""
+        if g.get("null_towards_truth_median") is not None:
+            null = f", against {_f(g['null_towards_truth_median'])} for the median random change as large ({100 * g['null_fixes']:.0f}% of those make it right)"
+        moves = "right" if g["fixes"] else "move"
+        return f"Flipping {g['concept']} (label unchanged) makes this prediction {moves}: the true class gains {_f(g['towards_truth'])} logits over the predicted one{null}."
     if g["evidence"] == "intervention":
         return (
             f"The prediction is the class {g['concept']} points to ({g['points_to']}); removing {g['region']} ({g['units']} units) "

@@ -35,8 +35,8 @@ is; a one-sided sign test on the discordant pairs; Benjamini-Hochberg over all c
 class it pushes towards is the class whose centred logit drops most when it is removed,
 averaged over its carriers. The stage takes on the reliable features that no annotation already
 names (`settle`), and `extend` turns each into a concept (its push class on its carriers,
-unknown elsewhere) with a truth region (or, for a transform, a counterfactual with its null)
-linked to it: every later stage and rule treats it as an annotated concept.
+unknown elsewhere) with a truth region (or, for a transform, a counterfactual with `null_draws`
+draws of its null) linked to it: every later stage and rule treats it as an annotated concept.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class DiscoveryConfig(StageConfig):
     fdr: float = Field(default=0.05, gt=0, lt=1)  # Benjamini-Hochberg, over all candidates
     batch_size: int = Field(default=256, gt=0)  # samples read together
     eval_batch: int = Field(default=256, gt=0)  # model inputs per forward pass
+    null_draws: int = Field(default=6, gt=0)  # random casts per carrier beside a found transform, for the per-error test
 
 
 @dataclass
@@ -709,6 +710,7 @@ def run(ctx: Context, config: DiscoveryConfig, upstream: dict) -> StageResult:
         "taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {}), **({"cluster": f.cluster} if f.cluster is not None else {})} for f in taken],
         "segments": config.segments,
         "seed": ctx.seed,
+        "null_draws": config.null_draws,
         "forward_passes": found.forward_passes,
     }
     summary = {**found.summary(config.fdr), "taken": [f.id for f in taken]}
@@ -749,8 +751,8 @@ def extend(data: SampleSet, result: StageResult) -> SampleSet:
         if f.kind == "transform":
             seed = result.details["seed"]
             changed = Derived(rows, x.shape[1:], x.dtype, lambda r, f=f, x=x: transformed(f, x[r], data.ids[r], seed)[0])
-            null = Derived(rows, x.shape[1:], x.dtype, lambda r, f=f, x=x: transformed(f, x[r], data.ids[r], seed)[1])
-            counterfactuals[name] = Counterfactual({m: changed}, valid=torch.from_numpy(f.carriers), null={m: null})
+            nulls = [{m: Derived(rows, x.shape[1:], x.dtype, lambda r, f=f, x=x, k=k: transformed(f, x[r], data.ids[r], seed + k)[1])} for k in range(result.details["null_draws"])]
+            counterfactuals[name] = Counterfactual({m: changed}, valid=torch.from_numpy(f.carriers), null=nulls)
         else:
             if f.kind == "word":
                 f.mask = torch.from_numpy(result.arrays[f"words.{name}"].astype(bool))

@@ -12,7 +12,8 @@ sample when a truth region, a whole modality or a concept is removed or flipped.
 Per sample it records the new prediction and the change of the predicted class's margin and of
 the predicted and the true class's logits; `summarise` turns those into flip rates, logit
 changes and error-fix rates with 95% intervals, and each region's effect beyond its null.
-Cost: (1 + null_sets) model inputs per region, 2^M, and one per counterfactual, per sample.
+Cost: (1 + null_sets) model inputs per region, 2^M, and per counterfactual one plus one per draw of
+its null, per sample it is in.
 """
 
 from __future__ import annotations
@@ -140,16 +141,24 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
         add("modality.true", values.gather(2, y[:, None, None].expand(-1, values.shape[1], 1)).squeeze(2))
         add("modality.pred_after", values.argmax(2))
         for concept, cf in data.counterfactuals.items():
-            for part, changed in (("", cf.inputs), (".null", cf.null or {})):
-                if not changed:
+            valid = torch.ones(len(p), dtype=torch.bool) if cf.valid is None else cf.valid[rows].bool()
+            at = valid.nonzero().flatten().to(device)  # only the rows that have a counterfactual cost model inputs
+            for part, draws in (("", [cf.inputs]), (".null", cf.null or [])):
+                if not draws:
                     continue
-                flipped = {**inputs, **{m: x[rows].to(device) for m, x in changed.items()}}
-                with torch.no_grad():
-                    logits = torch.cat([adapter(_rows(flipped, s, eval_batch)).float() for s in range(0, len(p), eval_batch)])
-                game.passes += len(p)
-                for name, value in outcome(logits[:, None], p, y, base).items():
-                    add(f"counterfactual.{concept}{part}.{name}", value[:, 0])
-            add(f"counterfactual.{concept}.valid", torch.ones(len(p), dtype=torch.bool) if cf.valid is None else cf.valid[rows].bool())
+                found = outcome(base[:, None].expand(-1, len(draws), -1), p, y, base)
+                if len(at):
+                    logits = []
+                    for changed in draws:
+                        flipped = {**{m: x[at] for m, x in inputs.items()}, **{m: x[rows].to(device)[at] for m, x in changed.items()}}
+                        with torch.no_grad():
+                            logits.append(torch.cat([adapter(_rows(flipped, s, eval_batch)).float() for s in range(0, len(at), eval_batch)]))
+                        passes += len(at)
+                    for k, v in outcome(torch.stack(logits, 1), p[at], y[at], base[at]).items():
+                        found[k][at] = v
+                for name, value in found.items():
+                    add(f"counterfactual.{concept}{part}.{name}", value if part else value[:, 0])  # a null: (B, draws)
+            add(f"counterfactual.{concept}.valid", valid)
             add(f"counterfactual.{concept}.label", torch.full((len(p),), -1) if cf.labels is None else cf.labels[rows].long())
         passes += game.passes
     arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
@@ -240,15 +249,15 @@ def summarise(arrays: dict[str, np.ndarray], details: dict) -> dict:
 
 
 def _against_null(a: dict, arrays: dict, valid: np.ndarray, errors: np.ndarray, z: float) -> dict:
-    """A counterfactual with a null (the same rows changed as much at random): its flips beyond
-    the null's, per sample, and the errors the null makes right."""
+    """A counterfactual with a null (the same rows changed as much at random, a few draws): its
+    flips beyond the mean flip of its draws, per sample, and the errors the draws make right."""
     flips = (a["pred_after"] != arrays["pred"]).astype(float)
-    null_flips = (a["null.pred_after"] != arrays["pred"]).astype(float)
-    wrong = valid & errors
+    null_flips = (a["null.pred_after"] != arrays["pred"][:, None]).mean(1)
+    null_fixes = (a["null.pred_after"] == arrays["label"][:, None]).mean(1)
     return {
-        "null_flip_rate": stats.rate(int(null_flips[valid].sum()), int(valid.sum()), z),
+        "null_flip_rate": stats.interval(null_flips[valid], z),
         "flip_effect": stats.interval(flips[valid] - null_flips[valid], z),
-        "null_fixes_error_rate": stats.rate(int((a["null.pred_after"] == arrays["label"])[wrong].sum()), int(wrong.sum()), z),
+        "null_fixes_error_rate": stats.interval(null_fixes[valid & errors], z),
     }
 
 

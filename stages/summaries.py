@@ -158,6 +158,7 @@ class InterventionSummary(TypedDict):
         dict[str, dict[str, Any]],
         Doc(
             "`<concept>`: `n`, `flip_rate`, `label_changed_rate`, `flip_rate_label_kept`, `fixes_error_rate` (intervals as above), `logit_change.pred`; with a "
-            "null (a transform discovery found): `null_flip_rate`, `flip_effect`, `null_fixes_error_rate`"
+            "null (a transform discovery found, a few random draws per sample): `null_flip_rate`, `flip_effect` (per sample: flip minus its draws' mean flip), "
+            "`null_fixes_error_rate`"
         ),
     ]

@@ -273,12 +273,13 @@ def test_a_colour_cast_is_found_through_the_transforms():
     top, taken, cards = _found_shortcut(model, data, "transform")
     cast = data.meta["cast"].numpy() == 1
     holds("Jaccard of the transform's carriers with the cast images", float((cards["carriers"] & cast).sum() / (cards["carriers"] | cast).sum()), above=0.6)
-    # per error, the bar is that the transform makes it right and a random colour change as
-    # large does not, or moves the true class's logit further than that change: the null, one
-    # draw, also makes many of them right (the colour rule moves with any colour); 0.71-0.87
-    # over three training seeds (0.36-0.5 when only making it right counted), recorded, not
-    # asserted
-    measured("share of the errors that follow the cast whose card names it", cards["share"])
+    # per error, the bar is that the transform makes it right and most of six random colour
+    # changes as large do not, or moves the true class's logit further than the median of them
+    # (a random colour change moves the colour rule too); 0.81-0.95 over training seeds 0-4
+    # (one draw, beaten outright: 0.71-0.87 over seeds 0-2). The errors it misses are those
+    # where the found transform, which takes away the carriers' mean colour difference, object
+    # colours included, moves the prediction further from the truth
+    holds("share of the errors that follow the cast whose card names it", cards["share"], above=0.75)
 
 
 @pytest.mark.trained

@@ -1,6 +1,8 @@
 """Behaviour does not change under refactoring: a whole diagnosis of an untrained model (no
 training, so the same on every run) gives the summary.json kept from before the code moved
-into the `mmdiag` package, figure by figure (timings, dates and cache keys aside)."""
+into the `mmdiag` package, figure by figure (timings, dates and cache keys aside). Changed on
+purpose since, and rewritten then: a found transform's null is six random draws, not one (its
+null figures and the forward passes)."""
 
 import json
 import math
