@@ -223,60 +223,59 @@ def explained_away(found: list[Finding], pred: np.ndarray, labels: np.ndarray, z
 def ignored_modalities(
     summary: dict, ev: Evaluated, t: Thresholds = DEFAULT, notes: list[str] | None = None, sets: list[tuple[str, ...]] | None = None, cues: list[tuple[str, ...]] | None = None
 ) -> list[Finding]:
-    """A modality the model hardly uses while it errs on at least `min_error_rate` of the samples:
-    its share of the modality-level logit change (exact, from the 2^M ablations of every sample),
-    or the share of predictions that removing it changes, is below `ignored_share` (the upper end
-    of its interval). Shares do not depend on how many units a modality has. Runs without the intervention stage fall back to stage 1's MM-SHAP and
-    ablation shares on the explained samples, and the finding says so (`evidence`). A modality
-    whose linked concepts the data shows not to matter for the label is not flagged, nor one
-    where a set that determines the label (cue_sets, found features included) lives wholly in
-    other modalities."""
+    """A modality that shows the label where the model does not look, while the model errs on at
+    least `min_error_rate` of the samples: a readout refitted to the labels on the modalities'
+    inputs gains more from it (Brier score of the label, out of fold) than the model does (its
+    score with the modality removed, from the 2^M ablations), per sample, the interval of the
+    difference above 0 at the stage's confidence, Bonferroni over the modalities, and it adds to
+    the model's answer (a readout of the model's logits with the modality's inputs beats one of
+    the logits alone, the same way; stages/readout.py). No share is compared with a fixed number: a modality that tells
+    nothing beyond the others (a neutral caption) gives the readout nothing to gain, and one the
+    model reads a little of still leaves the rest unused. Needs the intervention stage (a note
+    says so without it). A modality whose linked concepts the data shows not to matter for the
+    label is not flagged, nor one where a set that determines the label (cue_sets, found features
+    included) lives wholly in other modalities."""
     notes = [] if notes is None else notes
     if ev.error_rate < t.min_error_rate:
         return []
-    uni = summary.get("unimodal") or {}
-    mm_shap = {m: s["mean"] for m, s in (uni.get("modality_share") or {}).items() if s.get("mean") is not None}
     inter = (summary.get("intervention") or {}).get("modalities") or {}
-    if len(inter) >= 2:
-        share = {m: g["share"] for m, g in inter.items()}
-        # the upper ends: of its share of the logit change, or of the predictions removing it changes
-        low = {m: min(s["high"], inter[m]["removal_flip_rate"]["high"]) for m, s in share.items() if s["high"] is not None}
-        source = "intervention"
-    else:
-        ablation = {m: v["abs_shapley"] for m, v in (uni.get("modality_ablation") or {}).items() if m not in ("interaction", "pairs") and v.get("abs_shapley") is not None}
-        total = sum(ablation.values())
-        share = {m: {"value": _round(v / total)} for m, v in ablation.items()} if total > 0 else {}
-        low = {m: min(x for x in (mm_shap.get(m), s["value"]) if x is not None) for m, s in share.items()}
-        source = "attribution"
-    if len(share) < 2:
+    if len(inter) < 2:
+        if len(ev.data.inputs) >= 2:
+            notes.append("ignored_modality rule: needs the intervention stage (each modality's use by the model against a readout refitted to the labels); not tested")
+        return []
+    if not all(g.get("unused") for g in inter.values()):
+        notes.append("ignored_modality rule: too few samples of some class for a readout refitted to the labels; not tested")
         return []
     sets = label_sets(ev, t) if sets is None else sets
     cues = cue_sets(ev, t) if cues is None else cues
     found = []
-    for m in sorted(low):
-        if low[m] >= t.ignored_share:
+    for m in sorted(inter):
+        g = inter[m]
+        if g["unused"]["low"] <= 0 or g["beyond_answer"]["low"] <= 0:
             continue
         elsewhere = next((c for c in cues if c and all(modalities_of(ev, x) and m not in modalities_of(ev, x) for x in c)), None)
         if elsewhere is not None:
-            notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without it ({', '.join(elsewhere)}); not flagged")
+            notes.append(f"ignored_modality rule: the model leaves what {m} shows unused, but the label is determined without it ({', '.join(elsewhere)}); not flagged")
             continue
         linked = sorted({ev.data.concept_of(m, r) for r in ev.data.truth.get(m, {})} - {None})
         needed = [c for c in linked if rl.causal(c, sets, None)]
         if linked and sets and not needed:
-            notes.append(f"ignored_modality rule: the model hardly uses {m}, but the label is determined without its concepts ({', '.join(linked)}); not flagged")
+            notes.append(f"ignored_modality rule: the model leaves what {m} shows unused, but the label is determined without its concepts ({', '.join(linked)}); not flagged")
             continue
-        flips = ((inter.get(m) or {}).get("removal_flip_rate") or {}).get("value")
-        value = min(share[m]["value"], 1.0 if flips is None else flips)
         figures = {
-            "share": share[m],
-            "modality_share": mm_shap.get(m),
-            "removal_flip_rate": (inter.get(m) or {}).get("removal_flip_rate"),
+            "share": g["share"],
+            "removal_flip_rate": g["removal_flip_rate"],
+            "unused": g["unused"],
+            "beyond_answer": g["beyond_answer"],
+            "readout_gain": g["readout_gain"],
+            "model_gain": g["model_gain"],
             "needed_concepts": needed,
-            "evidence": source,
+            "evidence": "intervention",
             "error_rate": _round(ev.error_rate),
         }
-        strength = ev.error_rate * (1 - min(value, t.ignored_share) / t.ignored_share)
-        found.append(Finding("ignored_modality", m, strength, figures, {"kind": "modality_dropout", "modality": m}))
+        # the share of what the modality shows that the model leaves unused
+        left = min(max(g["unused"]["value"] / g["readout_gain"], 0.0), 1.0) if g["readout_gain"] > 0 else 0.0
+        found.append(Finding("ignored_modality", m, ev.error_rate * left, figures, {"kind": "modality_dropout", "modality": m}))
     return found
 
 

@@ -94,25 +94,23 @@ def shortcut(f: Finding) -> dict:
 
 def ignored_modality(f: Finding) -> dict:
     m, g = f.subject, f.figures
-    share, flips = g["share"], g.get("removal_flip_rate")
-    measured = (
-        f"{m} accounts for {_pct(share['value'])} of what the modalities change in the logit (exact modality ablation of every sample, up to {_pct(share['high'])})"
-        + (f", and removing it changes {_pct(flips['value'])} of the predictions" if flips else "")
-        if g["evidence"] == "intervention"
-        else f"{m} gets {_pct(g['modality_share'])} of the attribution (MM-SHAP share) and {_pct(share['value'])} of the modality-level Shapley values on the explained samples"
-    )
+    share, flips, unused = g["share"], g["removal_flip_rate"], g["unused"]
     return {
-        "title": f"The model ignores {m}: train with modality dropout or balanced losses",
-        "finding": f"{measured}, while {_pct(g['error_rate'])} of the predictions are wrong"
-        + (f" and the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else "."),
+        "title": f"The model ignores what {m} shows of the label: train with modality dropout or balanced losses",
+        "finding": (
+            f"A readout refitted to the labels gains {_num(g['readout_gain'])} of Brier score from {m} beyond the other modalities (out of fold), the model only "
+            f"{_num(g['model_gain'])} (removing {m} from every sample): it leaves {_num(unused['value'])} unused ({_num(unused['low'])}–{_num(unused['high'])}). "
+            f"{m} accounts for {_pct(share['value'])} of what the modalities change in the logit, and removing it changes {_pct(flips['value'])} of the predictions, "
+            f"while {_pct(g['error_rate'])} of the predictions are wrong" + (f"; the label depends on {', '.join(g['needed_concepts'])}, which {m} shows." if g["needed_concepts"] else ".")
+        ),
         "evidence": [
-            {"label": f"share of the modality-level logit change of {m}", "value": share["value"], "section": "intervention" if g["evidence"] == "intervention" else "unimodal"},
-            {"label": f"predictions changed by removing {m}", "value": flips["value"] if flips else None, "section": "intervention"},
-            {"label": f"MM-SHAP share of {m}", "value": g["modality_share"], "section": "unimodal"},
+            {"label": f"Brier score the model leaves unused in {m}", "value": unused["value"], "section": "intervention"},
+            {"label": f"share of the modality-level logit change of {m}", "value": share["value"], "section": "intervention"},
+            {"label": f"predictions changed by removing {m}", "value": flips["value"], "section": "intervention"},
         ],
         "change": (
             f"Modality dropout: remove the other modalities for a fraction of the training batches (e.g. 30%) so the model must use {m}; "
-            f"or balance the losses (an auxiliary head on {m} alone, gradient blending / on-the-fly gradient modulation). Check that the share of {m} rises."
+            f"or balance the losses (an auxiliary head on {m} alone, gradient blending / on-the-fly gradient modulation). Check that the unused part of {m} shrinks."
         ),
     }
 

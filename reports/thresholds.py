@@ -35,7 +35,8 @@ class Thresholds:
     # --- suggestions ---
     # shortcut: no fixed figure; the error-rate gap and the reliance are each compared with a
     # null at `confidence` (reports/findings.shortcuts, reports/reliance.py)
-    ignored_share: float = 0.05  # upper end of a modality's share of the modality-level logit change below this
+    # ignored modality: no fixed figure; the information a modality shows of the label that the
+    # model leaves unused is compared with 0 at `confidence` (reports/findings.ignored_modalities)
     min_error_rate: float = 0.05  # below this error rate a model-wide suggestion is not worth making
     # an additive model cannot learn the rule even from decorrelated data: its shortcut fix
     # counts this much of its evidence

@@ -6,7 +6,9 @@ sample when a truth region, a whole modality or a concept is removed or flipped.
   drawn among the units the region does not touch, so that one token among four and one patch
   among 64 are judged against removals of their own size.
 - Each modality: all 2^M coalitions of whole modalities (exact modality Shapley values, the
-  pairwise interaction index, each modality's share of the logit change).
+  pairwise interaction index, each modality's share of the logit change), and what the model
+  takes from it against what a readout refitted to the labels could (stages/readout.py: the
+  information about the label the model leaves unused).
 - Each counterfactual the data supplies (`SampleSet.counterfactuals`): the flipped inputs.
 
 Per sample it records the new prediction and the change of the predicted class's margin and of
@@ -28,7 +30,7 @@ from mmdiag.pipeline import stats
 from mmdiag.pipeline.device import fit_batch
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.stages import attribution as attr
-from mmdiag.stages import summaries
+from mmdiag.stages import readout, summaries
 from mmdiag.stages.base import Context, Heartbeat, Stage, StageConfig, StageResult
 
 
@@ -140,6 +142,9 @@ def run(ctx: Context, config: InterventionConfig, upstream: dict) -> StageResult
         add("modality.pred", values.gather(2, p[:, None, None].expand(-1, values.shape[1], 1)).squeeze(2))
         add("modality.true", values.gather(2, y[:, None, None].expand(-1, values.shape[1], 1)).squeeze(2))
         add("modality.pred_after", values.argmax(2))
+        add("modality.logits", values)
+        for m in game.modalities:
+            add(f"modality.features.{m}", readout.features(encoded[m], units[m]))
         for concept, cf in data.counterfactuals.items():
             valid = torch.ones(len(p), dtype=torch.bool) if cf.valid is None else cf.valid[rows].bool()
             at = valid.nonzero().flatten().to(device)  # only the rows that have a counterfactual cost model inputs
@@ -223,6 +228,12 @@ def summarise(arrays: dict[str, np.ndarray], details: dict) -> dict:
             "removal_flip_rate": stats.rate(int(flips.sum()), n, z),
             "removal_fixes_error_rate": stats.rate(int((after == arrays["label"])[errors].sum()), int(errors.sum()), z),
         }
+    # the information each modality shows of the label that the model leaves unused, Bonferroni
+    # over the modalities (stages/readout.py)
+    blocks = {name: arrays[f"modality.features.{name}"] for name in mods}
+    unused = readout.unused(arrays["modality.logits"], blocks, arrays["label"], stats.z_value(details["confidence"], m))
+    for name, figures in (unused or {}).items():
+        out["modalities"][name].update(figures)
     pairs, names = attr.pair_interactions(v, m)
     scale = np.abs(phi).sum(1).mean()
     out["pairs"] = {
@@ -276,7 +287,7 @@ STAGE = Stage(
     run,
     InterventionConfig,
     writes=("intervention.regions.<modality.region>", "intervention.modalities.<modality>", "intervention.pairs", "intervention.counterfactuals.<concept>"),
-    modules=("mmdiag.stages.intervention", "mmdiag.stages.attribution", "mmdiag.pipeline.stats"),
+    modules=("mmdiag.stages.intervention", "mmdiag.stages.attribution", "mmdiag.stages.readout", "mmdiag.pipeline.stats"),
     merge=merge,
     summary=summaries.InterventionSummary,
 )

@@ -151,7 +151,11 @@ class InterventionSummary(TypedDict):
     ]
     modalities: Annotated[
         dict[str, dict[str, Any]],
-        Doc("exact modality Shapley value on every sample (`shapley`, `abs_shapley`), `share` of the logit change `{value, low, high, n}`, `removal_flip_rate`, `removal_fixes_error_rate`"),
+        Doc(
+            "exact modality Shapley value on every sample (`shapley`, `abs_shapley`), `share` of the logit change `{value, low, high, n}`, `removal_flip_rate`, `removal_fixes_error_rate`; "
+            "the Brier score of the label a readout refitted to the labels gains from the modality (`readout_gain`), the model's gain (`model_gain`), and "
+            "`unused`, their per-sample difference `{value, low, high, n}` (Bonferroni over the modalities): what it shows of the label that the model leaves unused"
+        ),
     ]
     pairs: Annotated[dict[str, dict[str, float]], Doc("`<a×b>`: Shapley interaction index of each modality pair on every sample: `mean`, `abs_mean`, `abs_share`")]
     counterfactuals: Annotated[

@@ -135,6 +135,31 @@ def test_a_model_that_ignores_a_modality():
     holds("the image's share, high end", summary["intervention"]["modalities"]["image"]["share"]["high"], below=0.15)
 
 
+def test_a_three_class_model_whose_image_branch_learnt_nothing():
+    """The label is the object's colour (three classes); the captions say nothing of it, and the
+    model was trained on images paired at random, so it answers at chance. No share is compared
+    with a fixed number: the image shows the label where the model does not look (a readout
+    refitted to the labels gains from it what the model does not), and the caption, which the
+    model does read, shows nothing of it."""
+    world = pl.World(label=lambda c: c["colour"], n_classes=3)
+    model = pl.train(world, shuffle=("image",))
+    data = pl.samples(world, 600, seed=SEED_EVAL)
+    swapped = {**data.inputs, "image": data.inputs["image"][torch.randperm(len(data), generator=torch.Generator().manual_seed(0))]}
+    with torch.no_grad():
+        pred, pred_swapped = model(data.inputs).argmax(1), model(swapped).argmax(1)
+    holds("predictions changed by swapping the images (three classes)", (pred != pred_swapped).float().mean(), below=0.05)
+    holds("accuracy of the model that learnt nothing from its images (chance: 1/3)", pl.accuracy(model, data), below=0.45)
+    for bare in (False, True):
+        summary, _, analysis = diagnose(model, pl.bare(data) if bare else data)
+        ids = [s["id"] for s in analysis["suggestions"]]
+        assert ids[0] == "ignored_modality:image" and "ignored_modality:text" not in ids, ids
+        image, text = summary["intervention"]["modalities"]["image"], summary["intervention"]["modalities"]["text"]
+        holds("the image's unused Brier score, low end", image["unused"]["low"], above=0.1)
+        # the caption adds nothing to the model's answer (which is all caption)
+        measured("the caption's unused Brier score, low end", text["unused"]["low"])
+        measured("the caption's gain beyond the model's answer, low end", text["beyond_answer"]["low"])
+
+
 def three_modalities() -> pl.World:
     return pl.World(label=lambda c: c["colour"] ^ c["tone"], modalities=("image", "text", "audio"))
 

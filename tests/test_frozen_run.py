@@ -2,7 +2,8 @@
 training, so the same on every run) gives the summary.json kept from before the code moved
 into the `mmdiag` package, figure by figure (timings, dates and cache keys aside). Changed on
 purpose since, and rewritten then: a found transform's null is six random draws, not one (its
-null figures and the forward passes)."""
+null figures and the forward passes); each modality's readout figures (`readout_gain`,
+`model_gain`, `unused`, `beyond_answer`) added."""
 
 import json
 import math

@@ -61,13 +61,25 @@ def test_missing_interaction_needs_data_that_needs_interaction():
     assert findings.missing_interaction(summary, results, evaluated(results, data)) == []
 
 
-def test_ignored_modality_fires_on_a_near_zero_share():
+def _modality(unused: float, beyond: float) -> dict:
+    figure = lambda v: {"value": v, "low": v - 0.02, "high": v + 0.02, "n": 400}  # noqa: E731
+    return {"share": figure(0.5), "removal_flip_rate": figure(0.2), "readout_gain": 0.3, "model_gain": 0.3 - unused, "unused": figure(unused), "beyond_answer": figure(beyond)}
+
+
+def test_ignored_modality_fires_where_a_modality_shows_what_the_model_leaves_unused():
     summary, results, data = fx.run("shortcut")
+    ev = evaluated(results, data)
     summary = copy.deepcopy(summary)
-    summary["unimodal"]["modality_share"] = {"image": {"mean": 0.99, "std": 0.01}, "text": {"mean": 0.01, "std": 0.01}}
-    found = findings.ignored_modalities(summary, evaluated(results, data))
+    notes = []
+    assert findings.ignored_modalities(summary, ev, notes=notes) == [] and "needs the intervention stage" in notes[0]
+    summary["intervention"] = {"modalities": {"image": _modality(-0.1, 0.0), "text": _modality(0.2, 0.1)}}
+    found = findings.ignored_modalities(summary, ev)
     assert [(f.subject, f.action["kind"]) for f in found] == [("text", "modality_dropout")]
+    assert found[0].strength == pytest.approx(ev.error_rate * 0.2 / 0.3)  # the share of what it shows left unused
     assert "ignored_modality:text" in _ids(analyse(summary, results, data))
+    # both must hold: the readout gains more than the model, and the modality adds to its answer
+    summary["intervention"]["modalities"]["text"] = _modality(0.2, 0.01)
+    assert findings.ignored_modalities(summary, ev) == []
 
 
 def test_concept_not_encoded_fires_for_an_error_slice_concept_with_low_selectivity():
