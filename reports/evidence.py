@@ -26,14 +26,15 @@ thresholds:
 - perception: in some modality, removing the relevant truth regions lowers the predicted class's
   margin no more than the median of as many random units (without interventions: their
   attribution is no higher than their share of the units, enrichment <= `perception_enrichment`);
-- interaction: the modalities hardly combine for this sample (stage 1's exact modality-level
-  interaction <= `interaction_share` of the logit change), or the needed cross-modal pairs
-  carry no more than their share of the |mixed interaction| (`interaction_enrichment`);
+- interaction: the data needs the modalities combined (a missing_interaction finding) and the
+  model's additive part alone (from the 2^M modality ablations) gives this wrong answer, or the
+  needed cross-modal pairs carry no more than their share of the |mixed interaction|
+  (`interaction_enrichment`);
 - representation: a concept defining an error slice that holds this error is not decodable at
   the decision layer (its probe does not beat its control task: findings.encoding) or its features read
   the wrong value for this sample;
-- composition: one concept's features give >= `composition_push_share` of the push towards the
-  wrong class.
+- composition: one concept's features give more of the push towards the wrong class than as
+  many random features of the surrogate would (an association, never a cause).
 
 "Relevant" truth regions are all of a sample's regions except the shortcuts the findings name.
 A rule whose evidence is missing is skipped and the card says so; an error no rule explains is
@@ -321,11 +322,20 @@ def _top(scores: np.ndarray, present: np.ndarray, labels: list[str], k: int = 3)
 def modality_interaction(src: Sources, row: int, at_unimodal: int | None) -> dict | None:
     """The sample's exact modality-level interaction v(all) - sum_m v({m}) + (M - 1) v(none), as a
     share of what all its modalities together change in the logit (v(all) - v(none)): from the
-    interventions (every sample) or stage 1 (the explained ones)."""
+    interventions (every sample) or stage 1 (the explained ones). With the interventions also the
+    class the additive part alone gives (v(none) plus each modality's effect alone, every class's
+    logit, from the 2^M ablations): where it is the prediction, the model's interaction did not
+    make this answer."""
     inter = src.results.get("intervention")
+    additive = None
     if inter is not None:
-        v = np.asarray(inter.arrays["modality.pred"][src.index("intervention")[int(src.ev.data.ids[row])]], np.float64)
-        value, gap = attr.interaction_of(v, len(inter.details["modalities"])), v[-1] - v[0]
+        at = src.index("intervention")[int(src.ev.data.ids[row])]
+        m = len(inter.details["modalities"])
+        v = np.asarray(inter.arrays["modality.pred"][at], np.float64)
+        value, gap = attr.interaction_of(v, m), v[-1] - v[0]
+        logits = np.asarray(inter.arrays["modality.logits"][at], np.float64)  # (2^M, C)
+        alone = logits[0] + sum(logits[attr.coalition_index([j], m)] - logits[0] for j in range(m))
+        additive = int(alone.argmax())
     elif at_unimodal is not None and "unimodal" in src.results and {"interaction", "modality_shapley"} <= set(src.results["unimodal"].arrays):
         uni = src.results["unimodal"].arrays
         value, gap = float(uni["interaction"][at_unimodal]), float(np.sum(uni["modality_shapley"][at_unimodal]))
@@ -333,13 +343,18 @@ def modality_interaction(src: Sources, row: int, at_unimodal: int | None) -> dic
         return None
     if not (np.isfinite(value) and np.isfinite(gap)):
         return None
-    return {"value": _r(value), "gap": _r(gap), "share": _r(abs(value) / max(abs(gap), 1e-12))}
+    out = {"value": _r(value), "gap": _r(gap), "share": _r(abs(value) / max(abs(gap), 1e-12))}
+    if additive is not None:
+        out["additive_answer"] = src.ev.class_name(additive)
+        out["additive_keeps"] = bool(additive == src.ev.pred[row])
+    return out
 
 
 def interaction_evidence(src: Sources, row: int, at: int | None, at_unimodal: int | None) -> dict | None:
     """The strongest cross-modal unit pairs, how much of the |mixed interaction| falls on the
     needed pairs (relevant units of both modalities), and the sample's modality-level interaction."""
-    out = {"pairs": [], "needed": {}, "modality": modality_interaction(src, row, at_unimodal)}
+    needs = any(f.rule == "missing_interaction" for f in src.findings)  # the data needs the modalities combined (tested with nulls)
+    out = {"pairs": [], "needed": {}, "modality": modality_interaction(src, row, at_unimodal), "data_needs_interaction": needs}
     if at is None:
         return out if out["modality"] is not None else None
     cross = src.results["crossmodal"].arrays
@@ -400,13 +415,25 @@ def composition_evidence(src: Sources, row: int) -> dict | None:
     positive = np.clip(push, 0, None)
     if positive.sum() <= 0:
         return {"top": [], "by_concept": []}
+    share = positive / positive.sum()
+    owner = [concepts.get(int(f)) for f in support]
     shares: dict[str | None, float] = {}
     for k in np.nonzero(positive)[0]:
-        c = concepts.get(int(support[k]))
-        shares[c] = shares.get(c, 0.0) + positive[k] / positive.sum()
-    top = [{"feature": int(support[k]), "concept": concepts.get(int(support[k])), "push": _r(push[k])} for k in np.argsort(-push)[:5] if push[k] > 0]
-    by_concept = sorted(({"concept": c, "share": _r(v)} for c, v in shares.items()), key=lambda x: -x["share"])
+        shares[owner[k]] = shares.get(owner[k], 0.0) + share[k]
+    top = [{"feature": int(support[k]), "concept": owner[k], "push": _r(push[k])} for k in np.argsort(-push)[:5] if push[k] > 0]
+    by_concept = sorted(
+        ({"concept": c, "share": _r(v), "features": owner.count(c), "null_p": None if c is None else _r(random_share_p(share, owner.count(c), v, row))} for c, v in shares.items()),
+        key=lambda x: -x["share"],
+    )
     return {"top": top, "by_concept": by_concept}
+
+
+def random_share_p(share: np.ndarray, k: int, observed: float, seed: int, draws: int = 999) -> float:
+    """How often k features drawn at random from the surrogate's support give at least the
+    observed share of the push: the null of a concept's features (a Monte Carlo p-value, +1
+    corrected; drawn from the row, so a card is the same on every run)."""
+    order = np.random.default_rng(seed).random((draws, len(share))).argsort(1)[:, :k]
+    return float(((share[order].sum(1) >= observed - 1e-12).sum() + 1) / (draws + 1))
 
 
 # --- the category rules: each returns (fired, figures), or None when its evidence is missing ---
@@ -487,16 +514,20 @@ def perception_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
 
 
 def interaction_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
-    """Fires when the modalities hardly combine at all for this sample (modality-level
-    interaction <= `interaction_share` of the logit change), or when they do but not on the
-    needed unit pairs. The first test matters for piecewise-linear (ReLU) models, whose mixed
-    second derivatives are zero almost everywhere: no mixed interaction is no evidence there."""
+    """Fires when the data needs the modalities combined (a missing_interaction finding: the model
+    behaves additively while a concept pair tells the label beyond any additive use of it, each
+    against its null) and the additive part of the model alone gives this wrong answer (its
+    interaction does not change it; from the 2^M modality ablations), or when the modalities do
+    combine but not on the needed unit pairs (enrichment <= `interaction_enrichment`, the share a
+    random pair would carry). The first test matters for piecewise-linear (ReLU) models, whose
+    mixed second derivatives are zero almost everywhere: no mixed interaction is no evidence there."""
     found = card.get("interaction") or {}
     modality, needed = found.get("modality"), found.get("needed")
-    if modality is not None and modality["share"] <= t.interaction_share:
-        return True, {"modality_interaction": modality, "threshold": t.interaction_share}
+    keeps, needs = (modality or {}).get("additive_keeps"), bool(found.get("data_needs_interaction"))
+    if keeps and needs:
+        return True, {"modality_interaction": modality}
     if not needed:
-        return None if modality is None else (False, {"modality_interaction": modality, "threshold": t.interaction_share})
+        return None if keeps is None else (False, {"modality_interaction": modality, "data_needs_interaction": needs})
     pair, worst = min(needed.items(), key=lambda kv: kv[1]["enrichment"])
     return worst["enrichment"] <= t.interaction_enrichment, {"pair": pair, **worst, "threshold": t.interaction_enrichment}
 
@@ -512,15 +543,19 @@ def representation_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
 
 
 def composition_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
+    """One concept's features give more of the push towards the wrong class than as many random
+    features of the surrogate would (its Monte Carlo p-value below 1 - `confidence`, Bonferroni
+    over the concepts that push); an association (the surrogate's weights), never a cause."""
     comp = card.get("composition")
     if not comp or not comp["by_concept"]:
         return None
     named = [c for c in comp["by_concept"] if c["concept"] is not None]
     if not named:
-        return False, {"concept": None, "threshold": t.composition_push_share}
-    top = named[0]
+        return False, {"concept": None}
+    top = min(named, key=lambda c: (c["null_p"], -c["share"]))
     features = [f["feature"] for f in comp["top"] if f["concept"] == top["concept"]]
-    return top["share"] >= t.composition_push_share, {**top, "features": features, "threshold": t.composition_push_share}
+    level = (1 - t.confidence) / len(named)
+    return top["null_p"] < level, {**top, "top_features": features, "level": _r(level)}
 
 
 def _f(x, digits: int = 2) -> str:
@@ -573,7 +608,10 @@ def perception_sentence(g: dict) -> str:
 def interaction_sentence(g: dict) -> str:
     if "modality_interaction" in g:
         mi = g["modality_interaction"]
-        return f"The modalities hardly combine here: their exact interaction is {100 * mi['share']:.0f}% of what they change in the logit together."
+        return (
+            f"The label needs the modalities combined, and the model's additive part alone (each modality's effect without the others) gives this answer too, "
+            f"{mi['additive_answer']}: its interaction ({100 * mi['share']:.0f}% of what the modalities change in the logit) does not change it."
+        )
     return f"The needed unit pairs ({g['pair']}) carry {_f(g['enrichment'])}x their share of the mixed interaction: no more than chance."
 
 
@@ -582,7 +620,10 @@ def representation_sentence(g: dict) -> str:
 
 
 def composition_sentence(g: dict) -> str:
-    return f"Features of {g['concept']} give {100 * g['share']:.0f}% of the push towards the wrong class."
+    return (
+        f"Features of {g['concept']} ({g['features']} of the surrogate's) give {100 * g['share']:.0f}% of the push towards the wrong class; "
+        f"as many random features give that much with probability {_f(g['null_p'], 3)}."
+    )
 
 
 # what a fired rule's figures say their evidence was, when it is only an association: attribution,

@@ -25,12 +25,10 @@ class Thresholds:
     # interaction: the needed cross-modal pairs (relevant units x relevant units) carry no more
     # than their share of the |mixed interaction| (enrichment <= this)
     interaction_enrichment: float = 1.0
-    # ...or the modalities hardly combine at all: stage 1's exact modality-level interaction is at
-    # most this share of f(all) - f(none)
-    interaction_share: float = 0.1
-    # composition: one concept's features give at least this share of the push towards the
-    # wrong class (sum of positive contributions pred - true)
-    composition_push_share: float = 0.25
+    # (or, with no fixed figure, the data needs interaction and the additive part alone gives the
+    # wrong answer: reports/evidence.interaction_rule)
+    # composition: no fixed figure; one concept's features against as many random features
+    # (reports/evidence.composition_rule)
 
     # --- suggestions ---
     # shortcut: no fixed figure; the error-rate gap and the reliance are each compared with a

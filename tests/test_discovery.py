@@ -169,7 +169,7 @@ def _found_shortcut(model, data: SampleSet, kind: str, config: dict | None = Non
     # the labels are clean: the model's confident errors are its own, not label mistakes
     holds("share of the errors (clean labels) carded as label mistakes", analysis["errors"]["categories"]["label"] / analysis["errors"]["n"], below=0.15)
     share = float(np.mean([r in blamed for r in np.flatnonzero(follows)]))
-    return top, taken, {"share": share, "carriers": carriers, "slices": analysis["errors"]["slices"]}
+    return top, taken, {"share": share, "carriers": carriers, "slices": analysis["errors"]["slices"], "follows": follows, "blamed": blamed}
 
 
 def _carriers(model, data: SampleSet, feature: dict, config: dict | None = None) -> np.ndarray:
@@ -276,13 +276,25 @@ def test_a_colour_cast_is_found_through_the_transforms():
     # same property from either side (one of nine portability runs found it from the other)
     side = cast if (cards["carriers"] & cast).sum() >= (cards["carriers"] & ~cast).sum() else ~cast
     holds("Jaccard of the transform's carriers with the cast images (or the others)", float((cards["carriers"] & side).sum() / (cards["carriers"] | side).sum()), above=0.6)
+    # the errors the cast causes, proven from the model: they follow it, and removing the planted
+    # cast exactly makes them right or moves the true class's logit up (on one seed 10 of 69
+    # that follow it are no such errors: without the cast the model is even more sure)
+    exact = data.inputs["image"].clone()
+    exact[torch.from_numpy(cast)] -= torch.tensor([0.08, 0.0, -0.08])[:, None, None]  # tests/planted.py's cast
+    with torch.no_grad():
+        before, after = model(data.inputs), model({**data.inputs, "image": exact})
+    y, pred = data.labels[:, None], before.argmax(1, keepdim=True)
+    towards = ((after.gather(1, y) - after.gather(1, pred)) - (before.gather(1, y) - before.gather(1, pred)))[:, 0]
+    caused = cards["follows"] & ((after.argmax(1) == data.labels) | (towards > 0)).numpy()
+    assert caused.sum() >= 20
     # per error, the bar is that the transform makes it right and most of six random colour
     # changes as large do not, or moves the true class's logit further than the median of them
-    # (a random colour change moves the colour rule too); 0.81-0.95 over training seeds 0-4
-    # (one draw, beaten outright: 0.71-0.87 over seeds 0-2). The errors it misses are those
-    # where the found transform, which takes away the carriers' mean colour difference, object
-    # colours included, moves the prediction further from the truth
-    holds("share of the errors that follow the cast whose card names it", cards["share"], above=0.75)
+    # (a random colour change moves the colour rule too): 0.81-0.93 over training seeds 0-2
+    # (one draw, beaten outright, and every error that follows the cast counted: 0.71-0.87).
+    # The errors it misses are those where the found transform, which takes away the carriers'
+    # mean colour difference (object colours included), moves less than the median random cast
+    holds("share of the errors the cast causes whose card names it", np.mean([r in cards["blamed"] for r in np.flatnonzero(caused)]), above=0.75)
+    measured("share of the errors that follow the cast whose card names it", cards["share"])
 
 
 @pytest.mark.trained

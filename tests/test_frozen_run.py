@@ -3,7 +3,9 @@ training, so the same on every run) gives the summary.json kept from before the 
 into the `mmdiag` package, figure by figure (timings, dates and cache keys aside). Changed on
 purpose since, and rewritten then: a found transform's null is six random draws, not one (its
 null figures and the forward passes); each modality's readout figures (`readout_gain`,
-`model_gain`, `unused`, `beyond_answer`) added."""
+`model_gain`, `unused`, `beyond_answer`) added; the per-error `interaction` cause read from
+the additive part's answer, not a fixed 10% share (47 errors, not 8; undetermined 11, not 50); the composition association against random
+features, not a fixed 25% push (1 association-only card, not 11)."""
 
 import json
 import math

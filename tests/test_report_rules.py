@@ -133,13 +133,21 @@ BOUND = {"pairs": [], "needed": {"image×text": {"regions": [], "mass": 0.5, "ar
 UNBOUND = {"pairs": [], "needed": {"image×text": {"regions": [], "mass": 0.05, "area": 0.1, "enrichment": 0.5}}}
 ENCODED = {"concepts": [{"concept": "colour", "value": 1, "read": 1, "selectivity": 0.4, "encoded": True}]}
 MISREAD = {"concepts": [{"concept": "colour", "value": 1, "read": 0, "selectivity": 0.4, "encoded": True}]}
-PUSHED = {"top": [{"feature": 0, "concept": "mark", "push": 2.0}], "by_concept": [{"concept": "mark", "share": 0.8}, {"concept": None, "share": 0.2}]}
+PUSHED = {
+    "top": [{"feature": 0, "concept": "mark", "push": 2.0}],
+    "by_concept": [{"concept": "mark", "share": 0.8, "features": 1, "null_p": 0.001}, {"concept": None, "share": 0.2, "features": 9, "null_p": None}],
+}
 
 
 # removing the shape moves the prediction less than random units do; the modalities hardly combine
 IGNORED_SHAPE = {"modalities": {"image": {"interventions": [{"region": "image.shape", "margin_drop": 0.1, "null_margin_drop_median": 0.5}]}}}
 USED_SHAPE = {"modalities": {"image": {"interventions": [{"region": "image.shape", "margin_drop": 2.0, "null_margin_drop_median": 0.5}]}}}
-APART = {"pairs": [], "needed": {}, "modality": {"value": 0.01, "gap": 1.0, "share": 0.01}}
+# the data needs the modalities combined and the additive part alone gives the wrong answer
+APART = {"pairs": [], "needed": {}, "modality": {"value": 0.3, "gap": 1.0, "share": 0.3, "additive_answer": "c1", "additive_keeps": True}, "data_needs_interaction": True}
+# the same sample where the data needs no interaction (no missing_interaction finding): no cause
+NOT_NEEDED = {**APART, "data_needs_interaction": False}
+# the data needs it, but the model's interaction made this answer: not the additive part's error
+COMBINED = {**APART, "modality": {**APART["modality"], "additive_answer": "c0", "additive_keeps": False}}
 
 
 @pytest.mark.parametrize(
@@ -149,6 +157,8 @@ APART = {"pairs": [], "needed": {}, "modality": {"value": 0.01, "gap": 1.0, "sha
         ({"perception": USED_SHAPE, "interaction": APART}, "interaction", "interaction"),
         # attribution, mixed gradients, probes and the surrogate are associations: no cause alone
         ({"perception": MISSED, "interaction": APART}, "interaction", "interaction"),
+        ({"perception": MISSED, "interaction": NOT_NEEDED}, "undetermined", "perception"),
+        ({"perception": MISSED, "interaction": COMBINED}, "undetermined", "perception"),
         ({"perception": MISSED, "interaction": UNBOUND}, "undetermined", "perception"),
         ({"perception": PERCEIVED, "interaction": UNBOUND}, "undetermined", "interaction"),
         ({"perception": PERCEIVED, "interaction": BOUND, "representation": MISREAD}, "undetermined", "representation"),
@@ -347,3 +357,15 @@ def test_a_concept_computed_from_the_label_is_never_not_encoded():
         assert name in findings.label_functions({k: v.numpy() for k, v in planted.meta.items()}, planted.labels.numpy())
         assert not any(s["subject"] == name for s in analyse(summary, results, planted)["suggestions"])
     assert not findings.label_functions({"colour": data.meta["colour"].numpy()}, torch.randint(0, 2, (400,)).numpy())
+
+
+def test_a_concepts_push_is_compared_with_as_many_random_features():
+    share = np.array([0.8, 0.05, 0.05, 0.05, 0.05])
+    # one feature of five carries 0.8: a random single feature does so one time in five
+    assert evidence.random_share_p(share, 1, 0.8, seed=0) == pytest.approx(0.2, abs=0.04)
+    assert evidence.random_share_p(share, 5, 1.0, seed=0) == 1.0  # every feature: no evidence
+    assert evidence.random_share_p(np.full(40, 1 / 40), 4, 0.1, seed=0) == 1.0  # a fair share is no push
+    big = np.r_[np.full(4, 0.2), np.full(36, 0.2 / 36)]
+    assert evidence.random_share_p(big, 4, 0.8, seed=0) < 0.01  # four features of forty carry 80%
+    card = {"composition": {"top": [], "by_concept": [{"concept": "mark", "share": 0.3, "features": 4, "null_p": 0.2}]}}
+    assert evidence.composition_rule(card, DEFAULT)[0] is False  # 30% that random features reach as often is no push
