@@ -276,11 +276,12 @@ def test_a_colour_cast_is_found_through_the_transforms():
     # same property from either side (one of nine portability runs found it from the other)
     side = cast if (cards["carriers"] & cast).sum() >= (cards["carriers"] & ~cast).sum() else ~cast
     holds("Jaccard of the transform's carriers with the cast images (or the others)", float((cards["carriers"] & side).sum() / (cards["carriers"] | side).sum()), above=0.6)
-    # the errors the cast causes, proven from the model: they follow it, and removing the planted
-    # cast exactly makes them right or moves the true class's logit up (on one seed 10 of 69
+    # the errors the cast causes, proven from the model: they follow it, and flipping the planted
+    # cast exactly (taken off the images that have it, put on the others, as tests/planted.py
+    # adds it) makes them right or moves the true class's logit up (on one seed 10 of the 69
     # that follow it are no such errors: without the cast the model is even more sure)
-    exact = data.inputs["image"].clone()
-    exact[torch.from_numpy(cast)] -= torch.tensor([0.08, 0.0, -0.08])[:, None, None]  # tests/planted.py's cast
+    flip = torch.where(torch.from_numpy(cast), -1.0, 1.0)[:, None, None, None]
+    exact = data.inputs["image"] + flip * torch.tensor([0.08, 0.0, -0.08])[:, None, None]
     with torch.no_grad():
         before, after = model(data.inputs), model({**data.inputs, "image": exact})
     y, pred = data.labels[:, None], before.argmax(1, keepdim=True)
@@ -289,11 +290,12 @@ def test_a_colour_cast_is_found_through_the_transforms():
     assert caused.sum() >= 20
     # per error, the bar is that the transform makes it right and most of six random colour
     # changes as large do not, or moves the true class's logit further than the median of them
-    # (a random colour change moves the colour rule too): 0.81-0.93 over training seeds 0-2
-    # (one draw, beaten outright, and every error that follows the cast counted: 0.71-0.87).
+    # (a random colour change moves the colour rule too): 0.774-0.982 over nine portability
+    # runs (seeds 0-2 x default, AVX2, SSE4.2; one draw, beaten outright, and every error that
+    # follows the cast counted: 0.71-0.87 over seeds 0-2).
     # The errors it misses are those where the found transform, which takes away the carriers'
     # mean colour difference (object colours included), moves less than the median random cast
-    holds("share of the errors the cast causes whose card names it", np.mean([r in cards["blamed"] for r in np.flatnonzero(caused)]), above=0.75)
+    holds("share of the errors the cast causes whose card names it", np.mean([r in cards["blamed"] for r in np.flatnonzero(caused)]), above=0.7)
     measured("share of the errors that follow the cast whose card names it", cards["share"])
 
 
