@@ -19,10 +19,13 @@ ignores one modality, the other's gain in the readout includes what the two tell
 (an OR of a word and a colour), which the model cannot take from the word alone; only the
 ignored one adds to the model's answer.
 
-The readout sees each modality's encoded input reduced to a few hundred numbers
-(`features`): an image pooled to at most `GRID` x `GRID` cells per channel (the model's own
-patch positions are not needed to tell a colour or a corner), a sequence averaged over its
-unit elements (a bag of its embedded words), anything else flattened.
+The readout sees each modality's encoded input reduced to at most `WIDTH` numbers (`features`):
+an image pooled to at most `GRID` x `GRID` cells per channel (the model's own patch positions
+are not needed to tell a colour or a corner; tiles of one image averaged), a sequence averaged
+over its unit elements (a bag of its embedded words), anything else flattened; a wider one
+through a fixed random projection. The readout is linear: information only a combination of
+features shows (a caption's word and the colour of the shape it names) it does not see, so the
+rule errs towards silence, never towards a false finding.
 """
 
 from __future__ import annotations
@@ -36,18 +39,27 @@ from mmdiag.pipeline.units import Units
 
 FOLDS = 5
 GRID = 8
+WIDTH = 1024
 
 
 def features(x: Tensor, units: Units) -> Tensor:
-    """(B, d) float: what the readout sees of one modality's encoded input."""
+    """(B, d) float, d <= `WIDTH`: what the readout sees of one modality's encoded input."""
     x = x.detach().float()
-    if x.dim() == 4:
-        return torch.nn.functional.adaptive_avg_pool2d(x, (min(GRID, x.shape[2]), min(GRID, x.shape[3]))).flatten(1)
-    if x.dim() == 3:
+    if x.dim() >= 4:  # images (and tiles of one: their mean)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.flatten(0, -4), (min(GRID, x.shape[-2]), min(GRID, x.shape[-1])))
+        out = pooled.reshape(x.shape[0], -1, *pooled.shape[1:]).mean(1).flatten(1)
+    elif x.dim() == 3:
         inside = units.elements.expand(x.shape[0], *units.mask.shape[1:])
         inside = inside.reshape(x.shape[0], x.shape[1], -1).any(2).float()[..., None]
-        return (x * inside).sum(1) / inside.sum(1).clamp_min(1.0)
-    return x.flatten(1)
+        out = (x * inside).sum(1) / inside.sum(1).clamp_min(1.0)
+    else:
+        out = x.flatten(1)
+    if out.shape[1] <= WIDTH:
+        return out
+    # wider (a large model's embeddings, a long table): a fixed random projection, the same for
+    # every batch, keeps distances (Johnson-Lindenstrauss) at a readout's cost
+    g = torch.Generator().manual_seed(out.shape[1])
+    return out @ (torch.randn(out.shape[1], WIDTH, generator=g) / WIDTH**0.5).to(out.device)
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

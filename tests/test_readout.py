@@ -67,3 +67,8 @@ def test_the_readout_sees_an_image_pooled_and_a_sequence_as_a_bag_of_its_units()
     words = torch.tensor([[[1.0], [3.0], [100.0]]])  # the third slot is padding (no unit)
     units = Units(torch.tensor([[0, 1, -1]]), 2, torch.zeros_like(words), [["x", "y"]])
     assert readout.features(words, units).tolist() == [[2.0]]
+    tiles = torch.ones(2, 5, 3, 32, 32)  # five tiles of each image: their mean, pooled
+    assert readout.features(tiles, grid).shape == (2, 3 * 8 * 8)
+    wide = torch.randn(3, 4096)  # a large model's embedding: projected, the same for every batch
+    assert readout.features(wide, grid).shape == (3, readout.WIDTH)
+    assert torch.allclose(readout.features(wide[:1], grid), readout.features(wide, grid)[:1], atol=1e-5)
