@@ -41,3 +41,27 @@ FAMILIES = {"llava": (llava, demo.TEMPLATE), "paligemma": (paligemma, PALIGEMMA_
 def adapter(family: str, answers=("no", "yes"), seed: int = 0, **options) -> VLMAdapter:
     build, prompt = FAMILIES[family]
     return VLMAdapter(build(seed), demo.processor(), None if answers is None else list(answers), prompt=options.pop("prompt", prompt), **options)
+
+
+def taught(answer, n: int = 2000, steps: int = 400, seed: int = 0):
+    """A tiny LLaVA (demo-vlm's architecture) trained to answer the shapes questions by
+    `answer(data) -> (N,) 0/1` ("no"/"yes"), and its adapter; plain AdamW, `steps` batches of 64."""
+    from mmdiag.pipeline.demo import shapes
+
+    data = demo.vqa(shapes.generate(n, p_mark=0.5, seed=seed, name="train"))
+    labels = answer(data)
+    model = demo.build(seed).train()
+    yes_no = torch.tensor([demo.PIECES.index(f"▁{a}") + len(demo.SPECIAL) for a in demo.ANSWERS])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(len(labels), (64,), generator=generator)
+        ids = data.inputs["text"][rows]
+        mask = (ids != demo.PAD_ID).long()
+        out = model(input_ids=ids, pixel_values=data.inputs["image"][rows], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+        loss = torch.nn.functional.cross_entropy(out.logits[:, -1], yes_no[labels[rows]])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return demo.adapter(model.eval())

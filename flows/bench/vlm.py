@@ -100,16 +100,14 @@ def _only(units: dict, modality: str) -> dict:
 
 class _Tokenizer:
     """What Captum's LLMAttribution needs of a tokenizer, tokenising the prompt as vlm_samples
-    does (template pieces and each word apart): a removed word's baseline is one <unk> per
-    piece, which the demo tokenizer would otherwise split with a stray word-start piece."""
+    does (template pieces and each word apart); a removed word's baseline is the empty string,
+    so the prompt is written without it, as our deletion scores it."""
 
-    def __init__(self, prompt, unk: str):
-        self.prompt, self.unk, self.core = prompt, unk, prompt.tokenizer
+    def __init__(self, prompt):
+        self.prompt, self.core = prompt, prompt.tokenizer
 
     def encode(self, text, return_tensors=None, add_special_tokens=True):
-        ids = []
-        for chunk in text.split():
-            ids += [self.core.unk_token_id] * chunk.count(self.unk) if chunk.replace(self.unk, "") == "" else self.prompt.ids(chunk)
+        ids = [i for chunk in text.split() for i in self.prompt.ids(chunk)]
         ids = self.prompt.prefix + ids + self.prompt.suffix
         return torch.tensor([ids]) if return_tensors == "pt" else ids
 
@@ -164,13 +162,12 @@ def captum_rows(adapter, data, n: int, pairs: int = 5, reference_pairs: int = 10
                 inp = ImageMaskInput(
                     picture, mask=patch_ids, baseline=baseline, processor_fn=lambda im, ids=ids: {"input_ids": ids[None], "pixel_values": processor(images=[im], return_tensors="pt")["pixel_values"]}
                 )
-                llm = LLMAttribution(ShapleyValueSampling(_Wrapped(model, None)), _Tokenizer(adapter.prompt, adapter.tokenizer.unk_token))
+                llm = LLMAttribution(ShapleyValueSampling(_Wrapped(model, None)), _Tokenizer(adapter.prompt))
             else:
                 slots = units["text"].mask[i, :, 0]
                 words = [units["text"].labels[i][s] for s in slots[slots >= 0].unique().tolist()]
-                pieces = [int((slots == s).sum()) for s in slots[slots >= 0].unique().tolist()]
-                inp = TextTemplateInput(" ".join("{}" for _ in words), values=words, baselines=[adapter.tokenizer.unk_token * k for k in pieces])
-                llm = LLMAttribution(ShapleyValueSampling(_Wrapped(model, data.inputs["image"][i : i + 1])), _Tokenizer(adapter.prompt, adapter.tokenizer.unk_token))
+                inp = TextTemplateInput(" ".join("{}" for _ in words), values=words, baselines=["" for _ in words])
+                llm = LLMAttribution(ShapleyValueSampling(_Wrapped(model, data.inputs["image"][i : i + 1])), _Tokenizer(adapter.prompt))
             torch.manual_seed(i)
             result, s = _timed(lambda: llm.attribute(inp, target=answer, n_samples=2 * pairs, forward_in_tokens=False))
             their_secs += s

@@ -97,7 +97,7 @@ def adapter(model, answers=ANSWERS, **options):
 def _prompt():
     from mmdiag.pipeline.hf.vlm import FAMILIES, Prompt
 
-    return Prompt(tokenizer(), FAMILIES["llava"], TEMPLATE, IMAGE_ID, (shapes.SIZE // 8) ** 2, PAD_ID, UNK_ID)
+    return Prompt(tokenizer(), FAMILIES["llava"], TEMPLATE, IMAGE_ID, (shapes.SIZE // 8) ** 2, PAD_ID)
 
 
 def question(caption: str, toggle: bool = False) -> str:

@@ -10,15 +10,21 @@ share (`prefix_reuse=False` runs K full sequences instead, for comparison).
 Inputs: `image` = the processor's pixel values (B, 3, S, S); `text` = the prompt's token ids
 (B, L), left-padded, made by `vlm_samples`: [pad...] prefix, question, suffix, where the prefix
 holds the template's opening, the image placeholders and the start token as the family places
-them. `encode` gives the pixels and the token embeddings; the model's own forward puts the
-image features at the placeholders, found from the embeddings (placeholders are never removed,
-so their rows are exact).
+them. `encode` gives the pixels and, per token, its embedding with one more channel: its
+presence (1 for a token, 0 for padding). The model's own forward puts the image features at the
+placeholders, found from the embeddings (placeholders are never removed, so their rows are exact).
 
 Units: the patch grid of the vision tower's pixel grid (a removed patch is 0 in normalised
 pixel space, the processor's mean colour), and the words of the question (the pieces of one
 word are one unit; pipeline.hf.words). Template tokens, placeholders, the start token and
-padding are never removed; a removed word's pieces take the unknown token's embedding (not the
-pad's, which the attention mask is found from).
+padding are never removed. A removed word is deleted, as if the question had been written
+without it: its presence is 0, so no token attends to it, and the positions after it close the
+gap (position = the number of present tokens before it). That is what the model saw in training
+when a word was absent; a token it never saw in a question (the unknown token, a [MASK]) moves a
+language model's answer by itself. The presence is continuous for soft masks (integrated
+gradients, IBA): a key weighs in at presence w (log w added to its attention scores) and the
+positions after it move by w, so the path from the question to the question without the word is
+smooth and the methods' completeness holds.
 
 Layers: `vision` (the vision tower's last hidden states), `projector` (the image features in the
 language model's space), `lm.layer{d}` (the language model's hidden state at the answer
@@ -86,7 +92,7 @@ class Prompt:
     """A family's prompt template around a question: token ids of whole prompts, left-padded,
     and which of their tokens are the question's (the only ones a stage removes)."""
 
-    def __init__(self, tokenizer, family: Family, template: str, image_id: int, n_image_tokens: int, pad_id: int, removed_id: int):
+    def __init__(self, tokenizer, family: Family, template: str, image_id: int, n_image_tokens: int, pad_id: int):
         self.tokenizer, self.family, self.template = tokenizer, family, template
         self.pad_id = pad_id
         self.vocab = vocabulary(tokenizer)
@@ -104,8 +110,8 @@ class Prompt:
         else:
             self.prefix = start + self.ids(before) + image + self.ids(between)
         self.suffix = self.ids(after)
-        if {pad_id, removed_id} & set(self.prefix + self.suffix):
-            raise MmdiagError(f"prompt: {template!r} tokenises to the pad or unknown token; reword the template")
+        if pad_id in self.prefix + self.suffix:
+            raise MmdiagError(f"prompt: {template!r} tokenises to the pad token; reword the template")
 
     def ids(self, text: str) -> list[int]:
         # the template's pieces are tokenised apart: spaces at their ends would be tokens of their own
@@ -183,8 +189,8 @@ class VLMAdapter(ModelAdapter):
         self.image_size, self.patch = vision.image_size, vision.patch_size
         full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         self.n_image_tokens = (self.image_size // self.patch) ** 2 + int(full)
-        self.pad_id, self.removed_id = self._special_ids(tokenizer)
-        self.prompt = Prompt(tokenizer, family, prompt if prompt is not None else family.prompt, self.image_id, self.n_image_tokens, self.pad_id, self.removed_id)
+        self.pad_id = self._special_ids(tokenizer)
+        self.prompt = Prompt(tokenizer, family, prompt if prompt is not None else family.prompt, self.image_id, self.n_image_tokens, self.pad_id)
         # open mode (answers=None): each sample carries its own target answer, scored against the
         # model's own greedy answer; both ride at the end of the text input, `answer_length` tokens each
         self.open = answers is None
@@ -206,25 +212,21 @@ class VLMAdapter(ModelAdapter):
         self._cache_arg = _cache_name(self.module.model)
 
     # --- set-up checks -------------------------------------------------------------------
-    def _special_ids(self, tokenizer) -> tuple[int, int]:
-        pad, unk = tokenizer.pad_token_id, tokenizer.unk_token_id
+    def _special_ids(self, tokenizer) -> int:
+        pad = tokenizer.pad_token_id
         if pad is None:
             raise MmdiagError("model: the tokenizer has no pad token; give it one of its own (prompts are left-padded to one length)")
         if pad in (tokenizer.bos_token_id, tokenizer.eos_token_id, self.image_id):
-            raise MmdiagError("model: the tokenizer's pad token is also its start, end or image token; the attention mask is read from the padding, so give it a pad token of its own")
-        if unk is None or unk == self.image_id:
-            raise MmdiagError("model: the tokenizer needs an unknown token distinct from the image token (a removed word takes its embedding)")
+            raise MmdiagError("model: the tokenizer's pad token is also its start, end or image token; prompts are padded with it, so give it a pad token of its own")
         rows = len(self.embedding.weight)
-        if max(pad, unk, self.image_id) >= rows:
-            raise MmdiagError(f"model: a special token id (pad {pad}, unknown {unk}, image {self.image_id}) is outside the {rows}-row embedding table; load the processor that belongs to this model")
+        if max(pad, self.image_id) >= rows:
+            raise MmdiagError(f"model: a special token id (pad {pad}, image {self.image_id}) is outside the {rows}-row embedding table; load the processor that belongs to this model")
         with torch.no_grad():
-            table = self.embedding(torch.tensor([[pad, unk, self.image_id]], device=self.embedding.weight.device))
-            close = matches(table, table[0, 0])[0]  # the tolerance the padding is found with
-        if close[1] or close[2]:
-            raise MmdiagError(
-                "model: the pad token's embedding is within rounding of the unknown or the image token's, so removed words or placeholders would read as padding; give the pad token a row of its own"
-            )
-        return pad, unk
+            table = self.embedding(torch.tensor([[pad, self.image_id]], device=self.embedding.weight.device))
+            close = matches(table, table[0, 1])[0]  # the tolerance the placeholders are found with
+        if close[0]:
+            raise MmdiagError("model: the pad token's embedding is within rounding of the image token's, so padding would read as image placeholders; give the pad token a row of its own")
+        return pad
 
     def _candidates(self, answers: list[str]) -> list[list[int]]:
         if len(answers) < 2:
@@ -278,7 +280,8 @@ class VLMAdapter(ModelAdapter):
         if ids.dim() != 2 or ids.is_floating_point() or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size)):
             raise MmdiagError(f"inputs.text: expected token ids (B, L) in 0..{self.vocab_size - 1}; build the data with pipeline.hf.vlm_samples")
         self.question(ids)
-        return {"image": pixels, "text": self.embedding(ids)}
+        embedded = self.embedding(ids)
+        return {"image": pixels, "text": torch.cat([embedded, (ids != self.pad_id).to(embedded.dtype)[..., None]], -1)}
 
     def question(self, ids: Tensor) -> Tensor:
         """(B, L) bool: the question's tokens (in open mode, the answers after the prompt are not)."""
@@ -290,17 +293,35 @@ class VLMAdapter(ModelAdapter):
 
     def units(self, inputs, encoded):
         ids = inputs["text"]
-        removed = self.row(self.removed_id)
+        text = encoded["text"]
+        deleted = torch.cat([self.row(self.pad_id).to(text.dtype), text.new_zeros(1)])  # the padding's row, presence 0
         return {
             "image": PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"]),
-            "text": word_units(ids, encoded["text"], ~self.question(ids), self.prompt.vocab, removed),
+            "text": word_units(ids, text, ~self.question(ids), self.prompt.vocab, deleted),
         }
 
-    def _attention(self, embedded: Tensor) -> tuple[Tensor, Tensor]:
-        """(attention mask, position ids) of a left-padded batch, from the embeddings."""
-        real = (~matches(embedded, self.row(self.pad_id))).long()
-        positions = (real.cumsum(1) - 1 + self.family.first_position).clamp_min(0)
-        return real, positions
+    @staticmethod
+    def _split(text: Tensor) -> tuple[Tensor, Tensor]:
+        """(the token embeddings (B, L, D), their presence (B, L) in [0, 1])."""
+        return text[..., :-1], text[..., -1].clamp(0, 1)
+
+    def _positions(self, present: Tensor) -> Tensor:
+        """Position ids: the number of present tokens before each (a deleted word closes its gap)."""
+        return (present.cumsum(1) - 1 + self.family.first_position).clamp_min(0)
+
+    def _bias(self, present: Tensor, queries: int, prompt: int) -> Tensor:
+        """(B, 1, queries, keys) the additive attention mask of the last `queries` of the keys
+        whose presence is `present` (B, keys): log presence (the lowest number exactly at 0),
+        causal, and both ways within the first `prompt` keys where the family reads its
+        prefix both ways."""
+        keys = present.shape[1]
+        low = torch.finfo(present.dtype).min
+        at = torch.arange(keys, device=present.device)
+        seen = at[None, :] <= at[keys - queries :, None]
+        if self.family.bidirectional_prefix:
+            seen = seen | (at[None, :] < prompt)
+        weight = torch.where(present > 0, present.clamp_min(torch.finfo(present.dtype).tiny).log(), low)
+        return torch.where(seen, weight[:, None, None, :], low)
 
     def _exact_placeholders(self, embedded: Tensor) -> Tensor:
         # the model finds its placeholders by exact equality; a soft mask's base + 1 * (x - base) rounds
@@ -311,14 +332,16 @@ class VLMAdapter(ModelAdapter):
         logits = self.module.lm_head(hidden)
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
-    def _prompt_pass(self, pixels: Tensor, embedded: Tensor, cache: bool):
-        mask, positions = self._attention(embedded)
-        embedded = self._exact_placeholders(embedded)
-        extra = {"token_type_ids": torch.zeros_like(mask)} if self.family.bidirectional_prefix else {}
+    def _prompt_pass(self, pixels: Tensor, embedded: Tensor, present: Tensor, cache: bool):
+        positions = self._positions(present)
+        length = embedded.shape[1]
         with self._reading_depths():
-            out = self.module.model(pixel_values=pixels, inputs_embeds=embedded, attention_mask=mask, position_ids=positions, use_cache=cache, **extra)
+            out = self.module.model(
+                pixel_values=pixels, inputs_embeds=self._exact_placeholders(embedded), attention_mask=self._bias(present, length, length),
+                position_ids=positions, use_cache=cache,
+            )  # fmt: skip
         last = self.points["decision"](out.last_hidden_state[:, -1])
-        return self._logits(last).log_softmax(-1), out, mask, positions
+        return self._logits(last).log_softmax(-1), out, positions
 
     def _cache_of(self, out):
         return out[self._cache_arg] if self._cache_arg in out else out.past_key_values
@@ -344,45 +367,44 @@ class VLMAdapter(ModelAdapter):
                 handle.remove()
 
     def forward(self, encoded):
-        pixels, embedded = encoded["image"], encoded["text"]
+        pixels = encoded["image"]
+        embedded, present = self._split(encoded["text"])
         if self.single_token:
-            return self._prompt_pass(pixels, embedded, cache=False)[0][:, self.candidate_tokens[:, 0].to(embedded.device)]
-        prompt, tokens, valid, feed = self._answers(embedded)
+            return self._prompt_pass(pixels, embedded, present, cache=False)[0][:, self.candidate_tokens[:, 0].to(embedded.device)]
+        prompt, present, tokens, valid, feed = self._answers(embedded, present)
         if not self.prefix_reuse:
-            return self._full_sequences(pixels, prompt, tokens, valid, feed)
-        logp, out, mask, positions = self._prompt_pass(pixels, prompt, cache=True)
+            return self._full_sequences(pixels, prompt, present, tokens, valid, feed)
+        logp, out, positions = self._prompt_pass(pixels, prompt, present, cache=True)
         b, k, t = tokens.shape
         first = logp.gather(1, tokens[:, :, 0])
         if t == 1:
             return first
         cache = self._cache_of(out)
         cache.batch_repeat_interleave(k)
-        ahead = valid[:, :, :-1].reshape(b * k, t - 1).long()
-        step = {self._cache_arg: cache}
-        if self.family.bidirectional_prefix:
-            step["token_type_ids"] = torch.ones_like(ahead)
+        ahead = valid[:, :, :-1].reshape(b * k, t - 1).to(present.dtype)
         rest = self.module.model(
             inputs_embeds=feed[:, :, :-1].reshape(b * k, t - 1, -1),
-            attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
+            attention_mask=self._bias(torch.cat([present.repeat_interleave(k, 0), ahead], 1), t - 1, prompt.shape[1]),
             position_ids=positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(t - 1, device=feed.device),
             use_cache=True,
-            **step,
+            **{self._cache_arg: cache},
         )
         return first + self._later(self._logits(rest.last_hidden_state).log_softmax(-1), tokens, valid)
 
-    def _answers(self, embedded: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(the prompt's embeddings (B, L, D); each sample's K answers: tokens (B, K, T), which
-        are real (B, K, T), their embeddings (B, K, T, D)). Closed set: the candidates; open
-        mode: the two answers after the prompt, their ids read back from their embeddings
-        (never removed, so exact rows of the table)."""
+    def _answers(self, embedded: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(the prompt's embeddings (B, L, D) and presence (B, L); each sample's K answers:
+        tokens (B, K, T), which are real (B, K, T), their embeddings (B, K, T, D)). Closed set:
+        the candidates; open mode: the two answers after the prompt, their ids read back from
+        their embeddings (never removed, so exact rows of the table)."""
         b = len(embedded)
         if not self.open:
             tokens = self.candidate_tokens.to(embedded.device).expand(b, -1, -1)
-            return embedded, tokens, tokens != self.pad_id, self.embedding(tokens).to(embedded.dtype)
+            return embedded, present, tokens, tokens != self.pad_id, self.embedding(tokens).to(embedded.dtype)
         t = self.answer_length
-        spans = embedded[:, embedded.shape[1] - 2 * t :].reshape(b, 2, t, -1)
+        length = embedded.shape[1] - 2 * t
+        spans = embedded[:, length:].reshape(b, 2, t, -1)
         tokens = self._nearest(spans.detach())
-        return embedded[:, : embedded.shape[1] - 2 * t], tokens, tokens != self.pad_id, spans
+        return embedded[:, :length], present[:, :length], tokens, tokens != self.pad_id, spans
 
     def _nearest(self, e: Tensor, chunk: int = 4096) -> Tensor:
         """The token whose embedding is nearest each row of `e` (..., D), over the vocabulary a
@@ -406,20 +428,18 @@ class VLMAdapter(ModelAdapter):
         taken = logp.gather(2, tokens[:, :, 1:].reshape(b * k, t - 1, 1))[..., 0]
         return (taken * valid[:, :, 1:].reshape(b * k, t - 1)).sum(1).reshape(b, k)
 
-    def _full_sequences(self, pixels: Tensor, embedded: Tensor, tokens: Tensor, valid: Tensor, feed: Tensor) -> Tensor:
+    def _full_sequences(self, pixels: Tensor, embedded: Tensor, present: Tensor, tokens: Tensor, valid: Tensor, feed: Tensor) -> Tensor:
         """Without prefix reuse: each answer appended to the whole prompt, K sequences a sample."""
         b, k, t = tokens.shape
         length = embedded.shape[1]
-        mask, positions = self._attention(embedded)
-        ahead = valid[:, :, :-1].reshape(b * k, t - 1).long()
+        positions = self._positions(present)
+        ahead = valid[:, :, :-1].reshape(b * k, t - 1).to(present.dtype)
         whole = torch.cat([embedded.repeat_interleave(k, 0), feed[:, :, :-1].reshape(b * k, t - 1, -1)], 1)
         positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(t - 1, device=positions.device)], 1).repeat_interleave(k, 0)
-        extra = {}
-        if self.family.bidirectional_prefix:
-            extra["token_type_ids"] = torch.cat([torch.zeros(b * k, length, dtype=torch.long, device=mask.device), torch.ones_like(ahead)], 1)
+        everything = torch.cat([present.repeat_interleave(k, 0), ahead], 1)
         out = self.module.model(
-            pixel_values=pixels.repeat_interleave(k, 0), inputs_embeds=self._exact_placeholders(whole), attention_mask=torch.cat([mask.repeat_interleave(k, 0), ahead], 1),
-            position_ids=positions, use_cache=False, **extra,
+            pixel_values=pixels.repeat_interleave(k, 0), inputs_embeds=self._exact_placeholders(whole),
+            attention_mask=self._bias(everything, whole.shape[1], length), position_ids=positions, use_cache=False,
         )  # fmt: skip
         logp = self._logits(out.last_hidden_state[:, length - 1 :]).log_softmax(-1)  # (B*K, T, V)
         first = logp[:, 0].gather(1, tokens[:, :, 0].reshape(b * k, 1)).reshape(b, k)
@@ -431,7 +451,9 @@ class VLMAdapter(ModelAdapter):
         pad and image tokens, to the end token (kept) or `length` tokens, padded; `ban` (N,): a
         first token a row's answer may not start with (-1: none)."""
         embedded = self.embedding(ids)
-        logp, out, mask, positions = self._prompt_pass(pixels, embedded, cache=True)
+        present = (ids != self.pad_id).to(embedded.dtype)
+        prompt = ids.shape[1]
+        logp, out, positions = self._prompt_pass(pixels, embedded, present, cache=True)
         if ban is not None:
             banned = ban >= 0
             logp[banned, ban[banned]] = -torch.inf
@@ -446,10 +468,12 @@ class VLMAdapter(ModelAdapter):
             done |= token == self.end_id if self.end_id is not None else torch.zeros_like(done)
             if done.all() or step == length - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            present = torch.cat([present, torch.ones_like(present[:, :1])], 1)
             positions = positions[:, -1:] + 1
-            extra = {"token_type_ids": torch.ones_like(positions)} if self.family.bidirectional_prefix else {}
-            out = self.module.model(inputs_embeds=self.embedding(token[:, None]), attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}, **extra)
+            out = self.module.model(
+                inputs_embeds=self.embedding(token[:, None]), attention_mask=self._bias(present, 1, prompt), position_ids=positions, use_cache=True,
+                **{self._cache_arg: cache},
+            )  # fmt: skip
             logp = self._logits(out.last_hidden_state[:, -1]).log_softmax(-1)
         return answers
 
