@@ -145,8 +145,8 @@ def captum_rows(adapter, data, n: int, pairs: int = 5, reference_pairs: int = 10
     encoded = {m: t.detach() for m, t in adapter.encode(data.inputs).items()}
     units = adapter.units(data.inputs, encoded)
     target = data.labels
-    side = adapter.image_size // adapter.patch
-    patch_ids = torch.arange(side * side).reshape(side, side).repeat_interleave(adapter.patch, 0).repeat_interleave(adapter.patch, 1)
+    side = adapter.grid.height // adapter.grid.unit
+    patch_ids = torch.arange(side * side).reshape(side, side).repeat_interleave(adapter.grid.unit, 0).repeat_interleave(adapter.grid.unit, 1)
     baseline = tuple(int(round(c * 255)) for c in IMAGE_MEAN)  # the processor's mean colour: 0 once normalised
     processor = adapter.processor.image_processor
     for modality in ("image", "text"):

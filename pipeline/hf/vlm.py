@@ -1,5 +1,5 @@
-"""Generative vision-language models (LLaVA, PaliGemma) as classifiers over a closed set of
-candidate answers.
+"""Generative vision-language models (LLaVA, PaliGemma, Qwen2-VL, Qwen2.5-VL) as classifiers
+over a closed set of candidate answers.
 
 The logit of candidate k is the log-likelihood of its tokens after the image and the prompt,
 by teacher forcing: log p(a_k,1 | x) + log p(a_k,2 | x, a_k,1) + ... . When every candidate is
@@ -7,7 +7,8 @@ one token this is one forward pass (the log-softmax at the answer position, read
 candidates' tokens); otherwise the prompt runs once with a KV cache that the K continuations
 share (`prefix_reuse=False` runs K full sequences instead, for comparison).
 
-Inputs: `image` = the processor's pixel values (B, 3, S, S); `text` = the prompt's token ids
+Inputs: `image` = the processor's pixel values (B, 3, H, W) (Qwen2-VL: unpatched from its flat
+patches, every image resized to the adapter's `image_size`); `text` = the prompt's token ids
 (B, L), left-padded, made by `vlm_samples`: [pad...] prefix, question, suffix, where the prefix
 holds the template's opening, the image placeholders and the start token as the family places
 them. `encode` gives the pixels and, per token, its embedding with one more channel: its
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -60,19 +62,139 @@ warnings.filterwarnings("ignore", message=".*batching rule for aten::masked_scat
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The image as a family's model takes it: its pixel size, the side of one unit (the pixels
+    behind one image token of the language model) and the number of image tokens."""
+
+    height: int
+    width: int
+    unit: int
+    tokens: int
+    patch: int  # the vision tower's patch (a unit is merge x merge of them)
+
+    @property
+    def merge(self) -> int:
+        return self.unit // self.patch
+
+
+@dataclass(frozen=True)
 class Family:
-    """What differs between the supported architectures."""
+    """What differs between the supported architectures (one record each in FAMILIES)."""
 
     name: str
     prompt: str  # the default template
-    start_after_image: bool  # PaliGemma: image tokens, then <bos>, then the prompt
-    first_position: int  # the position id of the first real token
-    bidirectional_prefix: bool  # PaliGemma: the image and prompt attend both ways (token_type_ids 0)
+    start_after_image: bool = False  # PaliGemma: image tokens, then <bos>, then the prompt
+    first_position: int = 0  # the position id of the first real token
+    bidirectional_prefix: bool = False  # PaliGemma: the image and prompt attend both ways
+
+    def grid(self, config, image_size) -> Grid:
+        vision = config.vision_config
+        if image_size is not None and _pair(image_size) != (vision.image_size, vision.image_size):
+            raise MmdiagError(f"image_size: a {self.name} model takes images of {vision.image_size} px only; leave image_size out")
+        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        return Grid(vision.image_size, vision.image_size, vision.patch_size, (vision.image_size // vision.patch_size) ** 2 + int(full), vision.patch_size)
+
+    def vision_inputs(self, pixels: Tensor, grid: Grid) -> dict:
+        return {"pixel_values": pixels}
+
+    def resized(self, picture, grid: Grid):
+        return picture  # the processor makes the one size the vision tower takes
+
+    def pixels(self, processed, grid: Grid) -> Tensor:
+        """One image's pixel values (3, H, W) from its processor's output."""
+        return processed["pixel_values"][0].float()
+
+    def positions(self, present: Tensor, image: Tensor, grid: Grid) -> Tensor:
+        """Position ids (B, L): the number of present tokens before each (a deleted word closes
+        its gap), from the family's first position."""
+        return (present.cumsum(1) - 1 + self.first_position).clamp_min(0)
+
+    def towers(self, model, points: dict) -> dict[str, nn.Module]:
+        return {"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector}
+
+    def feeds(self, model, points: dict) -> dict[str, nn.Module]:
+        """Modules whose outputs feed the points of `towers` (none where they are modules)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Qwen2VL(Family):
+    """Qwen2-VL and Qwen2.5-VL: any image size (a multiple of the merged patch), the vision
+    tower's patches flattened and merged 2 x 2 into one image token, multimodal rotary positions
+    (temporal, height, width)."""
+
+    default_size: int = 448
+
+    def grid(self, config, image_size) -> Grid:
+        vision = config.vision_config
+        unit = vision.patch_size * vision.spatial_merge_size
+        height, width = _pair(image_size if image_size is not None else self.default_size)
+        if height % unit or width % unit or min(height, width) < unit:
+            raise MmdiagError(f"image_size: {height} x {width} px is not a grid of the model's {unit} px image tokens; give multiples of {unit}")
+        return Grid(height, width, unit, (height // unit) * (width // unit), vision.patch_size)
+
+    def vision_inputs(self, pixels: Tensor, grid: Grid) -> dict:
+        thw = torch.tensor([[1, grid.height // grid.patch, grid.width // grid.patch]], device=pixels.device).expand(len(pixels), 3)
+        return {"pixel_values": _patches(pixels, grid.patch, grid.merge), "image_grid_thw": thw}
+
+    def resized(self, picture, grid: Grid):
+        """The image at the grid's size (the processor would pick a size of its own per image)."""
+        import PIL.Image
+
+        image = picture if isinstance(picture, PIL.Image.Image) else PIL.Image.fromarray(np.asarray(picture))
+        return image.convert("RGB").resize((grid.width, grid.height), PIL.Image.BICUBIC)
+
+    def pixels(self, processed, grid: Grid) -> Tensor:
+        _, rows, cols = processed["image_grid_thw"][0].tolist()
+        return _unpatched(processed["pixel_values"].float(), rows, cols, grid.patch, grid.merge)
+
+    def positions(self, present: Tensor, image: Tensor, grid: Grid) -> Tensor:
+        """(3, B, L): a text token's three positions are the number of positions before it (a
+        deleted word closes its gap); the image tokens sit at the image's first position plus
+        their row and column, and the image takes as many positions as its longer side has
+        tokens, as the model's own get_rope_index places them."""
+        across = grid.width // grid.unit
+        nth = image.long().cumsum(1) - 1
+        last = image & (nth == grid.tokens - 1)
+        step = torch.where(image, last.to(present.dtype) * (max(grid.height, grid.width) // grid.unit), present)
+        before = step.cumsum(1) - step
+        row, col = (torch.where(image, x, 0).to(before.dtype) for x in (nth // across, nth % across))
+        return torch.stack([before, before + row, before + col])
+
+    def towers(self, model, points: dict) -> dict[str, nn.Module]:
+        return {"vision": points["vision"], "projector": points["projector"]}
+
+    def feeds(self, model, points: dict) -> dict[str, nn.Module]:
+        return {"vision": model.model.visual.blocks[-1], "projector": model.model.visual.merger}
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(x) for x in size)
+
+
+def _patches(pixels: Tensor, patch: int, merge: int, temporal: int = 2) -> Tensor:
+    """Images (B, C, H, W) -> the vision tower's flat patches (B * patches, C * temporal *
+    patch * patch), merge windows contiguous, each image repeated over the temporal patch (the
+    layout of Qwen2-VL's image processor)."""
+    b, c, h, w = pixels.shape
+    x = pixels.reshape(b, c, h // (patch * merge), merge, patch, w // (patch * merge), merge, patch)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # batch, rows, cols of windows, merge rows, merge cols, channel, patch, patch
+    x = x.unsqueeze(6).expand(*x.shape[:6], temporal, patch, patch)
+    return x.reshape(b * (h // patch) * (w // patch), c * temporal * patch * patch)
+
+
+def _unpatched(flat: Tensor, rows: int, cols: int, patch: int, merge: int, temporal: int = 2) -> Tensor:
+    """The inverse of _patches for one image: (rows * cols, C * temporal * patch * patch) -> (C, H, W)."""
+    c = flat.shape[1] // (temporal * patch * patch)
+    x = flat.reshape(rows // merge, cols // merge, merge, merge, c, temporal, patch, patch)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(c, rows * patch, cols * patch)
 
 
 FAMILIES = {
-    "llava": Family("llava", "USER: <image>\n{question} ASSISTANT:", start_after_image=False, first_position=0, bidirectional_prefix=False),
+    "llava": Family("llava", "USER: <image>\n{question} ASSISTANT:"),
     "paligemma": Family("paligemma", "<image>{question}\n", start_after_image=True, first_position=1, bidirectional_prefix=True),
+    "qwen2_vl": Qwen2VL("qwen2_vl", "<|im_start|>user\n<|vision_start|><image><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen2_5_vl": Qwen2VL("qwen2_5_vl", "<|im_start|>user\n<|vision_start|><image><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"),
 }
 
 
@@ -171,6 +293,7 @@ class VLMAdapter(ModelAdapter):
         class_names: Sequence[str] | None = None,
         prefix_reuse: bool = True,
         answer_length: int = 8,
+        image_size: int | tuple[int, int] | None = None,
     ):
         config = model.config
         family = FAMILIES.get(config.model_type)
@@ -185,10 +308,8 @@ class VLMAdapter(ModelAdapter):
         self.vocab_size = text.vocab_size
         check_vocab(tokenizer, self.vocab_size, family.name)
         self.image_id = config.image_token_id
-        vision = config.vision_config
-        self.image_size, self.patch = vision.image_size, vision.patch_size
-        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
-        self.n_image_tokens = (self.image_size // self.patch) ** 2 + int(full)
+        self.grid = family.grid(config, image_size)
+        self.n_image_tokens = self.grid.tokens
         self.pad_id = self._special_ids(tokenizer)
         self.prompt = Prompt(tokenizer, family, prompt if prompt is not None else family.prompt, self.image_id, self.n_image_tokens, self.pad_id)
         # open mode (answers=None): each sample carries its own target answer, scored against the
@@ -208,7 +329,7 @@ class VLMAdapter(ModelAdapter):
         self.softcap = getattr(text, "final_logit_softcapping", None)
         n = text.num_hidden_layers
         self.depths = sorted({max(1, n // 3), max(1, 2 * n // 3)} - {n})
-        self.points = {"decision": Point(), **{f"lm.layer{d}": Point() for d in self.depths}}
+        self.points = {"decision": Point(), "vision": Point(), "projector": Point(), **{f"lm.layer{d}": Point() for d in self.depths}}
         self._cache_arg = _cache_name(self.module.model)
 
     # --- set-up checks -------------------------------------------------------------------
@@ -271,9 +392,9 @@ class VLMAdapter(ModelAdapter):
     def encode(self, inputs):
         self.check_inputs(inputs)
         pixels = inputs["image"].float()
-        if pixels.dim() != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (self.image_size, self.image_size):
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (self.grid.height, self.grid.width):
             raise MmdiagError(
-                f"inputs.image: pixel values shaped {tuple(pixels.shape)}, the model takes (B, 3, {self.image_size}, {self.image_size}); "
+                f"inputs.image: pixel values shaped {tuple(pixels.shape)}, the model takes (B, 3, {self.grid.height}, {self.grid.width}); "
                 "process the images with the model's processor (pipeline.hf.vlm_samples)"
             )
         ids = inputs["text"]
@@ -296,7 +417,7 @@ class VLMAdapter(ModelAdapter):
         text = encoded["text"]
         deleted = torch.cat([self.row(self.pad_id).to(text.dtype), text.new_zeros(1)])  # the padding's row, presence 0
         return {
-            "image": PatchGrid(patch=self.patch, baseline=0.0).build(inputs["image"], encoded["image"]),
+            "image": PatchGrid(patch=self.grid.unit, baseline=0.0).build(inputs["image"], encoded["image"]),
             "text": word_units(ids, text, ~self.question(ids), self.prompt.vocab, deleted),
         }
 
@@ -305,9 +426,14 @@ class VLMAdapter(ModelAdapter):
         """(the token embeddings (B, L, D), their presence (B, L) in [0, 1])."""
         return text[..., :-1], text[..., -1].clamp(0, 1)
 
-    def _positions(self, present: Tensor) -> Tensor:
-        """Position ids: the number of present tokens before each (a deleted word closes its gap)."""
-        return (present.cumsum(1) - 1 + self.family.first_position).clamp_min(0)
+    def _positions(self, embedded: Tensor, present: Tensor) -> Tensor:
+        return self.family.positions(present, matches(embedded, self.row(self.image_id)), self.grid)
+
+    @staticmethod
+    def _next(positions: Tensor, steps: int, k: int = 1) -> Tensor:
+        """The positions of `steps` tokens after the last, each row repeated k times."""
+        after = positions[..., -1:] + 1 + torch.arange(steps, device=positions.device)
+        return after.repeat_interleave(k, positions.dim() - 2)
 
     def _bias(self, present: Tensor, queries: int, prompt: int) -> Tensor:
         """(B, 1, queries, keys) the additive attention mask of the last `queries` of the keys
@@ -333,11 +459,12 @@ class VLMAdapter(ModelAdapter):
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def _prompt_pass(self, pixels: Tensor, embedded: Tensor, present: Tensor, cache: bool):
-        positions = self._positions(present)
+        embedded = self._exact_placeholders(embedded)
+        positions = self._positions(embedded, present)
         length = embedded.shape[1]
-        with self._reading_depths():
+        with self._reading_depths(len(pixels)):
             out = self.module.model(
-                pixel_values=pixels, inputs_embeds=self._exact_placeholders(embedded), attention_mask=self._bias(present, length, length),
+                **self.family.vision_inputs(pixels, self.grid), inputs_embeds=embedded, attention_mask=self._bias(present, length, length),
                 position_ids=positions, use_cache=cache,
             )  # fmt: skip
         last = self.points["decision"](out.last_hidden_state[:, -1])
@@ -347,19 +474,23 @@ class VLMAdapter(ModelAdapter):
         return out[self._cache_arg] if self._cache_arg in out else out.past_key_values
 
     @contextmanager
-    def _reading_depths(self):
+    def _reading_depths(self, batch: int):
         """While a stage reads an `lm.layer{d}` point, the output of decoder layer d feeds it its
-        answer position's state (every layer's whole sequence is never kept)."""
+        answer position's state (every layer's whole sequence is never kept); where the family's
+        vision tower flattens the batch's patches, its outputs feed the `vision` and `projector`
+        points, one row per image."""
         layers = self.module.model.language_model.layers
-        read = [d for d in self.depths if self.points[f"lm.layer{d}"]._forward_hooks]
+        sources = {f"lm.layer{d}": layers[d - 1] for d in self.depths} | self.family.feeds(self.module, self.points)
+        read = [name for name in sources if self.points[name]._forward_hooks]
 
-        def feed(d):
+        def feed(name):
             def hook(_module, _inputs, out) -> None:  # returns None: the layer's own output goes on
-                self.points[f"lm.layer{d}"]((out if torch.is_tensor(out) else out[0])[:, -1])
+                out = out if torch.is_tensor(out) else out[0]
+                self.points[name](out[:, -1] if name.startswith("lm.") else out.reshape(batch, -1, out.shape[-1]))
 
             return hook
 
-        handles = [layers[d - 1].register_forward_hook(feed(d)) for d in read]
+        handles = [sources[name].register_forward_hook(feed(name)) for name in read]
         try:
             yield
         finally:
@@ -385,7 +516,7 @@ class VLMAdapter(ModelAdapter):
         rest = self.module.model(
             inputs_embeds=feed[:, :, :-1].reshape(b * k, t - 1, -1),
             attention_mask=self._bias(torch.cat([present.repeat_interleave(k, 0), ahead], 1), t - 1, prompt.shape[1]),
-            position_ids=positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(t - 1, device=feed.device),
+            position_ids=self._next(positions, t - 1, k),
             use_cache=True,
             **{self._cache_arg: cache},
         )
@@ -432,13 +563,14 @@ class VLMAdapter(ModelAdapter):
         """Without prefix reuse: each answer appended to the whole prompt, K sequences a sample."""
         b, k, t = tokens.shape
         length = embedded.shape[1]
-        positions = self._positions(present)
+        embedded = self._exact_placeholders(embedded)
+        positions = self._positions(embedded, present)
         ahead = valid[:, :, :-1].reshape(b * k, t - 1).to(present.dtype)
         whole = torch.cat([embedded.repeat_interleave(k, 0), feed[:, :, :-1].reshape(b * k, t - 1, -1)], 1)
-        positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(t - 1, device=positions.device)], 1).repeat_interleave(k, 0)
+        positions = torch.cat([positions.repeat_interleave(k, positions.dim() - 2), self._next(positions, t - 1, k)], -1)
         everything = torch.cat([present.repeat_interleave(k, 0), ahead], 1)
         out = self.module.model(
-            pixel_values=pixels.repeat_interleave(k, 0), inputs_embeds=self._exact_placeholders(whole),
+            **self.family.vision_inputs(pixels.repeat_interleave(k, 0), self.grid), inputs_embeds=whole,
             attention_mask=self._bias(everything, whole.shape[1], length), position_ids=positions, use_cache=False,
         )  # fmt: skip
         logp = self._logits(out.last_hidden_state[:, length - 1 :]).log_softmax(-1)  # (B*K, T, V)
@@ -469,7 +601,7 @@ class VLMAdapter(ModelAdapter):
             if done.all() or step == length - 1:
                 break
             present = torch.cat([present, torch.ones_like(present[:, :1])], 1)
-            positions = positions[:, -1:] + 1
+            positions = self._next(positions, 1)
             out = self.module.model(
                 inputs_embeds=self.embedding(token[:, None]), attention_mask=self._bias(present, 1, prompt), position_ids=positions, use_cache=True,
                 **{self._cache_arg: cache},
@@ -483,8 +615,7 @@ class VLMAdapter(ModelAdapter):
                 "layers: with prefix_reuse=False each answer runs after its own copy of the prompt, so a layer sees K copies of a sample; "
                 "load the model with prefix_reuse=True (the default) to read its layers"
             )
-        model = self.module.model
-        return {"vision": model.vision_tower, "projector": model.multi_modal_projector, **self.points}
+        return {**self.points, **self.family.towers(self.module, self.points)}
 
     def head(self):
         """The LM head's rows of the candidates' tokens, on the decision features; None when a
@@ -525,13 +656,15 @@ def load_vlm(
     class_names: Sequence[str] | None = None,
     prefix_reuse: bool = True,
     answer_length: int = 8,
+    image_size: int | tuple[int, int] | None = None,
     local_files_only: bool = False,
 ) -> VLMAdapter:
     """A VLM adapter from a local folder (written by save_pretrained) or a Hugging Face id in the
     local cache, scoring the closed set `answers`, or with answers=None each sample's own target
     answer against the model's (open mode, answers of at most `answer_length` tokens); the
     processor comes from the same place unless given. `prompt` holds <image> and {question};
-    default: the family's own template."""
+    default: the family's own template. `image_size` (Qwen2-VL, which takes any size): the size
+    every image is resized to, a multiple of the 28 px image token (default 448)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
@@ -542,7 +675,7 @@ def load_vlm(
         raise MmdiagError(f"model: {str(path_or_id)!r} is a {model_type!r} model; mmdiag's image-text-to-text adapter supports {', '.join(FAMILIES)}")
     model = pretrained(AutoModelForImageTextToText, path_or_id, f"a {model_type} model", local_files_only)
     processor = processor if processor is not None else processor_or_none(path_or_id, local_files_only)
-    return VLMAdapter(model, processor, answers, prompt=prompt, class_names=class_names, prefix_reuse=prefix_reuse, answer_length=answer_length)
+    return VLMAdapter(model, processor, answers, prompt=prompt, class_names=class_names, prefix_reuse=prefix_reuse, answer_length=answer_length, image_size=image_size)
 
 
 def vlm_samples(
@@ -615,17 +748,19 @@ def vlm_samples(
 
 
 def _pixels(adapter: VLMAdapter, images: list, field: str) -> Tensor:
-    """The processor's pixel values (N, 3, S, S), one image at a time (one line naming the bad one)."""
+    """The processor's pixel values (N, 3, H, W), one image at a time (one line naming the bad one)."""
     pixels = []
     for i, picture in enumerate(images):
         try:
-            pixels.append(adapter.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"][0].float())
+            processed = adapter.processor.image_processor(images=[adapter.family.resized(picture, adapter.grid)], return_tensors="pt")
+            pixels.append(adapter.family.pixels(processed, adapter.grid))
         except Exception as e:  # the processor's own errors, of many types
             raise MmdiagError(f"{field}: the processor cannot take image {i} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); give RGB images (PIL or H x W x 3 uint8)") from None
     pixels = torch.stack(pixels)
-    if tuple(pixels.shape[1:]) != (3, adapter.image_size, adapter.image_size):
+    if tuple(pixels.shape[1:]) != (3, adapter.grid.height, adapter.grid.width):
         raise MmdiagError(
-            f"{field}: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.image_size}, {adapter.image_size}); load the processor that belongs to this model"
+            f"{field}: the processor makes {tuple(pixels.shape[1:])} pixel values, the model takes (3, {adapter.grid.height}, {adapter.grid.width}); "
+            "load the processor that belongs to this model (a Qwen2-VL processor keeps an image of image_size only where its min_pixels and max_pixels allow it)"
         )
     return pixels
 
