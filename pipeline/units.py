@@ -25,6 +25,7 @@ class Units:
     n: int  # unit slots per sample
     baseline: Tensor  # the removed value, expanded to the tensor's shape (B, ...)
     labels: list[list[str]]  # display label of each unit slot, per sample
+    deletes: bool = False  # the adapter reads a removed token as deleted (the gap closed), not replaced
 
     @property
     def present(self) -> Tensor:
@@ -43,7 +44,7 @@ class Units:
             rows = rows.nonzero().flatten()
         mask = self.mask if self.mask.shape[0] == 1 else self.mask[rows]
         index = range(len(self.labels))[rows] if isinstance(rows, slice) else rows.tolist()
-        return Units(mask, self.n, self.baseline[rows], [self.labels[i] for i in index])
+        return Units(mask, self.n, self.baseline[rows], [self.labels[i] for i in index], self.deletes)
 
     @property
     def elements(self) -> Tensor:

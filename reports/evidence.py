@@ -223,6 +223,21 @@ def ignored_evidence(src: Sources, row: int) -> dict | None:
     return {"modalities": out} if out else None
 
 
+def prior_evidence(src: Sources, row: int) -> dict | None:
+    """For the prior findings whose slice holds this sample (a word of its text): how many of the
+    other samples' inputs of the modality changed its prediction (discovery's swaps)."""
+    found = src.of_rule("prior")
+    result = src.results.get("discovery")
+    if not found or result is None:
+        return None
+    mine = [f for f in found if result.arrays[f"prior.{f.figures['modality']}.{f.figures['word']}"][row]]
+    if not mine:
+        return {"in_slice": False}
+    g = max(mine, key=lambda f: f.strength).figures
+    keys = ("word", "text", "modality", "flip_rate", "flip_rate_elsewhere")
+    return {"in_slice": True, **{k: g[k] for k in keys}, "dependence": _r(result.arrays[f"swap.{g['modality']}"][row])}
+
+
 def label_evidence(src: Sources, row: int) -> dict:
     """Confident learning's verdict on this error, the probabilities it read, how often the
     sample's null removals (random units, of every truth region's size; a found transform's
@@ -448,7 +463,8 @@ def shortcut_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
         # the concepts that determine the label give the predicted class: the label is the mistake
         return False, {"findings": found["findings"], "concepts_say": told["concepts_say"]}
     follows = None
-    for c in found["concepts"]:
+    word = _named(card.get("prior") or {})  # a shortcut on the word of the sample's prior slice first
+    for c in sorted(found["concepts"], key=lambda c: c["concept"] not in word):
         cf = c["counterfactual"]
         # it makes the prediction right and most draws of its null (a random change as large) do
         # not, or it moves the true class's logit against the predicted one further than the
@@ -478,6 +494,30 @@ def ignored_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
         if not m["removal_changes_prediction"] and (m["regions"] or not m["has_truth"]):
             return True, m
     return False, {"modalities": found["modalities"]}
+
+
+def _named(prior: dict) -> set[str]:
+    """The concept names of a prior's word: found (`word:<w>`) or annotated as the word itself."""
+    return {f"word:{prior['word']}", prior["word"]} if prior.get("in_slice") else set()
+
+
+def prior_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
+    found = card.get("prior")
+    if found is None:
+        return None
+    figures = {**found, "evidence": "intervention"}
+    # in a slice with a prior, and no other input of the modality changed this answer
+    if not (found["in_slice"] and found["dependence"] == 0):
+        return False, figures
+    # a shortcut on the slice's own word that explains this error is the same bug seen by
+    # removing the word: the shortcut rule (next, trying that word first) names it
+    shortcut = card.get("shortcut")
+    same = [c for c in (shortcut or {}).get("concepts", []) if c["concept"] in _named(found)]
+    if same:
+        verdict = shortcut_rule({**card, "shortcut": {**shortcut, "concepts": same}}, t)
+        if verdict is not None and verdict[0] and by_intervention(verdict[1]):
+            return False, {**figures, "yields_to": verdict[1]["concept"]}
+    return True, figures
 
 
 def label_rule(card: dict, t: Thresholds) -> tuple[bool, dict] | None:
@@ -598,6 +638,14 @@ def ignored_sentence(g: dict) -> str:
     ) + (f" ({', '.join(g['regions'])})." if g["regions"] else ".")
 
 
+def prior_sentence(g: dict) -> str:
+    return (
+        f"Its answer does not depend on the {g['modality']}: no other sample's {g['modality']} changed it. It is one of the {g['text']}s with "
+        f'"{g["word"]}", whose answers another {g["modality"]} changes {_f(g["flip_rate"])} of the time, {_f(g["flip_rate_elsewhere"])} elsewhere: '
+        "the model answers them from the wording."
+    )
+
+
 def perception_sentence(g: dict) -> str:
     if g.get("evidence") == "intervention":
         parts = ", ".join(f"{e['region']} takes {_f(e['margin_drop'])} of the margin (random units: {_f(e['null_margin_drop_median'])})" for e in g["regions"])
@@ -657,6 +705,9 @@ class Rule:
 # the rules in the order they are tried: the first that fires on interventional evidence is the cause
 RULES: Registry[Rule] = Registry("per-error rule", "report rules")
 for _rule in (
+    # first: an error no other input of a modality changes, in a slice whose answers do not depend
+    # on it, is the prior's, unless a shortcut on the slice's own word explains it (prior_rule)
+    Rule("prior", lambda src, row, at, t: prior_evidence(src, row), prior_rule, "no prior finding", prior_sentence),
     Rule("shortcut", lambda src, row, at, t: shortcut_evidence(src, row), shortcut_rule, "no shortcut finding", shortcut_sentence),
     Rule("ignored_modality", lambda src, row, at, t: ignored_evidence(src, row), ignored_rule, "no ignored-modality finding", ignored_sentence),
     Rule("label", lambda src, row, at, t: label_evidence(src, row), label_rule, "no predicted probabilities", label_sentence),

@@ -279,6 +279,20 @@ def ignored_modalities(
     return found
 
 
+def priors(summary: dict, ev: Evaluated) -> list[Finding]:
+    """A slice of the data named by a word on which the model answers without looking at a
+    modality and errs more than elsewhere (the discovery stage's priors, stages/priors.py: both
+    tested against the rest of the split, Benjamini-Hochberg over every word and modality). Its
+    strength is the share of the samples that are its errors no other input of the modality
+    changed."""
+    found = []
+    for s in (summary.get("discovery") or {}).get("priors", []):
+        figures = {**s, "evidence": "intervention", "error_rate": _round(ev.error_rate)}
+        strength = s["errors_unmoved"] / max(len(ev.labels), 1)
+        found.append(Finding("prior", f"{s['modality']}:{s['word']}", strength, figures, {"kind": "balance_slice", "word": s["word"], "modality": s["modality"]}))
+    return found
+
+
 def label_derived(meta: dict[str, np.ndarray], labels: np.ndarray) -> set[str]:
     """Binary concepts that say whether another concept agrees with the label (such as the demo's
     `shortcut_agrees`): with that other concept they give the label away, so they are no

@@ -9,7 +9,10 @@ needed pair) is a symptom, since decorrelating the data cannot teach an additive
 or it can (the adapter declares joint fusion: attention over both, FiLM): then the missing
 interaction (and an ignored modality of the needed pair) is the symptom of a shortcut that let
 training stop short of the rule. The symptom's
-priority is scaled by `additive_shortcut_discount`.
+priority is scaled by `additive_shortcut_discount`. A second: a prior on a word that a shortcut
+finding names (`word:<w>` found, or a concept named `w`) is that shortcut seen from the other
+modality (the model answers those samples from the word, so another image changes nothing):
+the prior is the symptom.
 """
 
 from __future__ import annotations
@@ -203,6 +206,29 @@ def label_noise(f: Finding) -> dict:
     }
 
 
+def prior(f: Finding) -> dict:
+    g = f.figures
+    word, m, text = g["word"], g["modality"], g["text"]
+    return {
+        "title": f'Answers to {text} with "{word}" do not depend on the {m}: a prior the model learnt from the wording',
+        "finding": (
+            f'Replacing the {m} with other samples\' changes {_pct(g["flip_rate"])} of the answers where the {text} holds "{word}" ({g["n"]} samples), '
+            f"{_pct(g['flip_rate_elsewhere'])} elsewhere; the model errs on {_pct(g['error_rate'])} of them, {_pct(g['error_rate_elsewhere'])} elsewhere "
+            f"(both beyond chance, q = {_num(g['q_value'])}). {g['errors_unmoved']} errors ({_pct(g['errors_explained'])} of all) keep their answer whatever the {m}."
+        ),
+        "evidence": [
+            {"label": f'answers changed by another {m}, with "{word}"', "value": g["flip_rate"], "section": "discovery"},
+            {"label": f"answers changed by another {m}, elsewhere", "value": g["flip_rate_elsewhere"], "section": "discovery"},
+            {"label": f'error rate with "{word}"', "value": g["error_rate"], "section": "discovery"},
+            {"label": "errors it explains", "value": g["errors_explained"], "section": "discovery"},
+        ],
+        "change": (
+            f'Balance the training data of this slice: {text} with "{word}" whose answers vary with the {m} as much as elsewhere (the same wording with '
+            f"each answer, counterfactual {m}s); then check that replacing the {m} changes these answers as often as the others."
+        ),
+    }
+
+
 @dataclass(frozen=True)
 class FindingRule:
     """One kind of finding: `detect` reads what the stages found (findings.Seen) and returns its
@@ -221,6 +247,7 @@ for _rule in (
     FindingRule("shortcut", lambda s: fd.shortcuts(s.summary, s.results, s.ev, s.t, s.notes, s.sets, s.cues), shortcut),
     FindingRule("ignored_modality", lambda s: fd.ignored_modalities(s.summary, s.ev, s.t, s.notes, s.sets, s.cues), ignored_modality),
     FindingRule("missing_interaction", lambda s: fd.missing_interaction(s.summary, s.results, s.ev, s.t), missing_interaction),
+    FindingRule("prior", lambda s: fd.priors(s.summary, s.ev), prior),
     FindingRule("concept_not_encoded", lambda s: fd.concepts_not_encoded(s.summary, s.ev, s.slices, {f.subject for f in s.found if f.rule == "shortcut"}, s.t), concept_not_encoded),
     FindingRule("label_noise", lambda s: fd.label_mistakes(s.ev, s.cards), label_noise, after_cards=True),
 ):
@@ -244,7 +271,10 @@ def priority(f: Finding, findings: list[Finding], t: Thresholds = DEFAULT) -> fl
     the data needs interaction: if its architecture cannot combine the modalities, a shortcut
     and an ignored modality of the needed pair are symptoms of the fusion (an additive model
     cannot use a modality whose meaning depends on the other); if it can, the missing
-    interaction, and an ignored modality of the needed pair, are symptoms of the shortcut."""
+    interaction, and an ignored modality of the needed pair, are symptoms of the shortcut. A
+    prior on a word a shortcut names is a symptom of the shortcut."""
+    if f.rule == "prior" and any(g.rule == "shortcut" and g.subject in (f"word:{f.figures['word']}", f.figures["word"]) for g in findings):
+        return round(max(f.strength, 0.0) * t.additive_shortcut_discount, 4)
     additive = next((g for g in findings if g.rule == "missing_interaction"), None)
     pair = ((additive.figures.get("modalities") or {}).get("pair") or []) if additive else []
     needed = f.rule == "ignored_modality" and (f.subject in pair or not pair)

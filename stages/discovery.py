@@ -5,10 +5,11 @@ A user brings inputs, labels and class names. Candidates come from the data, thr
 adapter's own units, per modality (one record per kind in `KINDS`):
 
 - `word`: every word type (a unit's label: whole words where the adapter groups subword pieces)
-  in at least `min_samples` samples. Removed by deleting it with the gap closed (the words after
-  it move up, the sequence ends in the removed-token baseline, e.g. padding: what the model saw
-  when a caption was a word shorter); the null deletes as many other words of the same sample,
-  drawn at random.
+  in at least `min_samples` samples. Removed by deleting it with the gap closed: where the
+  adapter's own removal is a deletion (`Units.deletes`: the generative VLMs), through it;
+  otherwise the words after it move up and the sequence ends in the removed-token baseline, e.g.
+  padding (what the model saw when a caption was a word shorter). The null deletes as many other
+  words of the same sample, drawn at random.
 - `region`: every cell of an image's unit grid and every 2x2 block of cells (a shortcut at a
   place is found whatever the patch size). Its carriers are the samples whose pixels there
   stand out from the rest of their image (robust z > `content_z` in some channel, the scale
@@ -56,7 +57,7 @@ from mmdiag.pipeline.adapter import ModelAdapter
 from mmdiag.pipeline.data import Counterfactual, Derived, SampleSet
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.units import Units
-from mmdiag.stages import summaries
+from mmdiag.stages import priors, summaries
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 from mmdiag.stages.intervention import null_scores
 
@@ -74,6 +75,7 @@ class DiscoveryConfig(StageConfig):
     batch_size: int = Field(default=256, gt=0)  # samples read together
     eval_batch: int = Field(default=256, gt=0)  # model inputs per forward pass
     null_draws: int = Field(default=6, gt=0)  # random casts per carrier beside a found transform, for the per-error test
+    swap_draws: int = Field(default=4, ge=0)  # other samples' inputs per sample and modality, for the priors (0: none)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Discovery:
     features: list[Feature]  # every candidate tested, in the order found
     n: int
     forward_passes: int
+    swaps: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> each sample's dependence on it (stages/priors.py)
+    slices: list[dict] = field(default_factory=list)  # every word slice tested for a prior
 
     @property
     def reliable(self) -> list[Feature]:
@@ -123,6 +127,8 @@ class Discovery:
             "fdr": fdr,
             "candidates": len(self.features),
             "reliable": [{**f.record(), **f.stats} for f in sorted(self.reliable, key=lambda f: -f.stats["flip_effect"])],
+            "priors": sorted((s for s in self.slices if s["prior"]), key=lambda s: (-s["errors_explained"], s["q_value"])),
+            "slices_tested": len(self.slices),
             "forward_passes_per_sample": round(self.forward_passes / max(self.n, 1), 1),
         }
 
@@ -479,10 +485,10 @@ def _removed(feature: Feature, b: Batch, at: Tensor, ids: Tensor, seed: int, sal
         scores = torch.where(others, scores, torch.full_like(scores, 2.0))
         rank = scores.argsort(1).argsort(1)
         null = (rank < own.sum(1, keepdim=True)) & others
+        if units.deletes:  # the adapter's own removal is a deletion
+            return {**enc, m: units.apply(enc[m], ~own)}, {**enc, m: units.apply(enc[m], ~null)}
         slots = units.mask[..., 0]
-        removed = close_gaps(enc[m], slots, own, units.baseline)
-        nulled = close_gaps(enc[m], slots, null, units.baseline)
-        return {**enc, m: removed}, {**enc, m: nulled}
+        return {**enc, m: close_gaps(enc[m], slots, own, units.baseline)}, {**enc, m: close_gaps(enc[m], slots, null, units.baseline)}
     if feature.kind == "segment":
         rows = torch.as_tensor(b.rows.start + at.cpu())
         own = feature.segmentation.mask(rows, feature.cluster)
@@ -604,7 +610,16 @@ def discover(
     q = false_discovery_control(pvalues, method="bh") if pvalues else []
     for f, p, qq in zip(features, pvalues, q):
         f.stats.update(p_value=float(p), q_value=float(qq), reliable=bool(qq < config.fdr and f.stats["flip_effect"] > 0))
-    return Discovery(features, n, passes)
+    words = [f for f in features if f.kind == "word"]
+    swaps = {}
+    if words and config.swap_draws:  # the priors: each other modality replaced by other samples'
+        texts = {f.modality for f in words}
+        for salt, m in enumerate(m for m in adapter.modalities if m not in texts):
+            progress(f"priors: {m} of other samples", 1.0)
+            swaps[m] = priors.dependence(adapter, data, pred, m, config.swap_draws, seed, 7919 + salt, config.batch_size, device)
+            passes += config.swap_draws * n
+    tested = priors.slices(((f.modality, f.word, f.carriers) for f in words), swaps, errors, config.fdr)
+    return Discovery(features, n, passes, swaps, tested)
 
 
 # ---------------------------------------------------------------- what the rest of the diagnosis sees
@@ -706,6 +721,9 @@ def run(ctx: Context, config: DiscoveryConfig, upstream: dict) -> StageResult:
     arrays.update({f"words.{f.id}": f.mask.numpy() for f in taken if f.kind == "word"})
     arrays.update({f"group.{f.id}": f.layout.numpy() for f in taken if f.kind == "group"})
     arrays.update({f"centres.{f.id}": f.segmentation.centres for f in taken if f.kind == "segment"})
+    arrays.update({f"swap.{m}": dep for m, dep in found.swaps.items()})
+    words = {f.word: f.carriers for f in found.features if f.kind == "word"}
+    arrays.update({f"prior.{s['modality']}.{s['word']}": words[s["word"]] for s in found.slices if s["prior"]})
     details = {
         "taken": [{**f.record(), "push": f.stats["push"], **({"scale": f.scale} if f.scale else {}), **({"cluster": f.cluster} if f.cluster is not None else {})} for f in taken],
         "segments": config.segments,
@@ -770,8 +788,8 @@ STAGE = Stage(
     "discovery",
     run,
     DiscoveryConfig,
-    writes=("discovery.reliable", "discovery.taken"),
-    modules=("mmdiag.stages.discovery",),
+    writes=("discovery.reliable", "discovery.priors", "discovery.taken"),
+    modules=("mmdiag.stages.discovery", "mmdiag.stages.priors"),
     extends=extend,
     summary=summaries.DiscoverySummary,
 )

@@ -37,6 +37,15 @@ class DiscoverySummary(TypedDict):
             "input's pixels (x right, y down, end exclusive); `annotated_as` names the annotated concept at the same place, `within` the stronger feature it overlaps"
         ),
     ]
+    priors: Annotated[
+        list[dict[str, Any]],
+        Doc(
+            "`[{word, text, modality, n, flip_rate, flip_rate_elsewhere, error_rate, error_rate_elsewhere, errors_unmoved, errors_explained, p_value, q_value, prior}]`: "
+            "the slices named by a word of modality `text` on which the answers depend on `modality` less than elsewhere (`flip_rate`: share of other "
+            "samples' inputs of `modality` that change a prediction) and the model errs more, at the FDR (stages/priors.py); most errors explained first"
+        ),
+    ]
+    slices_tested: Annotated[int, Doc("word slices tested for a prior (words x the modalities swapped)")]
     forward_passes_per_sample: Annotated[float, Doc("model inputs per sample")]
     taken: Annotated[list[str], Doc("the ids that became concepts for every later stage and rule (found, not annotated, not within another)")]
 

@@ -138,7 +138,7 @@ def test_mmdiag_stages_lists_every_registry_with_the_plugins_registrations(capsy
     out = capsys.readouterr().out.splitlines()
     listed = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in out if line.split(": ", 1)[0].endswith(("methods", "tried", "rules", "sections"))}
     assert "leave_one_in" in listed["attribution methods"] and "shapley" in listed["attribution methods"]
-    assert listed["per-error rules, in the order tried"][:3] == ["shortcut", "ignored_modality", "label"]
+    assert listed["per-error rules, in the order tried"][:4] == ["prior", "shortcut", "ignored_modality", "label"]
     assert "label_noise" in listed["finding rules"] and listed["report sections"][0] == "discovery"
     assert main(["stages", "--plugins", "no_such_module"]) == 2
     assert "plugins: cannot import 'no_such_module'" in capsys.readouterr().err

@@ -5,7 +5,9 @@ purpose since, and rewritten then: a found transform's null is six random draws,
 null figures and the forward passes); each modality's readout figures (`readout_gain`,
 `model_gain`, `unused`, `beyond_answer`) added; the per-error `interaction` cause read from
 the additive part's answer, not a fixed 10% share (47 errors, not 8; undetermined 11, not 50); the composition association against random
-features, not a fixed 25% push (1 association-only card, not 11)."""
+features, not a fixed 25% push (1 association-only card, not 11); discovery's priors
+(`priors`, `slices_tested`: none found; 4 more model inputs per sample; a `prior` count of 0
+among the error causes)."""
 
 import json
 import math

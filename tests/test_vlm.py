@@ -233,6 +233,21 @@ def test_deleting_a_word_the_model_never_needed_moves_nothing():
     assert ((before + change).sign() != before.sign()).float().mean() > 0.95
 
 
+def test_discovery_deletes_a_word_as_the_adapter_does():
+    from mmdiag.stages import discovery
+
+    adapter = vlm_kit.adapter("llava")
+    data = samples(adapter, n=8)
+    encoded = adapter.encode(data.inputs)
+    batch = discovery.Batch(slice(0, len(data)), data.inputs, encoded, adapter.units(data.inputs, encoded))
+    word = next(f for f in discovery.word_candidates(lambda: iter([batch]), len(data), discovery.DiscoveryConfig(min_samples=2)) if f.word == "red")
+    at = torch.from_numpy(np.flatnonzero(word.carriers))
+    removed, _ = discovery._removed(word, batch, at, data.ids[at], seed=0, salt=0)
+    rewritten = adapter.prompt([" ".join(w for w in data.display["caption"][i].split() if w != "red") for i in at.tolist()], data.inputs["text"].shape[1])
+    with torch.no_grad():
+        assert torch.allclose(adapter.forward(removed), adapter({"image": data.inputs["image"][at], "text": rewritten}), atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shapley_values_sum_to_the_score_difference_and_ig_is_complete(family):
     adapter = vlm_kit.adapter(family)

@@ -418,7 +418,7 @@ class VLMAdapter(ModelAdapter):
         deleted = torch.cat([self.row(self.pad_id).to(text.dtype), text.new_zeros(1)])  # the padding's row, presence 0
         return {
             "image": PatchGrid(patch=self.grid.unit, baseline=0.0).build(inputs["image"], encoded["image"]),
-            "text": word_units(ids, text, ~self.question(ids), self.prompt.vocab, deleted),
+            "text": word_units(ids, text, ~self.question(ids), self.prompt.vocab, deleted, deletes=True),
         }
 
     @staticmethod

@@ -74,12 +74,12 @@ def words(ids: Tensor, fixed: Tensor, vocab: Sequence[str], style: Style | None 
     return torch.tensor(slots, dtype=torch.long, device=ids.device), labels
 
 
-def word_units(ids: Tensor, embedded: Tensor, fixed: Tensor, vocab: Sequence[str], removed: Tensor, style: Style | None = None) -> Units:
+def word_units(ids: Tensor, embedded: Tensor, fixed: Tensor, vocab: Sequence[str], removed: Tensor, style: Style | None = None, deletes: bool = False) -> Units:
     """One unit per word over token ids (B, L), its slot the position of its first piece (so a
     batch has L slots whatever its words, and labels line up with the tokens); a removed word's
-    pieces all take `removed`."""
+    pieces all take `removed` (`deletes`: which the adapter reads as the word deleted)."""
     slots, labels = words(ids, fixed, vocab, style)
-    return Units(slots[..., None], ids.shape[1], removed.to(embedded.dtype).expand(embedded.shape), labels)
+    return Units(slots[..., None], ids.shape[1], removed.to(embedded.dtype).expand(embedded.shape), labels, deletes)
 
 
 def _bare(piece: str, style: Style) -> str:
