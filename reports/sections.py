@@ -24,7 +24,10 @@ def discovery(summary: dict, ev: sp.Evaluated) -> dict:
         where = f'"{r["word"]}"' if "word" in r else (f"box {r['box']}" if "box" in r else r.get("transform"))
         status = f"annotated as {r['annotated_as']}: discovery agrees" if r.get("annotated_as") else f"within {r['within']}" if r.get("within") else "found by mmdiag"
         rows.append({**r, "where": where, "status": status, "pushes_to": ev.class_name(int(r["push"]))})
-    return {"n": s["n"], "candidates": s["candidates"], "passes": s["forward_passes_per_sample"], "fdr": s["fdr"], "rows": rows}
+    return {
+        "n": s["n"], "candidates": s["candidates"], "passes": s["forward_passes_per_sample"], "fdr": s["fdr"], "rows": rows,
+        "priors": s.get("priors", []), "slices_tested": s.get("slices_tested", 0),
+    }  # fmt: skip
 
 
 def unimodal(summary: dict, results: dict[str, StageResult], ev: sp.Evaluated) -> dict:

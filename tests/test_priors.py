@@ -105,7 +105,7 @@ def test_a_vlm_with_a_planted_language_prior_is_diagnosed_by_the_word_and_no_oth
     dep = priors.dependence(adapter, data, pred, "image", draws=4, seed=0, salt=0, batch_size=256, device="cpu")
     triangle = (full.meta["named_shape"] == 2).numpy()
     assert dep[triangle].max() == 0 and dep[~triangle].mean() > 0.3
-    summary, _, analysis = diagnose(adapter, data, stages=("discovery", "intervention"))  # what the prior and the shortcut rules read
+    summary, results, analysis = diagnose(adapter, data, stages=("discovery", "intervention"))  # what the prior and the shortcut rules read
     found = summary["discovery"]["priors"]
     assert [(s["word"], s["modality"]) for s in found] == [("triangle", "image")]
     assert "prior:image:triangle" in [s["id"] for s in analysis["suggestions"]]
@@ -114,3 +114,15 @@ def test_a_vlm_with_a_planted_language_prior_is_diagnosed_by_the_word_and_no_oth
     assert len(unmoved) == found[0]["errors_unmoved"] > 0
     named = [rows[r]["category"] == "prior" or (rows[r]["category"] == "shortcut" and rows[r]["rule"]["figures"]["concept"] == "word:triangle") for r in unmoved]
     assert all(named), [rows[r]["rule"] for r, ok in zip(unmoved, named) if not ok][:3]
+    # the report's discovery section lists it, and a card it explains carries its sentence
+    from mmdiag.reports.html import render
+
+    import report_fixtures as fx
+
+    summary.update(schema="mmdiag.summary/1", run={"name": "prior", "created": "2026-01-01T00:00:00+00:00", "device": "cpu"})
+    summary["model"].update(name="prior", fingerprint="0123456789abcdef")
+    summary["stages"] = {name: {"seconds": 0.1, "cached": False, "key": "0", "model": "0"} for name in results}
+    summary["errors"] = {k: v for k, v in analysis["errors"].items() if k != "cards"}
+    summary["suggestions"] = analysis["suggestions"]
+    html = render(summary, results, data, analysis, fx.provenance(summary)).replace("&#34;", '"').replace("&quot;", '"')
+    assert "Priors: answers that do not depend on a modality" in html and '<td>"triangle"</td><td>image</td>' in html
