@@ -18,6 +18,7 @@ _WHERE = {
     "Diagnosis": "mmdiag.flows.diagnosis",
     "ModelAdapter": "mmdiag.pipeline.adapter",
     "TorchAdapter": "mmdiag.pipeline.adapter",
+    "with_units": "mmdiag.pipeline.adapter",
     "Counterfactual": "mmdiag.pipeline.data",
     "SampleSet": "mmdiag.pipeline.data",
     "MmdiagError": "mmdiag.pipeline.errors",
@@ -27,6 +28,7 @@ _WHERE = {
     "streamed": "mmdiag.pipeline.sources",
     "FeatureGroups": "mmdiag.pipeline.units",
     "PatchGrid": "mmdiag.pipeline.units",
+    "Segments": "mmdiag.pipeline.units",
     "Tokens": "mmdiag.pipeline.units",
     "Units": "mmdiag.pipeline.units",
 }

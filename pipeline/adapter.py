@@ -7,6 +7,8 @@ A new model costs one adapter: name its modalities, turn raw inputs into continu
 
 from __future__ import annotations
 
+import copy
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -215,3 +217,25 @@ class TorchAdapter(ModelAdapter):
 
     def head(self):
         return self._submodule(self.head_name) if self.head_name else None
+
+
+def with_units(adapter: ModelAdapter, images: UnitSpec | None = None, **units: UnitSpec) -> ModelAdapter:
+    """The same model with other units for some modalities: `images` for every modality whose
+    encoded input is an image (B, C, H, W), e.g. `with_units(model, images=Segments(16))` (SLIC
+    superpixels instead of the patch grid), and any modality by name. Every stage removes and
+    scores the new units; nothing else changes (a shallow copy: the same module)."""
+    unknown = [m for m in units if m not in adapter.modalities]
+    if unknown:
+        raise MmdiagError(f"units: the model has no modality {unknown[0]!r}; it has {', '.join(adapter.modalities)}")
+    new = copy.copy(adapter)
+    new.units = functools.partial(_replaced, adapter.units, images, units)
+    return new
+
+
+def _replaced(original, images: UnitSpec | None, units: Mapping[str, UnitSpec], inputs: Mapping[str, Tensor], encoded: Mapping[str, Tensor]) -> dict[str, Units]:
+    out = dict(original(inputs, encoded))
+    for m, x in encoded.items():
+        spec = units.get(m) or (images if x.dim() == 4 else None)
+        if spec is not None:
+            out[m] = spec.build(inputs[m], x, None)
+    return out

@@ -55,6 +55,9 @@ class ModelSpec(_Strict):
     name: str | None = None
     factory: str | None = None
     weights: Path | None = None
+    # image units: about this many SLIC superpixels per image instead of the adapter's own
+    # (pipeline.units.Segments); part of the model's cache key
+    segments: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
     def _exactly_one(self):

@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mmdiag.pipeline.adapter import ModelAdapter
+from mmdiag.pipeline.adapter import ModelAdapter, with_units
 from mmdiag.pipeline.config import DataSpec, ModelSpec, call_factory, import_callable
 from mmdiag.pipeline.data import SampleSet
 from mmdiag.pipeline.demo import catalog
 from mmdiag.pipeline.device import fit_batch
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.store import cache_root
+from mmdiag.pipeline.units import Segments
 
 
 def check_model(spec: ModelSpec) -> None:
@@ -49,6 +50,8 @@ def load_model(spec: ModelSpec, cache: Path | None = None, device: str = "cpu") 
             adapter.module.load_state_dict(load_file(str(spec.weights)))
         except Exception as e:
             raise MmdiagError(f"model.weights: {spec.weights} does not fit the model ({str(e).splitlines()[0]})") from None
+    if spec.segments is not None:
+        adapter = with_units(adapter, images=Segments(spec.segments))
     return adapter.eval(), cached
 
 

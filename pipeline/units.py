@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -122,6 +123,70 @@ class PatchGrid:
         baseline = base.reshape(1, -1, 1, 1).expand(b, c, h, w)
         labels = [f"r{i}c{j}" for i in range(rows) for j in range(cols)]
         return Units(mask.expand(b, 1, h, w), rows * cols, baseline, [labels] * b)
+
+
+def superpixels(x: Tensor, n_segments: int, compactness: float | None = None) -> Tensor:
+    """SLIC superpixels of images (B, C, H, W), each scaled to [0, 1] first (scikit-image):
+    (B, H, W) int16, from 0. `compactness` weighs place against colour (on the [0, 1] scale);
+    None: `slic_zero`, which adapts it to each superpixel."""
+    from skimage.segmentation import slic
+
+    shape = {"slic_zero": True} if compactness is None else {"compactness": compactness}
+    out = []
+    for image in x.detach().float().cpu().numpy():
+        lo, hi = float(image.min()), float(image.max())
+        out.append(slic((image - lo) / max(hi - lo, 1e-6), n_segments=n_segments, convert2lab=False, channel_axis=0, start_label=0, **shape))
+    return torch.from_numpy(np.stack(out).astype(np.int16))
+
+
+@dataclass
+class Segments:
+    """Images (B, C, H, W) split into their own SLIC superpixels (about `n_segments` each): the
+    regions of one colour and texture, objects rather than a fixed grid (PixelSHAP's objects,
+    Captum's ImageMaskInput with a segmentation's masks). Computed from each image's pixels, so
+    a perturbed copy of an image is cut as the image was only where its pixels are the same:
+    the units are cut once per batch from the inputs as given. `slots`: unit slots per sample
+    (default 2 x n_segments); an image cut into more shares the last slot among its smallest
+    superpixels. Each unit's label gives its box: `s3 [x0, y0, x1, y1]` in the input's pixels
+    (x right, y down, end exclusive). `compactness` 0.1 on images scaled to [0, 1]: on the demo's
+    shapes the superpixels inside a shape cover it with an IoU of 0.996 (64 images), where
+    `slic_zero` (None) keeps to its starting grid (0.241)."""
+
+    n_segments: int = 16
+    compactness: float | None = 0.1
+    slots: int | None = None
+    baseline: float | Sequence[float] = 0.0
+    modality: str = "image"
+
+    def build(self, raw, encoded, embed=None) -> Units:
+        if encoded.dim() != 4:
+            raise MmdiagError(f"units.{self.modality}: Segments needs images shaped (B, C, H, W), got {tuple(encoded.shape)}")
+        b, c, h, w = encoded.shape
+        slots = self.slots or 2 * self.n_segments
+        labels = superpixels(encoded, self.n_segments, self.compactness).long()
+        labels = torch.stack([_capped(row, slots) for row in labels]).to(encoded.device)
+        base = torch.as_tensor(self.baseline, dtype=encoded.dtype, device=encoded.device).reshape(-1)
+        if base.numel() not in (1, c):
+            raise MmdiagError(f"units.{self.modality}: baseline has {base.numel()} values for {c} channels")
+        return Units(labels[:, None], slots, base.reshape(1, -1, 1, 1).expand(b, c, h, w), [_boxes(row, slots) for row in labels.cpu()])
+
+
+def _capped(labels: Tensor, slots: int) -> Tensor:
+    """One image's superpixel ids (H, W) within `slots`: past it, the smallest share the last."""
+    sizes = torch.bincount(labels.flatten())
+    if len(sizes) <= slots:
+        return labels
+    rank = torch.empty_like(sizes)
+    rank[sizes.argsort(descending=True, stable=True)] = torch.arange(len(sizes))
+    return rank.clamp_max(slots - 1)[labels]
+
+
+def _boxes(labels: Tensor, slots: int) -> list[str]:
+    out = []
+    for k in range(slots):
+        ys, xs = (labels == k).nonzero(as_tuple=True)
+        out.append(f"s{k} [{int(xs.min())}, {int(ys.min())}, {int(xs.max()) + 1}, {int(ys.max()) + 1}]" if len(ys) else f"s{k}")
+    return out
 
 
 @dataclass

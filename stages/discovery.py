@@ -56,7 +56,7 @@ from torch import Tensor
 from mmdiag.pipeline.adapter import ModelAdapter
 from mmdiag.pipeline.data import Counterfactual, Derived, SampleSet
 from mmdiag.pipeline.errors import MmdiagError
-from mmdiag.pipeline.units import Units
+from mmdiag.pipeline.units import Units, superpixels
 from mmdiag.stages import priors, summaries
 from mmdiag.stages.base import Context, Stage, StageConfig, StageResult
 from mmdiag.stages.intervention import null_scores
@@ -302,17 +302,6 @@ class Segmentation:
         """(len(rows), H, W) bool: the pixels of the group's superpixels."""
         labels, groups = self.labels[rows].long(), self.groups[rows].long()
         return groups.gather(1, labels.flatten(1)).view(labels.shape) == cluster
-
-
-def superpixels(x: Tensor, n_segments: int) -> Tensor:
-    """SLIC superpixels of images (B, C, H, W), each scaled to [0, 1] first: (B, H, W) int16."""
-    from skimage.segmentation import slic
-
-    out = []
-    for image in x.float().cpu().numpy():
-        lo, hi = float(image.min()), float(image.max())
-        out.append(slic((image - lo) / max(hi - lo, 1e-6), n_segments=n_segments, slic_zero=True, convert2lab=False, channel_axis=0, start_label=0))
-    return torch.from_numpy(np.stack(out).astype(np.int16))
 
 
 def _segment_colours(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
