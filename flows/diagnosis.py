@@ -35,11 +35,11 @@ def __getattr__(name: str) -> Callable:
 
 
 def _model_spec(model: Any) -> dict:
-    from mmdiag.pipeline.adapter import ModelAdapter
+    from mmdiag.pipeline.adapter import ModelAdapter, setup
     from mmdiag.pipeline.store import fingerprint_module
 
-    if isinstance(model, ModelAdapter):
-        name = f"model_{fingerprint_module(model.module)}"
+    if isinstance(model, ModelAdapter):  # named by its weights and its settings (answers, prompt, units...)
+        name = f"model_{fingerprint_module(model.module)}_{setup(model)[:16]}"
         _HELD[name] = lambda: model
         return {"factory": f"{__name__}:{name}"}
     if isinstance(model, str):

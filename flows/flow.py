@@ -59,7 +59,7 @@ def _flow_body(plan: RunPlan, refresh: list[str], stage_model: dict | None) -> s
 
     config, cache, settings, device, data = plan.config, plan.cache, plan.settings, plan.device, plan.data
     prepared = tasks.prepare_model(config.model.model_dump_json(), str(cache), device)
-    model = {k: prepared[k] for k in ("spec", "fingerprint")}  # what the results depend on
+    model = {k: prepared[k] for k in ("spec", "fingerprint", "setup")}  # what the results depend on
     common = dict(seed=config.seed, device=device, cache=str(cache), plugins=config.plugins)
     evaluation = tasks.evaluate.with_options(tags=gpu_tags(device))(model, data, config.data.split, config.batch_size, device, str(cache), refresh="model" in refresh, return_state=True)
     refs: dict[str, dict] = {"model": evaluation.result()}  # with meta; results.content() for inputs

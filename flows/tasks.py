@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from prefect.states import Completed
 from mmdiag.flows import cache as store
 from mmdiag.flows import results
 from mmdiag.flows.progress import Reporter
-from mmdiag.pipeline.config import DataSpec, ModelSpec
+from mmdiag.pipeline.adapter import setup
+from mmdiag.pipeline.config import DataSpec, ModelSpec, import_callable
 from mmdiag.pipeline.errors import MmdiagError
 from mmdiag.pipeline.evaluate import accuracy, model_summary
 from mmdiag.pipeline.resolve import load_data, load_model, predict
@@ -54,9 +56,26 @@ def code_version(stage: str | None = None, packages: tuple[str, ...] = (), exten
 
 def _keyed(model: dict) -> dict:
     """The model as a cache key sees it: where its weights file lives does not matter (their
-    content is in the fingerprint), so a moved project stays cached."""
+    content is in the fingerprint), so a moved project stays cached; a user's factory adds the
+    source of its module (`setup`)."""
     spec = json.loads(model["spec"])
-    return {"spec": {k: v for k, v in spec.items() if k != "weights"}, "fingerprint": model["fingerprint"]}
+    out = {"spec": {k: v for k, v in spec.items() if k != "weights"}, "fingerprint": model["fingerprint"]}
+    return {**out, "setup": model["setup"]} if model.get("setup") else out
+
+
+def model_setup(spec: ModelSpec, adapter) -> str:
+    """What the results depend on besides the weights, for a user's factory ("" for a built-in
+    model): the adapter's settings (pipeline.adapter.setup: a VLM's answers and prompt, class
+    names, units) and the source of the factory's module, so that an edit to either does not
+    reuse results of the model as it was."""
+    if spec.factory is None:
+        return ""
+    h = hashlib.sha256(setup(adapter).encode())
+    import_callable(spec.factory, "model.factory")  # the module named in the spec, imported
+    path = getattr(sys.modules[spec.factory.partition(":")[0]], "__file__", None)
+    if path and Path(path).exists():
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
 
 
 def _answer(cache: Path, name: str, inputs: dict, stage: str | None, refresh: bool, compute):
@@ -74,7 +93,7 @@ _loaded: dict[tuple, Any] = {}
 
 def model_ref(spec: ModelSpec, cache: Path, device: str) -> tuple[dict, bool]:
     adapter, cached = load_model(spec, cache=cache, device=device)
-    ref = {"spec": spec.model_dump_json(), "fingerprint": fingerprint_module(adapter.module)}
+    ref = {"spec": spec.model_dump_json(), "fingerprint": fingerprint_module(adapter.module), "setup": model_setup(spec, adapter)}
     _loaded[("model", ref["spec"], ref["fingerprint"])] = adapter
     return ref, cached
 

@@ -8,7 +8,10 @@ A new model costs one adapter: name its modalities, turn raw inputs into continu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -239,3 +242,39 @@ def _replaced(original, images: UnitSpec | None, units: Mapping[str, UnitSpec], 
         if spec is not None:
             out[m] = spec.build(inputs[m], x, None)
     return out
+
+
+def setup(adapter: ModelAdapter) -> str:
+    """A hash of what the adapter is besides its module's weights: its class and every plain
+    setting it holds (numbers, strings, their lists and mappings; unit splits and other
+    dataclasses by their fields; mmdiag's own helper objects, such as a prompt template, by
+    theirs; other tensors and modules by their content), so that a cache key changes with a
+    VLM's answers or prompt, CLIP's prompts or threshold, or the units `with_units` gives."""
+    described = {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **_plain(vars(adapter), skip=adapter.module)}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain(value, skip=None, depth: int = 0):
+    """A JSON-able description of a setting, or None for what is no setting (a tokenizer, a
+    processor: their vocabulary shows in the ids the settings hold)."""
+    from mmdiag.pipeline.store import fingerprint_module, fingerprint_tensors
+
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if value is skip:
+        return None
+    if isinstance(value, torch.Tensor):
+        return fingerprint_tensors({"t": value.detach()})
+    if isinstance(value, nn.Module):
+        return fingerprint_module(value)
+    if isinstance(value, functools.partial):  # a with_units override: its unit splits
+        return [_plain(a, skip, depth + 1) for a in value.args[1:]] + [_plain(value.keywords, skip, depth + 1)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__qualname__, **{f.name: _plain(getattr(value, f.name), skip, depth + 1) for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, skip, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, skip, depth + 1) for k, v in value.items()}
+    if depth < 2 and type(value).__module__.startswith("mmdiag.") and hasattr(value, "__dict__"):
+        return {"type": type(value).__qualname__, **{k: _plain(v, skip, depth + 1) for k, v in sorted(vars(value).items())}}
+    return None

@@ -300,3 +300,32 @@ def test_weights_written_before_hashes_are_adopted_when_they_parse(tmp_path):
     path.with_name("w.safetensors.sha256").unlink()
     path.write_bytes(path.read_bytes()[:-2])
     assert "unreadable" in cache.verify(tmp_path)[0] and load_weights(path) is None and not path.exists()
+
+
+def test_an_adapters_settings_are_part_of_its_key():
+    from mmdiag.pipeline.adapter import setup, with_units
+    from mmdiag.pipeline.units import Segments
+
+    import vlm_kit
+
+    a, b = vlm_kit.adapter("llava"), vlm_kit.adapter("llava")
+    assert setup(a) == setup(b)  # the same settings, built twice: no address or other accident in it
+    assert setup(vlm_kit.adapter("llava", answers=("yes", "no"))) != setup(a)
+    assert setup(vlm_kit.adapter("llava", prompt="user : <image> {question} assistant :")) != setup(a)
+    assert setup(with_units(a, images=Segments(16))) != setup(with_units(a, images=Segments(8))) != setup(a)
+    assert setup(with_units(a, images=Segments(16))) == setup(with_units(b, images=Segments(16)))
+
+
+@pytest.mark.slow
+def test_an_edit_to_the_models_factory_recomputes_the_stages(toy, tmp_path, monkeypatch):
+    cfg, run, computed = toy
+    (tmp_path / "mymodel.py").write_text("from toy_stages import build_model\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg.write_text(cfg.read_text().replace("toy_stages:build_model", "mymodel:build_model"))
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == ["first", "second", "third"]
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == []
+    (tmp_path / "mymodel.py").write_text("from toy_stages import build_model  # answers edited\n")
+    assert main(["diagnose", "--config", str(cfg)]) == 0
+    assert computed() == ["first", "second", "third"]
