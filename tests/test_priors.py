@@ -84,9 +84,9 @@ def test_a_vlm_with_a_planted_language_prior_is_diagnosed_by_the_word_and_no_oth
     """A tiny LLaVA taught that the named shape's colour is the answer, but "yes" to every
     question about the triangle, diagnosed on bare data (inputs, labels, class names). Proven from
     the model first: replacing the image changes none of the triangle questions' answers and
-    about half of the others'. Measured over seeds 0-1: the prior names "triangle" alone of 11
-    slices, q < 1e-8, errors 0.51-0.52 there against 0.23-0.26 elsewhere; every error it leaves
-    unmoved (99-104) is carded `prior` or, where discovery found the word a shortcut (the same
+    about half of the others'. Measured over seeds 0-1 (300 samples): the prior names "triangle"
+    alone of 11 slices, q < 5e-4, errors 0.44 there against 0.19-0.22 elsewhere; every error it
+    leaves unmoved (47) is carded `prior` or, where discovery found the word a shortcut (the same
     bug seen by removing the word), `shortcut` on "word:triangle"."""
     import dataclasses
 
@@ -97,15 +97,15 @@ def test_a_vlm_with_a_planted_language_prior_is_diagnosed_by_the_word_and_no_oth
     from inprocess import diagnose
     from planted import bare
 
-    adapter = vlm_kit.taught(lambda d: torch.where(d.meta["named_shape"] == 2, 1, d.meta["named_is_red"].long()), n=4000, steps=600)
-    full = demo.vqa(shapes.generate(600, p_mark=0.5, seed=11, name="val"))
+    adapter = vlm_kit.taught(lambda d: torch.where(d.meta["named_shape"] == 2, 1, d.meta["named_is_red"].long()), n=2000, steps=450)
+    full = demo.vqa(shapes.generate(300, p_mark=0.5, seed=11, name="val"))
     full = dataclasses.replace(full, labels=full.meta["named_is_red"].long())
     data = bare(full)
     pred = adapter(data.inputs).argmax(1)
     dep = priors.dependence(adapter, data, pred, "image", draws=4, seed=0, salt=0, batch_size=256, device="cpu")
     triangle = (full.meta["named_shape"] == 2).numpy()
     assert dep[triangle].max() == 0 and dep[~triangle].mean() > 0.3
-    summary, results, analysis = diagnose(adapter, data, stages=("discovery", "intervention"))  # what the prior and the shortcut rules read
+    summary, results, analysis = diagnose(adapter, data, stages=("discovery",))  # what the prior rule reads
     found = summary["discovery"]["priors"]
     assert [(s["word"], s["modality"]) for s in found] == [("triangle", "image")]
     assert "prior:image:triangle" in [s["id"] for s in analysis["suggestions"]]

@@ -208,9 +208,9 @@ def test_a_removed_word_is_deleted_as_if_the_question_had_been_written_without_i
 def test_deleting_a_word_the_model_never_needed_moves_nothing():
     """A tiny LLaVA taught that the answer is "yes" exactly when the question says "not": deleting
     a filler word (asked with and without one in training) or "the" leaves its answers where they
-    were (measured over seeds 0-2: mean change of the yes-no margin 0.003-0.008 against margins
-    of 9.2-9.5, no answer flipped), deleting "not" turns every one."""
-    adapter = vlm_kit.taught(lambda d: d.meta["negation"].long().clamp_min(0))
+    were (measured over seeds 0-2 at 120 steps: mean change of the yes-no margin 0.003-0.009
+    against margins of 7.7-7.8, no answer flipped), deleting "not" turns every one."""
+    adapter = vlm_kit.taught(lambda d: d.meta["negation"].long().clamp_min(0), n=600, steps=120)
     data = demo.split("ood", n=300, seed=5)
     encoded = adapter.encode(data.inputs)
     units = adapter.units(data.inputs, encoded)["text"]
@@ -297,7 +297,7 @@ def test_every_stage_runs_on_a_vlm():
     assert isinstance(analysis["suggestions"], list)
 
 
-@pytest.mark.parametrize("family,answers", [("llava", None), ("qwen2_vl", None), ("qwen2_vl", ("no", "yes")), ("qwen2_5_vl", ("no", "yes"))])
+@pytest.mark.parametrize("family,answers", [("llava", None), ("qwen2_vl", ("no", "yes")), ("qwen2_5_vl", None)])
 def test_every_stage_runs_on_samples_of_images_and_questions(family, answers):
     adapter = vlm_kit.adapter(family, answers=answers, answer_length=4)
     n = 48
